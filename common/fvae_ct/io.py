@@ -1,0 +1,238 @@
+"""Reading CT (NIfTI files, DICOM series folders), finding cases, and writing outputs atomically.
+
+Loaded volumes are MONAI ``MetaTensor``s ``[1, X, Y, Z]`` (file voxel order, HU float32) whose
+``meta["affine"]`` is the RAS affine MONAI derives from the file. Nothing here ever writes to an input.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.data import MetaTensor, load_decathlon_datalist
+from monai.transforms import LoadImage
+
+from .errors import InputError
+
+__all__ = ["Case", "discover_cases", "load_ct", "save_nifti_atomic", "write_text_atomic", "is_dicom_dir",
+           "axial_axis", "spacing_of", "case_name"]
+
+log = logging.getLogger("fvae_ct")
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+@dataclass
+class Case:
+    """One input volume: ``name`` (used for output files) and ``path`` (NIfTI file or DICOM folder)."""
+
+    name: str
+    path: str
+    label: str | None = None
+
+
+def _is_nifti(p: Path) -> bool:
+    return p.name.lower().endswith(NIFTI_SUFFIXES)
+
+
+def is_dicom_dir(p: Path) -> bool:
+    """A folder holding ``*.dcm`` files, or files with the DICOM preamble ``DICM`` at byte 128."""
+    if not p.is_dir():
+        return False
+    for f in sorted(p.iterdir())[:20]:
+        if f.is_file():
+            if f.suffix.lower() == ".dcm":
+                return True
+            try:
+                with open(f, "rb") as fh:
+                    fh.seek(128)
+                    if fh.read(4) == b"DICM":
+                        return True
+            except OSError:
+                continue
+    return False
+
+
+def case_name(path: str | os.PathLike) -> str:
+    name = Path(path).name
+    for s in NIFTI_SUFFIXES:
+        if name.lower().endswith(s):
+            return name[: -len(s)]
+    return name
+
+
+def _from_datalist(path: Path) -> list[Case]:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise InputError(path, f"cannot read datalist JSON ({e})") from e
+    base = path.parent
+    if isinstance(data, dict):
+        key = next((k for k in ("testing", "test", "validation", "training", "data") if k in data), None)
+        if key is None:
+            raise InputError(path, "datalist JSON needs a list of {'image': ...} under 'testing', 'validation', "
+                                   "'training' or 'data'")
+        items = load_decathlon_datalist(str(path), is_segmentation=False, data_list_key=key, base_dir=str(base))
+    elif isinstance(data, list):
+        items = [{"image": str(base / (d["image"] if isinstance(d, dict) else d))} for d in data]
+    else:
+        raise InputError(path, "datalist JSON must be a list or an MSD-style dict")
+    cases = []
+    for d in items:
+        img = d["image"] if isinstance(d, dict) else d
+        img = img[0] if isinstance(img, (list, tuple)) else img
+        cases.append(Case(case_name(img), str(img), d.get("label") if isinstance(d, dict) else None))
+    return cases
+
+
+def discover_cases(input_path: str | os.PathLike) -> list[Case]:
+    """Cases from a NIfTI file, a DICOM series folder, a folder of NIfTI files / DICOM folders, or a datalist JSON."""
+    p = Path(input_path)
+    if not p.exists():
+        raise InputError(p, "input path does not exist")
+    if p.is_file():
+        if p.suffix.lower() == ".json":
+            cases = _from_datalist(p)
+        else:
+            cases = [Case(case_name(p), str(p))]
+    elif is_dicom_dir(p):
+        cases = [Case(p.name, str(p))]
+    else:
+        entries = sorted(p.iterdir())
+        cases = [Case(case_name(e), str(e)) for e in entries if (e.is_file() and _is_nifti(e)) or is_dicom_dir(e)]
+        if not cases:
+            raise InputError(p, "folder holds no NIfTI files (.nii/.nii.gz), no DICOM files and no DICOM series folders")
+    seen: dict[str, int] = {}
+    for c in cases:  # unique output names
+        if c.name in seen:
+            seen[c.name] += 1
+            c.name = f"{c.name}_{seen[c.name]}"
+        else:
+            seen[c.name] = 0
+    return cases
+
+
+def load_ct(path: str | os.PathLike, check_hu: bool = True) -> MetaTensor:
+    """Load a CT volume as ``MetaTensor [1, X, Y, Z]`` in HU (float32), validated.
+
+    Raises :class:`InputError` naming the file for: a missing path, an unreadable / truncated / corrupt
+    file, an unsupported format, a 2D or 4D image, NaN or Inf voxels. Warns loudly (does not guess) when
+    the intensities do not look like HU (an MR, or an image normalised to [0, 1]).
+    """
+    p = Path(path)
+    if not p.exists():
+        raise InputError(p, "file or folder does not exist")
+    if p.is_dir():
+        if not is_dicom_dir(p):
+            raise InputError(p, "folder is not a DICOM series (no .dcm files and no DICM preamble)")
+        reader = "PydicomReader"
+    elif _is_nifti(p):
+        reader = "NibabelReader"
+    elif p.suffix.lower() == ".dcm":
+        raise InputError(p, "a single DICOM file: give the folder of the whole series")
+    else:
+        raise InputError(p, "unsupported format: give a NIfTI file (.nii/.nii.gz) or a DICOM series folder")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            img = LoadImage(reader=reader, image_only=True, dtype=np.float32)(str(p))
+            img = MetaTensor(torch.as_tensor(np.asarray(img), dtype=torch.float32), meta=dict(img.meta))
+    except InputError:
+        raise
+    except Exception as e:  # nibabel/gzip/pydicom errors on truncated or corrupt files
+        raise InputError(p, f"cannot read the image, truncated or corrupt file? ({type(e).__name__}: {e})") from e
+    shape = tuple(img.shape)
+    if len(shape) == 4 and shape[-1] == 1:
+        img = img[..., 0]
+        shape = tuple(img.shape)
+    if len(shape) < 3:
+        raise InputError(p, f"a 2D image of shape {shape}: a 3D CT volume is needed")
+    if len(shape) > 3:
+        raise InputError(p, f"a {len(shape)}D image of shape {shape} (time points or channels): give one 3D volume")
+    if min(shape) < 1:
+        raise InputError(p, f"empty image of shape {shape}")
+    bad = ~torch.isfinite(img)
+    if bool(bad.any()):
+        raise InputError(p, f"{int(bad.sum())} NaN/Inf voxels; fix or mask them before reconstruction")
+    if check_hu:
+        lo, hi = float(img.min()), float(img.max())
+        q01 = float(torch.quantile(img.flatten()[:: max(1, img.numel() // 1_000_000)], 0.01))
+        if hi - lo < 100 or q01 > -300:
+            msg = (f"{p}: intensities in [{lo:.4g}, {hi:.4g}] (1st percentile {q01:.4g}) do not look like CT in HU "
+                   "(no air near -1000 HU). An MR or a normalised image? It is processed as if it were HU and the "
+                   "results will not mean much.")
+            log.warning(msg)
+            warnings.warn(msg, stacklevel=2)
+    out = img[None]
+    out.meta["filename_or_obj"] = str(p)
+    return out
+
+
+def axial_axis(affine) -> int:
+    """Index (0, 1 or 2) of the voxel axis closest to the patient's superior-inferior direction."""
+    a = np.asarray(affine, dtype=np.float64)[:3, :3]
+    cols = a / np.linalg.norm(a, axis=0, keepdims=True)
+    return int(np.argmax(np.abs(cols[2])))
+
+
+def spacing_of(affine) -> np.ndarray:
+    """Voxel spacing (mm) of the three voxel axes from an affine."""
+    return np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
+
+
+def _atomic(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp" + "".join(path.suffixes))
+    os.close(fd)
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; outputs get the usual permissions
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_nifti_atomic(data: np.ndarray, affine: np.ndarray, path: str | os.PathLike,
+                      like: str | os.PathLike | None = None, forbid: tuple[str, ...] = ()) -> Path:
+    """Write ``data`` (X, Y, Z) as NIfTI via a temporary file + rename, never over a path in ``forbid``.
+
+    ``like``: a NIfTI whose header (codes, units, description) is reused, with the data type of ``data``.
+    """
+    path = Path(path)
+    if any(path.resolve() == Path(f).resolve() for f in forbid):
+        raise InputError(path, "refusing to overwrite an input file; choose another output folder")
+    header = None
+    if like is not None and _is_nifti(Path(like)):
+        header = nib.load(str(like)).header.copy()
+        header.set_data_dtype(data.dtype)
+        header.set_slope_inter(1.0, 0.0)
+    img = nib.Nifti1Image(data, np.asarray(affine, dtype=np.float64), header=header)
+    img.set_sform(np.asarray(affine, dtype=np.float64), code=int(header["sform_code"]) if header is not None and
+                  int(header["sform_code"]) > 0 else 1)
+    img.set_qform(np.asarray(affine, dtype=np.float64), code=int(header["qform_code"]) if header is not None and
+                  int(header["qform_code"]) > 0 else 1)
+    _atomic(path, lambda tmp: nib.save(img, tmp))
+    return path
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    path = Path(path)
+
+    def w(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+
+    _atomic(path, w)
+    return path

@@ -1,0 +1,204 @@
+"""The reconstruction workflow behind ``bundles/fvae_recon`` and ``fvae recon`` (one implementation).
+
+For each case: load + validate -> HU window -> (working spacing) -> axial slices -> frozen VAE
+``reconstruct`` (tiled, memory-bounded) -> inverse transforms (HU restored by rounding) -> int16 NIfTI
+with the input's affine, written atomically -> metrics on the original grid -> three-view PNG.
+A failing case is reported and skipped; the run ends with an error listing the failures.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import time
+import traceback
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.inferers import Inferer
+from tqdm.auto import tqdm
+
+from .errors import FvaeError
+from .figures import three_view
+from .io import Case, axial_axis, discover_cases, load_ct, save_nifti_atomic, spacing_of, write_text_atomic
+from .metrics import PROTOCOL, recon_metrics
+from .tiling import TilingConfig
+from .transforms import DEFAULT_HU_WINDOW, recon_preprocessing
+from .vae.base import FrozenVAE
+
+__all__ = ["VAEReconInferer", "ReconWorkflow", "BatchFailure", "RECON_SUFFIX"]
+
+log = logging.getLogger("fvae_ct")
+RECON_SUFFIX = "_recon.nii.gz"
+METRIC_KEYS = ("psnr", "ssim3d", "ssim2d", "mse", "mse_hu", "mae_hu", "seconds")
+
+
+class BatchFailure(FvaeError, RuntimeError):
+    """Some cases of a batch failed (the others were processed); the message lists them."""
+
+
+class VAEReconInferer(Inferer):
+    """MONAI ``Inferer``: ``inferer(x, vae)`` = ``vae.reconstruct(x)`` with the tiling knobs of this object.
+
+    ``x: [B, 1, D, H, W]`` in the VAE's input range -> same shape and range.
+    """
+
+    def __init__(self, tile_size: int | None = None, tile_overlap: int = 64, depth_window: int | None = None,
+                 depth_overlap: int = 4, slice_batch: int = 4, blend: str = "gaussian", progress: bool = False):
+        super().__init__()
+        self.tiling = TilingConfig(tile_size, tile_overlap, depth_window, depth_overlap, slice_batch, blend)
+        self.progress = progress
+
+    def __call__(self, inputs: torch.Tensor, network: FrozenVAE, *args, **kwargs) -> torch.Tensor:
+        return network.reconstruct(inputs, tiling=self.tiling, progress=self.progress)
+
+
+def _fmt(v) -> str:
+    return f"{v:.6g}" if isinstance(v, float) else str(v)
+
+
+class ReconWorkflow:
+    """Reconstruct CT volumes through a frozen VAE, write them and score them.
+
+    Args:
+        network: the frozen VAE (see :func:`fvae_ct.vae.load`).
+        output_dir: where ``<case>_recon.nii.gz``, ``<case>_views.png``, ``metrics.csv`` and ``summary.json`` go.
+        inferer: a :class:`VAEReconInferer` (tiling knobs); default untiled, 4 slices per batch.
+        hu_window: HU window ``[low, high]``; voxels outside it are clipped (also in the output).
+        working_spacing: in-plane spacing (mm) to resample to before the VAE (``None``: native grid).
+        skip_existing: reuse an existing ``<case>_recon.nii.gz`` (metrics are still computed).
+        figures: write the three-view PNG per case.
+        device: torch device for the VAE.
+    """
+
+    def __init__(self, network: FrozenVAE, output_dir: str, inferer: VAEReconInferer | None = None,
+                 hu_window=DEFAULT_HU_WINDOW, working_spacing: float | None = None, skip_existing: bool = False,
+                 figures: bool = True, check_hu: bool = True, device: str | torch.device | None = None,
+                 progress: bool = True):
+        self.network = network if device is None else network.to(device)
+        self.output_dir = Path(output_dir)
+        self.inferer = inferer or VAEReconInferer()
+        self.hu_window = (float(hu_window[0]), float(hu_window[1]))
+        self.working_spacing = None if working_spacing in (None, "", "None") else float(working_spacing)
+        self.skip_existing = bool(skip_existing)
+        self.figures = figures
+        self.progress = progress
+        self.preprocessing = recon_preprocessing("image", self.hu_window, network.input_range,
+                                                 self.working_spacing, check_hu)
+
+    # ---- one case -------------------------------------------------------------------------------------
+    def reconstruct_volume(self, image: MetaTensor) -> MetaTensor:
+        """HU ``MetaTensor [1, X, Y, Z]`` -> reconstructed HU ``[1, X, Y, Z]`` (integer values, float dtype)."""
+        x = self.preprocessing({"image": image})["image"]
+        y = self.inferer(x.as_tensor()[None].to(self.network.device), self.network)[0].cpu()
+        pred = MetaTensor(y, meta=dict(x.meta), applied_operations=list(x.applied_operations))
+        return self.preprocessing.inverse({"image": pred})["image"]
+
+    def run_case(self, case: Case) -> dict:
+        out_path = self.output_dir / f"{case.name}{RECON_SUFFIX}"
+        t0 = time.perf_counter()
+        image = load_ct(case.path, check_hu=True)
+        is_nifti = Path(case.path).is_file()
+        affine = nib.load(case.path).affine if is_nifti else np.asarray(image.affine, dtype=np.float64)
+        hu_in = image[0].numpy()
+        if self.skip_existing and out_path.is_file():
+            hu_out = np.asarray(nib.load(str(out_path)).dataobj).astype(np.float32)
+            if hu_out.shape != hu_in.shape:
+                raise FvaeError(f"{out_path}: existing reconstruction has shape {hu_out.shape}, input {hu_in.shape}")
+            status, seconds = "skipped", math.nan
+        else:
+            rec = self.reconstruct_volume(image)[0].numpy()
+            hu_out = np.clip(np.round(rec), -32768, 32767).astype(np.int16)
+            save_nifti_atomic(hu_out, affine, out_path, like=case.path if is_nifti else None, forbid=(case.path,))
+            status, seconds = "ok", time.perf_counter() - t0
+        ax = axial_axis(affine)
+        m = recon_metrics(np.moveaxis(hu_in, ax, 0), np.moveaxis(hu_out.astype(np.float32), ax, 0), self.hu_window)
+        m["seconds"] = seconds
+        if self.figures:
+            three_view(hu_in, hu_out, affine, self.output_dir / f"{case.name}_views.png",
+                       title=f"{case.name} - {self.network.name}", window=self.hu_window,
+                       metrics={k: m[k] for k in ("psnr", "ssim2d", "mae_hu")})
+        sp = spacing_of(affine)
+        return {"case": case.name, "status": status, **m, "shape": "x".join(map(str, hu_in.shape)),
+                "spacing_mm": "x".join(f"{s:.4g}" for s in sp), "input": case.path, "output": str(out_path)}
+
+    # ---- a batch --------------------------------------------------------------------------------------
+    def cases(self, input_path) -> list[Case]:
+        cases = discover_cases(input_path)
+        out = self.output_dir.resolve()
+        # never treat our own outputs as inputs when the output folder is the input folder
+        return [c for c in cases if not (Path(c.path).resolve().parent == out and c.path.endswith(RECON_SUFFIX))]
+
+    def run(self, input_path) -> dict:
+        """Process every case of ``input_path``; write metrics.csv and summary.json; raise if any case failed."""
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        cases = self.cases(input_path)
+        rows, failures = [], []
+        bar = tqdm(cases, desc=f"fvae recon ({self.network.name})", unit="case", disable=not self.progress)
+        for case in bar:
+            bar.set_postfix_str(case.name)
+            try:
+                rows.append(self.run_case(case))
+                log.info("%s: PSNR %.2f dB, SSIM2d %.4f", case.name, rows[-1]["psnr"], rows[-1]["ssim2d"])
+            except Exception as e:  # go on with the other cases, report at the end
+                log.error("%s failed: %s", case.name, e)
+                log.debug(traceback.format_exc())
+                failures.append({"case": case.name, "input": case.path, "error": f"{type(e).__name__}: {e}"})
+        summary = self._write(rows, failures)
+        print(self.table(rows, failures))
+        if failures:
+            raise BatchFailure(f"{len(failures)} of {len(cases)} case(s) failed:\n" + "\n".join(
+                f"  {f['case']} ({f['input']}): {f['error']}" for f in failures))
+        return summary
+
+    def _write(self, rows: list[dict], failures: list[dict]) -> dict:
+        cols = ["case", "status", *METRIC_KEYS, "shape", "spacing_mm", "input", "output"]
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: _fmt(r.get(k, "")) for k in cols})
+        write_text_atomic(self.output_dir / "metrics.csv", buf.getvalue())
+        stats = {}
+        for k in METRIC_KEYS:
+            v = np.array([r[k] for r in rows if isinstance(r.get(k), float) and math.isfinite(r[k])])
+            stats[k] = {"mean": float(v.mean()) if v.size else None, "std": float(v.std()) if v.size else None,
+                        "n": int(v.size)}
+        net = self.network
+        summary = {
+            "vae": net.name,
+            "vae_properties": {"latent_channels": net.latent_channels, "spatial_factor": net.spatial_factor,
+                               "depth_factor": net.depth_factor, "input_range": list(net.input_range)},
+            "hu_window": list(self.hu_window),
+            "working_spacing_mm": self.working_spacing,
+            "tiling": self.inferer.tiling.as_dict(),
+            "protocol": PROTOCOL,
+            "n_cases": len(rows) + len(failures),
+            "n_ok": len(rows),
+            "n_failed": len(failures),
+            "metrics": stats,
+            "failures": failures,
+        }
+        write_text_atomic(self.output_dir / "summary.json", json.dumps(summary, indent=2))
+        return summary
+
+    @staticmethod
+    def table(rows: list[dict], failures: list[dict]) -> str:
+        head = f"{'case':<32} {'PSNR dB':>8} {'SSIM3d':>7} {'SSIM2d':>7} {'MSE HU2':>9} {'sec':>7}"
+        lines = [head, "-" * len(head)]
+        for r in rows:
+            lines.append(f"{r['case'][:32]:<32} {r['psnr']:8.2f} {r['ssim3d']:7.4f} {r['ssim2d']:7.4f} "
+                         f"{r['mse_hu']:9.1f} {r['seconds']:7.1f}")
+        if len(rows) > 1:
+            mean = {k: float(np.nanmean([r[k] for r in rows])) for k in ("psnr", "ssim3d", "ssim2d", "mse_hu")}
+            lines.append(f"{'mean':<32} {mean['psnr']:8.2f} {mean['ssim3d']:7.4f} {mean['ssim2d']:7.4f} "
+                         f"{mean['mse_hu']:9.1f}")
+        for f in failures:
+            lines.append(f"FAILED {f['case']}: {f['error']}")
+        return "\n".join(lines)

@@ -1,0 +1,102 @@
+"""Memory-bounded execution of a volume-to-volume function: the one tiling helper of the project.
+
+The volume ``x: [B, C, D, H, W]`` is cut into windows of ``depth_window`` slices x ``tile_size``^2 pixels
+with overlaps, each window goes through ``fn`` on its own, and the outputs are blended back with a
+smooth (gaussian) or flat weight, using MONAI's :func:`monai.inferers.sliding_window_inference`. Peak
+activation memory is that of one window, whatever the number of slices; only the input and output
+volumes themselves grow with the volume.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+from monai.inferers import sliding_window_inference
+
+__all__ = ["TilingConfig", "windowed_apply"]
+
+
+@dataclass
+class TilingConfig:
+    """Knobs of :func:`windowed_apply` (all sizes in voxels of the array given to the VAE).
+
+    - ``tile_size``: edge of an x-y tile; ``None`` = whole slice.
+    - ``tile_overlap``: overlap between neighbouring x-y tiles.
+    - ``depth_window``: slices per window for video VAEs; ``None`` = whole volume. Image autoencoders
+      treat slices independently and use ``slice_batch`` instead.
+    - ``depth_overlap``: overlap between depth windows (video VAEs).
+    - ``slice_batch``: slices per forward pass for image autoencoders.
+    - ``blend``: ``"gaussian"`` (smooth, default) or ``"constant"`` (plain average) in overlaps.
+    """
+
+    tile_size: int | None = None
+    tile_overlap: int = 64
+    depth_window: int | None = None
+    depth_overlap: int = 4
+    slice_batch: int = 4
+    blend: str = "gaussian"
+
+    def __post_init__(self):
+        for k in ("tile_size", "depth_window"):
+            v = getattr(self, k)
+            if v is not None and int(v) < 1:
+                raise ValueError(f"{k} must be a positive number of voxels or None, got {v}")
+        if self.slice_batch < 1:
+            raise ValueError(f"slice_batch must be >= 1, got {self.slice_batch}")
+        if self.tile_overlap < 0 or self.depth_overlap < 0:
+            raise ValueError("tile_overlap and depth_overlap must be >= 0")
+        if self.tile_size is not None and self.tile_overlap >= self.tile_size:
+            raise ValueError(f"tile_overlap ({self.tile_overlap}) must be smaller than tile_size ({self.tile_size})")
+        if self.depth_window is not None and self.depth_overlap >= self.depth_window:
+            raise ValueError(
+                f"depth_overlap ({self.depth_overlap}) must be smaller than depth_window ({self.depth_window})")
+        if self.blend not in ("gaussian", "constant"):
+            raise ValueError(f"blend must be 'gaussian' or 'constant', got {self.blend!r}")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _window(size: int, window: int | None, overlap: int) -> tuple[int, float]:
+    """(roi edge, overlap fraction) for one axis; a window >= the axis means one window, no overlap."""
+    if window is None or window >= size:
+        return size, 0.0
+    return window, overlap / window
+
+
+def windowed_apply(
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    depth_window: int | None,
+    depth_overlap: int,
+    tile_size: int | None,
+    tile_overlap: int,
+    blend: str = "gaussian",
+    progress: bool = False,
+) -> torch.Tensor:
+    """Apply a shape-preserving ``fn`` to ``x: [B, C, D, H, W]`` window by window and blend the results.
+
+    ``fn`` receives windows ``[B, C, d, h, w]`` (d <= depth_window, h, w <= tile_size) and must return the
+    same shape. Windows run one at a time. Returns a tensor of ``x``'s shape on ``x``'s device.
+    """
+    if x.ndim != 5:
+        raise ValueError(f"expected x of shape [B, C, D, H, W], got {tuple(x.shape)}")
+    _, _, d, h, w = x.shape
+    rd, od = _window(d, depth_window, depth_overlap)
+    rh, oh = _window(h, tile_size, tile_overlap)
+    rw, ow = _window(w, tile_size, tile_overlap)
+    if (rd, rh, rw) == (d, h, w):
+        return fn(x)
+    return sliding_window_inference(
+        x,
+        roi_size=(rd, rh, rw),
+        sw_batch_size=1,
+        predictor=fn,
+        overlap=(od, oh, ow),
+        mode=blend,
+        sigma_scale=0.25,
+        padding_mode="replicate",
+        progress=progress,
+    )

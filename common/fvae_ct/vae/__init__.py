@@ -1,0 +1,104 @@
+"""Registry of named frozen VAEs: ``load(name, ...)`` and ``list_vaes()``.
+
+Every entry builds a :class:`~fvae_ct.vae.base.FrozenVAE`. ``weights`` overrides where the weights come
+from (a file pair ``"enc.pth,dec.pth"`` or a folder for TAESD-family models; a local diffusers folder or
+hub id for the Wan models).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .. import assets
+from ..errors import UnknownVAEError, WeightsError
+from ..tiling import TilingConfig
+from .base import FrozenVAE
+from .image_ae import TAESDVAE
+from .wan import WAN_HUB_IDS, WanVAE
+
+__all__ = ["FrozenVAE", "TAESDVAE", "WanVAE", "VAESpec", "REGISTRY", "load", "list_vaes", "register"]
+
+
+@dataclass(frozen=True)
+class VAESpec:
+    """What a user needs to know about a named VAE, and how to build it."""
+
+    name: str
+    kind: str
+    weights: str
+    source: str
+    licence: str
+    build: Callable[..., FrozenVAE]
+
+
+REGISTRY: dict[str, VAESpec] = {}
+
+
+def register(spec: VAESpec) -> VAESpec:
+    REGISTRY[spec.name] = spec
+    return spec
+
+
+def _taef2(weights=None, dtype=torch.float32, **kw) -> FrozenVAE:
+    if weights is None:
+        enc, dec = assets.resolve("taef2_encoder", download=True), assets.resolve("taef2_decoder", download=True)
+    else:
+        parts = [Path(p) for p in str(weights).split(",")]
+        if len(parts) == 1 and parts[0].is_dir():
+            parts = [parts[0] / "taef2_encoder.pth", parts[0] / "taef2_decoder.pth"]
+        if len(parts) != 2:
+            raise WeightsError(f"{weights}: give the TAEF2 weights as 'encoder.pth,decoder.pth' or a folder holding "
+                               "taef2_encoder.pth and taef2_decoder.pth")
+        enc, dec = parts
+    if dtype != torch.float32:
+        raise ValueError("taef2 runs in float32 (it is tiny; reduced precision brings no speed on CPU)")
+    return TAESDVAE(enc, dec, latent_channels=32, pool_width=256, name="taef2", **kw)
+
+
+def _wan(name: str):
+    def build(weights=None, dtype=torch.float32, **kw) -> FrozenVAE:
+        return WanVAE(weights=weights or WAN_HUB_IDS[name], name=name, dtype=dtype, **kw)
+
+    return build
+
+
+register(VAESpec(
+    "taef2", "image AE, slice-wise, 32 latent ch, 8x", "taef2_encoder.pth + taef2_decoder.pth (2.7 MB each)",
+    f"$FVAE_ASSETS/weights, ~/.cache/fvae_ct, or {assets.ASSETS['taef2_encoder'].url.rsplit('/', 1)[0]}/",
+    "MIT (madebyollin/taesd)", _taef2))
+register(VAESpec(
+    "wan2.1", "causal video VAE, depth=time, 16 latent ch, 8x spatial, 4x depth",
+    "diffusers AutoencoderKLWan folder (vae/, about 0.5 GB fp32)",
+    f"hub id {WAN_HUB_IDS['wan2.1']} (subfolder vae) or a local copy", "Apache-2.0 (Wan-AI)", _wan("wan2.1")))
+register(VAESpec(
+    "wan2.2", "causal video VAE, depth=time, 48 latent ch, 16x spatial (2x2 patchify), 4x depth",
+    "diffusers AutoencoderKLWan folder (vae/, about 2.8 GB fp32)",
+    f"hub id {WAN_HUB_IDS['wan2.2']} (subfolder vae) or a local copy", "Apache-2.0 (Wan-AI)", _wan("wan2.2")))
+
+
+def load(
+    name: str,
+    weights: str | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | str = torch.float32,
+    tiling: TilingConfig | dict | None = None,
+    **kwargs,
+) -> FrozenVAE:
+    """Build the named frozen VAE on ``device``. Unknown names raise an error listing the valid ones."""
+    if name not in REGISTRY:
+        raise UnknownVAEError(f"unknown VAE '{name}'; valid names: {', '.join(sorted(REGISTRY))}")
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    if isinstance(tiling, dict):
+        tiling = TilingConfig(**tiling)
+    vae = REGISTRY[name].build(weights=weights, dtype=dtype, tiling=tiling, **kwargs)
+    return vae.to(device)
+
+
+def list_vaes() -> list[dict[str, str]]:
+    """One dict per registered VAE: name, kind, weights, source, licence."""
+    return [{k: getattr(s, k) for k in ("name", "kind", "weights", "source", "licence")} for s in REGISTRY.values()]

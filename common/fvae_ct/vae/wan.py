@@ -1,0 +1,121 @@
+"""Wan 2.1 / Wan 2.2 video VAEs (diffusers ``AutoencoderKLWan``): depth is time.
+
+The volume's axial slices are the frames of a clip (grey replicated to RGB, range [-1, 1]). The Wan VAEs
+are causal with 4x temporal compression: a clip needs 1 + 4k frames, so the base class pads by
+replicating the last slice and crops back. Latents are the posterior mode, normalised with the config's
+``latents_mean`` / ``latents_std`` (``(z - mean) / std``), the convention of the Wan diffusion pipelines.
+Wan 2.2 (z 48) patchifies 2x2 before its 8x encoder: spatial factor 16.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import torch
+
+from ..errors import WeightsError
+from ..tiling import TilingConfig
+from .base import FrozenVAE
+
+__all__ = ["WanVAE", "WAN_HUB_IDS"]
+
+#: diffusers repositories holding the official weights (``subfolder="vae"``).
+WAN_HUB_IDS = {
+    "wan2.1": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
+    "wan2.2": "Wan-AI/Wan2.2-TI2V-5B-Diffusers",
+}
+
+
+def _load_diffusers_wan(weights: str | os.PathLike, dtype: torch.dtype):
+    """``AutoencoderKLWan.from_pretrained`` on a local folder (with or without ``vae/``) or a hub id."""
+    from diffusers import AutoencoderKLWan
+
+    p = Path(weights)
+    kwargs = {"torch_dtype": dtype}
+    if p.exists():
+        if (p / "vae" / "config.json").is_file():
+            kwargs["subfolder"] = "vae"
+        elif not (p / "config.json").is_file():
+            raise WeightsError(f"{p}: not a diffusers AutoencoderKLWan folder (no config.json or vae/config.json)")
+    else:
+        kwargs["subfolder"] = "vae"
+    try:
+        return AutoencoderKLWan.from_pretrained(str(weights), **kwargs)
+    except (OSError, ValueError, EnvironmentError) as e:
+        raise WeightsError(
+            f"{weights}: cannot load AutoencoderKLWan ({type(e).__name__}: {e}). Give a local diffusers folder "
+            "(with config.json + diffusion_pytorch_model.safetensors, or a vae/ subfolder) or a hub id "
+            "reachable from this machine."
+        ) from e
+
+
+class WanVAE(FrozenVAE):
+    """Wan 2.1 / 2.2 behind the frozen-VAE interface.
+
+    Args:
+        model: an ``AutoencoderKLWan`` instance (tests pass tiny random ones), or ``None`` with ``weights``.
+        weights: local diffusers folder or hub id for ``from_pretrained`` (``subfolder="vae"``).
+        dtype: parameter dtype (fp32 default).
+        decode_dtype: e.g. ``torch.bfloat16`` to decode under autocast on GPU; ``None`` = ``dtype``.
+    """
+
+    depth_factor = 4
+    input_range = (-1.0, 1.0)
+
+    def __init__(
+        self,
+        model=None,
+        weights: str | os.PathLike | None = None,
+        name: str = "wan2.1",
+        dtype: torch.dtype = torch.float32,
+        decode_dtype: torch.dtype | None = None,
+        tiling: TilingConfig | None = None,
+        scale_factor: float = 1.0,
+    ):
+        super().__init__(tiling=tiling, scale_factor=scale_factor)
+        if model is None:
+            if weights is None:
+                raise WeightsError(f"{name}: give `weights` (local diffusers folder or hub id {WAN_HUB_IDS.get(name)})")
+            model = _load_diffusers_wan(weights, dtype)
+        self.name = name
+        self.model = model if model.dtype == dtype else model.to(dtype)
+        cfg = model.config
+        self.latent_channels = int(cfg.z_dim)
+        patch = int(cfg.patch_size or 1)
+        self.spatial_factor = int(2 ** (len(cfg.dim_mult) - 1)) * patch
+        self.depth_factor = int(2 ** sum(bool(t) for t in cfg.temperal_downsample))
+        if self.depth_factor != 4:
+            raise ValueError(f"{name}: diffusers' Wan encoder runs 1 + 4k frame chunks; temporal factor "
+                             f"{self.depth_factor} is not supported")
+        self.dtype = dtype
+        self.decode_dtype = decode_dtype
+        self.register_buffer("latents_mean", torch.tensor(cfg.latents_mean, dtype=torch.float32).view(1, -1, 1, 1, 1),
+                             persistent=False)
+        self.register_buffer("latents_std", torch.tensor(cfg.latents_std, dtype=torch.float32).view(1, -1, 1, 1, 1),
+                             persistent=False)
+        if self.latents_mean.shape[1] != self.latent_channels or self.latents_std.shape[1] != self.latent_channels:
+            raise WeightsError(f"{name}: latents_mean/std have {self.latents_mean.shape[1]} entries for "
+                               f"z_dim {self.latent_channels}")
+        self.freeze()
+
+    def normalize(self, z: torch.Tensor) -> torch.Tensor:
+        return (z - self.latents_mean) / self.latents_std
+
+    def denormalize(self, z: torch.Tensor) -> torch.Tensor:
+        return z * self.latents_std + self.latents_mean
+
+    def _encode_aligned(self, x: torch.Tensor) -> torch.Tensor:
+        rgb = x.expand(-1, 3, -1, -1, -1).to(self.dtype)
+        z = self.model.encode(rgb).latent_dist.mode()
+        return self.normalize(z.float())
+
+    def _decode_aligned(self, z: torch.Tensor) -> torch.Tensor:
+        z = self.denormalize(z)
+        ctx = contextlib.nullcontext()
+        if self.decode_dtype is not None and self.decode_dtype != self.dtype:
+            ctx = torch.autocast(device_type=z.device.type, dtype=self.decode_dtype)
+        with ctx:
+            out = self.model.decode(z.to(self.dtype)).sample
+        return out.float().mean(1, keepdim=True)

@@ -41,7 +41,7 @@ class CLI:
               vae_weights: str | None = None, device: str | None = None, hu_window=None,
               working_spacing: float | None = None, skip_existing: bool = False, figures: bool = True,
               tile_size: int | None = None, tile_overlap: int | None = None, depth_window: int | None = None,
-              depth_overlap: int | None = None, slice_batch: int | None = None) -> None:
+              depth_overlap: int | None = None, slice_batch: int | None = None, blend: str | None = None) -> None:
         """Reconstruct CT through a frozen VAE and score it (the fvae_recon bundle's inference.yaml).
 
         INPUT: a NIfTI file, a DICOM series folder, a folder of those, or a datalist JSON (default: the
@@ -56,7 +56,7 @@ class CLI:
             run_bundle("fvae_recon", "inference.yaml", input=input, output_dir=output_dir, vae=vae,
                        vae_weights=vae_weights, device=device, hu_window=hu_window, working_spacing=working_spacing,
                        skip_existing=skip_existing, figures=figures, tile_size=tile_size, tile_overlap=tile_overlap,
-                       depth_window=depth_window, depth_overlap=depth_overlap, slice_batch=slice_batch)
+                       depth_window=depth_window, depth_overlap=depth_overlap, slice_batch=slice_batch, blend=blend)
         except FvaeError as e:
             sys.exit(f"fvae recon: {e}")
         except RuntimeError as e:  # MONAI wraps errors raised inside config expressions

@@ -49,8 +49,8 @@ class VAEReconInferer(Inferer):
     ``x: [B, 1, D, H, W]`` in the VAE's input range -> same shape and range.
     """
 
-    def __init__(self, tile_size: int | None = None, tile_overlap: int = 64, depth_window: int | None = None,
-                 depth_overlap: int = 4, slice_batch: int = 4, blend: str = "gaussian", progress: bool = False):
+    def __init__(self, tile_size: int | None = None, tile_overlap: int = 96, depth_window: int | None = None,
+                 depth_overlap: int = 4, slice_batch: int = 4, blend: str = "cosine", progress: bool = False):
         super().__init__()
         self.tiling = TilingConfig(tile_size, tile_overlap, depth_window, depth_overlap, slice_batch, blend)
         self.progress = progress

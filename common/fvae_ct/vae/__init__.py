@@ -17,10 +17,11 @@ from .. import assets
 from ..errors import UnknownVAEError, WeightsError
 from ..tiling import TilingConfig
 from .base import FrozenVAE
+from .identity import IdentityVAE
 from .image_ae import TAESDVAE
 from .wan import WAN_HUB_IDS, WanVAE
 
-__all__ = ["FrozenVAE", "TAESDVAE", "WanVAE", "VAESpec", "REGISTRY", "load", "list_vaes", "register"]
+__all__ = ["FrozenVAE", "IdentityVAE", "TAESDVAE", "WanVAE", "VAESpec", "REGISTRY", "load", "list_vaes", "register"]
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,9 @@ register(VAESpec(
     "wan2.2", "causal video VAE, depth=time, 48 latent ch, 16x spatial (2x2 patchify), 4x depth",
     "diffusers AutoencoderKLWan folder (vae/, about 2.8 GB fp32)",
     f"hub id {WAN_HUB_IDS['wan2.2']} (subfolder vae) or a local copy", "Apache-2.0 (Wan-AI)", _wan("wan2.2")))
+register(VAESpec(
+    "identity", "control: encode = decode = identity (measures the pipeline alone)", "none", "built in",
+    "Apache-2.0 (fvae-ct)", lambda weights=None, dtype=torch.float32, **kw: IdentityVAE(**kw)))
 
 
 def load(

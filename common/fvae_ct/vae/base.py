@@ -128,6 +128,17 @@ class FrozenVAE(nn.Module, ABC):
         y = self._decode_aligned(self._encode_aligned(self._pad(x)))
         return y[:, :, :d, :h, :w].clamp(lo, hi)
 
+    def _split(self):
+        """Optional: ``(enc_local, enc_global, dec_global, dec_local)`` for exact x-y tiling.
+
+        Models with whole-image operations (GroupNorm statistics, attention) at their coarsest level give
+        different results on tiles than on the whole slice. Backends that can split themselves into a
+        heavy, local full-resolution part and a cheap, global low-resolution part return the four pieces
+        (each ``[B, C, D, H, W] -> [B, C', D, H', W']``); ``reconstruct`` then tiles only the local parts and
+        runs the global ones on the whole (small) low-resolution map. ``None``: tile the whole model.
+        """
+        return None
+
     @torch.inference_mode()
     def reconstruct(self, x: torch.Tensor, tiling: TilingConfig | None = None, progress: bool = False) -> torch.Tensor:
         """``decode(encode(x))`` cropped to ``x``'s shape and clamped to ``input_range``, memory-bounded.
@@ -142,9 +153,20 @@ class FrozenVAE(nn.Module, ABC):
             depth_window, depth_overlap = t.slice_batch, 0
         else:
             depth_window, depth_overlap = t.depth_window, t.depth_overlap
-        return windowed_apply(
-            self._reconstruct_window, x, depth_window, depth_overlap, t.tile_size, t.tile_overlap, t.blend, progress
-        )
+        parts = self._split() if t.tile_size is not None else None
+        if parts is None:
+            return windowed_apply(self._reconstruct_window, x, depth_window, depth_overlap, t.tile_size,
+                                  t.tile_overlap, t.blend, progress)
+        enc_local, enc_global, dec_global, dec_local = parts
+        s = self.spatial_factor
+        tile = max(s, s * round(t.tile_size / s))  # tiles and overlaps on the latent grid
+        ov = min(s * round(t.tile_overlap / s), tile - s)
+        d, h, w = x.shape[2:]
+        feats = windowed_apply(enc_local, self._pad(x), depth_window, depth_overlap, tile, ov, t.blend, progress)
+        hidden = dec_global(enc_global(feats))
+        y = windowed_apply(dec_local, hidden, depth_window, depth_overlap, tile // s, ov // s, t.blend, progress)
+        lo, hi = self.input_range
+        return y[:, :, :d, :h, :w].clamp(lo, hi)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.reconstruct(x)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from ..errors import WeightsError
 from ..tiling import TilingConfig
@@ -93,6 +94,23 @@ class TAESDVAE(FrozenVAE):
         out = torch.cat([fn(flat[i : i + n].contiguous(memory_format=self.memory_format))
                          for i in range(0, flat.shape[0], n)])
         return out.reshape(b, d, *out.shape[1:]).permute(0, 2, 1, 3, 4).contiguous()
+
+    def _split(self):
+        """Encoder: full-resolution layers (local) | the GroupNorm-pool blocks + latent conv at 1/8 (global).
+        Decoder: soft clamp, conv and the GroupNorm-pool blocks at 1/8 (global) | upsampling layers (local)."""
+        enc, dec = list(self.encoder.children()), list(self.decoder.children())
+        has_pool = [getattr(m, "pool", None) is not None for m in enc]
+        e = has_pool.index(True) if any(has_pool) else len(enc)
+        has_pool = [getattr(m, "pool", None) is not None for m in dec]
+        k = len(has_pool) - has_pool[::-1].index(True) if any(has_pool) else 0
+        enc_local, enc_global = nn.Sequential(*enc[:e]), nn.Sequential(*enc[e:])
+        dec_global, dec_local = nn.Sequential(*dec[:k]), nn.Sequential(*dec[k:])
+        return (
+            lambda v: self._slices(lambda s: enc_local(s.expand(-1, 3, -1, -1)), v),
+            lambda v: self._slices(enc_global, v),
+            lambda v: self._slices(dec_global, v),
+            lambda v: self._slices(lambda s: dec_local(s).mean(1, keepdim=True), v),
+        )
 
     def _encode_aligned(self, x: torch.Tensor) -> torch.Tensor:
         return self._slices(lambda s: self.encoder(s.expand(-1, 3, -1, -1)), x)

@@ -18,6 +18,7 @@ from abc import ABC, abstractmethod
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..tiling import TilingConfig, windowed_apply
 
@@ -143,28 +144,39 @@ class FrozenVAE(nn.Module, ABC):
     def reconstruct(self, x: torch.Tensor, tiling: TilingConfig | None = None, progress: bool = False) -> torch.Tensor:
         """``decode(encode(x))`` cropped to ``x``'s shape and clamped to ``input_range``, memory-bounded.
 
-        Runs window by window (see :class:`~fvae_ct.tiling.TilingConfig`); image autoencoders use
-        ``slice_batch`` slices per window with no depth overlap (their slices are independent).
+        Image autoencoders (independent slices) run ``slice_batch`` slices at a time straight into the
+        output; video VAEs run ``depth_window`` slices at a time, blended over ``depth_overlap``. Within a
+        block, ``tile_size`` tiles x-y (see :class:`~fvae_ct.tiling.TilingConfig`). Besides one block's
+        activations, memory holds the input, the output and, for video VAEs, MONAI's blending buffers.
         """
         self._check(x)
         t = tiling or self.tiling
         x = x.to(self.device, torch.float32)
         if self.depth_factor == 1:
-            depth_window, depth_overlap = t.slice_batch, 0
-        else:
-            depth_window, depth_overlap = t.depth_window, t.depth_overlap
-        parts = self._split() if t.tile_size is not None else None
+            out = torch.empty_like(x)
+            n = t.slice_batch
+            for i in tqdm(range(0, x.shape[2], n), desc=f"{self.name} slices", unit="batch", disable=not progress,
+                          leave=False):
+                out[:, :, i : i + n] = self._reconstruct_block(x[:, :, i : i + n], t)
+            return out
+        return windowed_apply(lambda v: self._reconstruct_block(v, t), x, t.depth_window, t.depth_overlap,
+                              None, 0, t.blend, progress)
+
+    def _reconstruct_block(self, x: torch.Tensor, t: TilingConfig) -> torch.Tensor:
+        """Reconstruct one depth block, tiled in x-y when ``t.tile_size`` is set."""
+        if t.tile_size is None:
+            return self._reconstruct_window(x)
+        parts = self._split()
         if parts is None:
-            return windowed_apply(self._reconstruct_window, x, depth_window, depth_overlap, t.tile_size,
-                                  t.tile_overlap, t.blend, progress)
+            return windowed_apply(self._reconstruct_window, x, None, 0, t.tile_size, t.tile_overlap, t.blend)
         enc_local, enc_global, dec_global, dec_local = parts
         s = self.spatial_factor
         tile = max(s, s * round(t.tile_size / s))  # tiles and overlaps on the latent grid
         ov = min(s * round(t.tile_overlap / s), tile - s)
         d, h, w = x.shape[2:]
-        feats = windowed_apply(enc_local, self._pad(x), depth_window, depth_overlap, tile, ov, t.blend, progress)
+        feats = windowed_apply(enc_local, self._pad(x), None, 0, tile, ov, t.blend)
         hidden = dec_global(enc_global(feats))
-        y = windowed_apply(dec_local, hidden, depth_window, depth_overlap, tile // s, ov // s, t.blend, progress)
+        y = windowed_apply(dec_local, hidden, None, 0, tile // s, ov // s, t.blend)
         lo, hi = self.input_range
         return y[:, :, :d, :h, :w].clamp(lo, hi)
 

@@ -1,6 +1,7 @@
 """The ``fvae`` command (python-fire). Subcommands run the same bundle configs as ``python -m monai.bundle run``.
 
     fvae recon INPUT -o OUT --vae taef2 [--working_spacing 1.0] [--tile_size 256] ...
+    fvae analyze INPUT -o OUT --labels LABELS --vae taef2
     fvae list-vaes
 """
 
@@ -24,14 +25,33 @@ def bundle_dir(name: str) -> Path:
                             "holding the fvae-ct bundles")
 
 
-def run_bundle(name: str, config: str = "inference.yaml", **overrides) -> None:
-    """Run ``bundles/<name>/configs/<config>`` with MONAI's bundle runner; ``None`` overrides are left out."""
+def run_bundle(name: str, config: str | list[str] = "inference.yaml", **overrides) -> None:
+    """Run ``bundles/<name>/configs/<config>`` (a file or a list layered in order) with MONAI's bundle
+    runner; ``None`` overrides are left out."""
     from monai.bundle import run
 
     root = bundle_dir(name)
+    configs = [str(root / "configs" / c) for c in ([config] if isinstance(config, str) else config)]
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    run(config_file=str(root / "configs" / config), meta_file=str(root / "configs" / "metadata.json"),
+    run(config_file=configs, meta_file=str(root / "configs" / "metadata.json"),
         logging_file=str(root / "configs" / "logging.conf"), bundle_root=str(root), **overrides)
+
+
+def _run_cli(command: str, config, **overrides) -> None:
+    """``run_bundle("fvae_recon", ...)`` with fvae-ct errors turned into a one-line message and exit code 1."""
+    from .errors import FvaeError
+
+    try:
+        run_bundle("fvae_recon", config, **overrides)
+    except FvaeError as e:
+        sys.exit(f"fvae {command}: {e}")
+    except RuntimeError as e:  # MONAI wraps errors raised inside config expressions
+        cause = e.__cause__
+        while cause is not None and not isinstance(cause, FvaeError):
+            cause = cause.__cause__
+        if cause is None:
+            raise
+        sys.exit(f"fvae {command}: {cause}")
 
 
 class CLI:
@@ -48,24 +68,27 @@ class CLI:
         sample DICOM series from FVAE_ASSETS). Writes <case>_recon.nii.gz, <case>_views.png, metrics.csv
         and summary.json into OUTPUT_DIR (-o). Exits non-zero when any case failed.
         """
-        from .errors import FvaeError
-
         if output_dir is None:
             sys.exit("fvae recon: give an output folder with -o / --output_dir")
-        try:
-            run_bundle("fvae_recon", "inference.yaml", input=input, output_dir=output_dir, vae=vae,
-                       vae_weights=vae_weights, device=device, hu_window=hu_window, working_spacing=working_spacing,
-                       skip_existing=skip_existing, figures=figures, tile_size=tile_size, tile_overlap=tile_overlap,
-                       depth_window=depth_window, depth_overlap=depth_overlap, slice_batch=slice_batch, blend=blend)
-        except FvaeError as e:
-            sys.exit(f"fvae recon: {e}")
-        except RuntimeError as e:  # MONAI wraps errors raised inside config expressions
-            cause = e.__cause__
-            while cause is not None and not isinstance(cause, FvaeError):
-                cause = cause.__cause__
-            if cause is None:
-                raise
-            sys.exit(f"fvae recon: {cause}")
+        _run_cli("recon", "inference.yaml", input=input, output_dir=output_dir, vae=vae, vae_weights=vae_weights,
+                 device=device, hu_window=hu_window, working_spacing=working_spacing, skip_existing=skip_existing,
+                 figures=figures, tile_size=tile_size, tile_overlap=tile_overlap, depth_window=depth_window,
+                 depth_overlap=depth_overlap, slice_batch=slice_batch, blend=blend)
+
+    def analyze(self, input: str | None = None, output_dir: str | None = None, labels: str | None = None,
+                vae: str = "taef2", vae_weights: str | None = None, methods=None, hu_window=None,
+                working_spacing: float | None = None, hf_cutoff: float | None = None, device: str | None = None,
+                figures: bool = True) -> None:
+        """Is the VAE a boundary-preserving denoiser? The VAE and classical denoisers scored side by side.
+
+        Writes analysis.csv, analysis.json and <case>_analysis.png into OUTPUT_DIR (-o). LABELS: a label
+        map (one case) or a folder of <case>[_seg].nii.gz; without it, boundaries are image edges.
+        """
+        if output_dir is None:
+            sys.exit("fvae analyze: give an output folder with -o / --output_dir")
+        _run_cli("analyze", ["inference.yaml", "analysis.yaml"], input=input, output_dir=output_dir, labels=labels,
+                 vae=vae, vae_weights=vae_weights, methods=methods, hu_window=hu_window,
+                 working_spacing=working_spacing, hf_cutoff=hf_cutoff, device=device, figures=figures)
 
     def list_vaes(self) -> None:
         """Print every registered VAE: what it is, the weights it needs and where they come from."""

@@ -23,7 +23,7 @@ from monai.transforms import LoadImage
 from .errors import InputError
 
 __all__ = ["Case", "discover_cases", "load_ct", "save_nifti_atomic", "write_text_atomic", "is_dicom_dir",
-           "axial_axis", "spacing_of", "case_name"]
+           "axial_axis", "spacing_of", "case_name", "load_labels"]
 
 log = logging.getLogger("fvae_ct")
 
@@ -174,6 +174,39 @@ def load_ct(path: str | os.PathLike, check_hu: bool = True) -> MetaTensor:
             warnings.warn(msg, stacklevel=2)
     out = img[None]
     out.meta["filename_or_obj"] = str(p)
+    return out
+
+
+def load_labels(path: str | os.PathLike, affine, shape) -> np.ndarray:
+    """An integer label map resampled (nearest neighbour, through the two affines) onto a reference grid.
+
+    Label maps written by other tools often store the same grid with flipped axes (the TotalSegmentator
+    label map of the sample DICOM series does); mapping world coordinates keeps organs where they are.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(p, "label map does not exist")
+    try:
+        img = nib.load(str(p))
+        lab = np.asanyarray(img.dataobj)
+    except Exception as e:
+        raise InputError(p, f"cannot read the label map ({type(e).__name__}: {e})") from e
+    if lab.ndim == 4 and lab.shape[-1] == 1:
+        lab = lab[..., 0]
+    if lab.ndim != 3:
+        raise InputError(p, f"label map must be 3D, got shape {lab.shape}")
+    if not np.allclose(lab, np.round(lab)):
+        raise InputError(p, "label map holds non-integer values")
+    lab = np.round(lab).astype(np.int32)
+    ref = np.asarray(affine, dtype=np.float64)
+    if lab.shape == tuple(shape) and np.allclose(img.affine, ref, atol=1e-3):
+        return lab
+    from scipy.ndimage import affine_transform
+
+    m = np.linalg.inv(img.affine) @ ref
+    out = affine_transform(lab, m[:3, :3], offset=m[:3, 3], output_shape=tuple(shape), order=0, cval=0)
+    if not out.any():
+        raise InputError(p, "label map does not overlap the image (check both affines)")
     return out
 
 

@@ -26,7 +26,7 @@ from monai.transforms import Compose, InvertibleTransform, MapTransform
 from .io import axial_axis, load_ct, spacing_of
 
 __all__ = ["DEFAULT_HU_WINDOW", "LoadCTd", "HUWindowd", "InPlaneResampled", "AxialSlicesd", "recon_preprocessing",
-           "hu_to_unit", "unit_to_hu"]
+           "hu_to_unit", "unit_to_hu", "to_slices"]
 
 #: The convention of MAISI, MedVAE, CT-CLIP and the paper's code.
 DEFAULT_HU_WINDOW = (-1000.0, 1000.0)
@@ -187,6 +187,17 @@ class InPlaneResampled(MapTransform, InvertibleTransform):
             if list(info["size"]) != list(info["orig"]):
                 d[key] = _meta_like(self._resize(d[key], info["axial"], info["orig"]), d[key])
         return d
+
+
+def to_slices(vol: np.ndarray, affine) -> tuple[np.ndarray, np.ndarray]:
+    """``vol [X, Y, Z]`` (file order) -> ``([D, H, W]`` upright axial slices as given to the VAE, spacing in mm
+    in that order). Same layout as :class:`AxialSlicesd`; a contiguous copy."""
+    perm, flips = AxialSlicesd.layout(affine)
+    perm = [p - 1 for p in perm[1:]]
+    v = np.transpose(np.asarray(vol), perm)
+    for dim in flips:
+        v = np.flip(v, dim - 1)
+    return np.ascontiguousarray(v), spacing_of(affine)[perm]
 
 
 def recon_preprocessing(keys: KeysCollection = "image", hu_window: Sequence[float] = DEFAULT_HU_WINDOW,

@@ -193,19 +193,29 @@ class AnalysisWorkflow:
         """Error maps (centre axial slice, |method - original| HU), spectra on one plot, and the table."""
         k = x.shape[0] // 2
         n = len(outputs)
-        errs = {m: np.abs(y[k] - x[k]) for m, y in outputs.items()}
+        rows_, cols_ = np.nonzero(x[k] > -500)  # crop the maps to the body
+        crop = (slice(rows_.min(), rows_.max() + 1), slice(cols_.min(), cols_.max() + 1)) if rows_.size else ...
+        errs = {m: np.abs(y[k] - x[k])[crop] for m, y in outputs.items()}
         vmax = max(float(np.percentile(np.concatenate([e.ravel() for e in errs.values()]), 99.5)), 1.0)
-        fig = plt.figure(figsize=(3.2 * max(n, 4), 10.5), constrained_layout=True)
-        gs = fig.add_gridspec(3, max(n, 4), height_ratios=[1.0, 1.1, 0.55])
+        cols = min(n, 4)
+        nrows = -(-n // cols)
+        h, wd = errs[next(iter(errs))].shape
+        map_h = 3.7 * h / wd  # each map about 3.7 inches wide
+        fig = plt.figure(figsize=(16, nrows * (map_h + 0.4) + 5.2), constrained_layout=True)
+        top, mid, foot = fig.subfigures(3, 1, height_ratios=[nrows * (map_h + 0.4), 4.4, 0.8])
+        axes = np.atleast_1d(top.subplots(nrows, cols)).ravel()
         im = None
-        for i, (m, e) in enumerate(errs.items()):
-            ax = fig.add_subplot(gs[0, i])
+        for ax, (m, e) in zip(axes, errs.items()):
             im = ax.imshow(e, cmap="magma", vmin=0, vmax=vmax, interpolation="nearest")
-            ax.set_title(m, fontsize=9)
+            ax.set_title(f"|{m} - original|", fontsize=9)
+        for ax in axes:
             ax.set_xticks([])
             ax.set_yticks([])
-        fig.colorbar(im, ax=[fig.axes[i] for i in range(n)], shrink=0.8, label="|error| HU")
-        ax = fig.add_subplot(gs[1, : max(n, 4) // 2])
+        for ax in axes[n:]:
+            ax.axis("off")
+        top.colorbar(im, ax=axes.tolist(), shrink=0.8, label="|error| HU, centre axial slice")
+        gs = mid.add_gridspec(1, 2, width_ratios=[1.0, 1.25])
+        ax = mid.add_subplot(gs[0, 0])
         first = next(iter(spectra.values()))
         ax.semilogy(first["freq"], first["image_power"], "k-", lw=2, label="original image")
         for m, s in spectra.items():
@@ -215,16 +225,17 @@ class AnalysisWorkflow:
         ax.set_ylabel("power")
         ax.legend(fontsize=7)
         ax.set_title("power spectra: image vs. reconstruction error")
-        ax = fig.add_subplot(gs[1, max(n, 4) // 2:])
+        ax = mid.add_subplot(gs[0, 1])
         ax.axis("off")
         keys = list(_SHORT)
         cell = [[f"{r[kk]:.3g}" for kk in keys] for r in rows]
-        tab = ax.table(cellText=cell, rowLabels=[r["method"] for r in rows], colLabels=[_SHORT[kk] for kk in keys],
+        tab_rows = [r["method"] + (f"\n{r['param']}" if r["param"] else "") for r in rows]
+        tab = ax.table(cellText=cell, rowLabels=tab_rows, colLabels=[_SHORT[kk] for kk in keys],
                        loc="center")
         tab.auto_set_font_size(False)
         tab.set_fontsize(7)
         tab.scale(1.0, 1.4)
-        ax = fig.add_subplot(gs[2, :])
+        ax = foot.add_subplot(1, 1, 1)
         ax.axis("off")
         ax.text(0.0, 0.9, "noise: HU std in homogeneous regions vs original (lower = more denoising); shift: "
                 "surface distance of re-thresholded boundaries (mm); sharp: boundary gradient vs original; HF "
@@ -233,7 +244,7 @@ class AnalysisWorkflow:
                     self.cutoff, 1 - np.pi * self.cutoff**2,
                     "labelled organs" if labelled else "3D gradient edges of the original (no labels given)"),
                 fontsize=8, va="top", wrap=True)
-        fig.suptitle(f"{name}: is {outputs and next(iter(outputs))} a boundary-preserving denoiser?")
+        fig.suptitle(f"{name}: is {next(iter(outputs), 'the VAE')} a boundary-preserving denoiser?")
         path = self.output_dir / f"{name}_analysis.png"
         _atomic(path, lambda tmp: fig.savefig(tmp, dpi=80, format="png"))
         plt.close(fig)

@@ -111,8 +111,13 @@ def discover_cases(input_path: str | os.PathLike) -> list[Case]:
         cases = [Case(case_name(e), str(e)) for e in entries if (e.is_file() and _is_nifti(e)) or is_dicom_dir(e)]
         if not cases:
             raise InputError(p, "folder holds no NIfTI files (.nii/.nii.gz), no DICOM files and no DICOM series folders")
+    return unique_names(cases)
+
+
+def unique_names(cases: list[Case]) -> list[Case]:
+    """Make case names unique (they name output files): a repeated name gets ``_1``, ``_2``, ..."""
     seen: dict[str, int] = {}
-    for c in cases:  # unique output names
+    for c in cases:
         if c.name in seen:
             seen[c.name] += 1
             c.name = f"{c.name}_{seen[c.name]}"

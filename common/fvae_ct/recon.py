@@ -22,17 +22,19 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.inferers import Inferer
+from monai.transforms import MapTransform
 from tqdm.auto import tqdm
 
 from .errors import FvaeError
 from .figures import three_view
-from .io import Case, axial_axis, discover_cases, load_ct, save_nifti_atomic, spacing_of, write_text_atomic
+from .io import (Case, axial_axis, discover_cases, load_ct, save_nifti_atomic, spacing_of, unique_names,
+                 write_text_atomic)
 from .metrics import PROTOCOL, recon_metrics
 from .tiling import TilingConfig
 from .transforms import DEFAULT_HU_WINDOW, recon_preprocessing
 from .vae.base import FrozenVAE
 
-__all__ = ["VAEReconInferer", "ReconWorkflow", "BatchFailure", "RECON_SUFFIX"]
+__all__ = ["VAEReconInferer", "ReconWorkflow", "BatchFailure", "RECON_SUFFIX", "VAEReconstructd", "reconstruct_hu"]
 
 log = logging.getLogger("fvae_ct")
 RECON_SUFFIX = "_recon.nii.gz"
@@ -57,6 +59,43 @@ class VAEReconInferer(Inferer):
 
     def __call__(self, inputs: torch.Tensor, network: FrozenVAE, *args, **kwargs) -> torch.Tensor:
         return network.reconstruct(inputs, tiling=self.tiling, progress=self.progress)
+
+
+def reconstruct_hu(image: MetaTensor, network: FrozenVAE, preprocessing, inferer: VAEReconInferer) -> MetaTensor:
+    """HU ``MetaTensor [1, X, Y, Z]`` -> reconstructed HU ``[1, X, Y, Z]`` (integer values, float dtype).
+
+    ``preprocessing`` is :func:`fvae_ct.transforms.recon_preprocessing` for this network; its inverse puts
+    the reconstruction back on the input's grid and restores HU by rounding.
+    """
+    x = preprocessing({"image": image})["image"]
+    y = inferer(x.as_tensor()[None].to(network.device), network)[0].cpu()
+    pred = MetaTensor(y, meta=dict(x.meta), applied_operations=list(x.applied_operations))
+    out = preprocessing.inverse({"image": pred})["image"]
+    return MetaTensor(out.as_tensor(), meta=dict(image.meta))
+
+
+class VAEReconstructd(MapTransform):
+    """The frozen VAE as a MONAI dictionary transform: ``d[output_key] = reconstruction of d[key]`` (HU).
+
+    For the ``online`` reconstruction view of segmentation training (GPU users). ``d[key]`` is an HU
+    ``MetaTensor [1, X, Y, Z]``; the output has the same shape, affine and meta.
+    """
+
+    def __init__(self, keys, network: FrozenVAE, output_key: str = "image_recon", hu_window=DEFAULT_HU_WINDOW,
+                 working_spacing: float | None = None, inferer: VAEReconInferer | None = None):
+        super().__init__(keys)
+        self.network = network
+        self.output_key = output_key
+        self.inferer = inferer or VAEReconInferer()
+        self.preprocessing = recon_preprocessing("image", hu_window, network.input_range, working_spacing,
+                                                 check_hu=False)
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key] if isinstance(d[key], MetaTensor) else MetaTensor(d[key])
+            d[self.output_key] = reconstruct_hu(img, self.network, self.preprocessing, self.inferer)
+        return d
 
 
 def _fmt(v) -> str:
@@ -95,10 +134,7 @@ class ReconWorkflow:
     # ---- one case -------------------------------------------------------------------------------------
     def reconstruct_volume(self, image: MetaTensor) -> MetaTensor:
         """HU ``MetaTensor [1, X, Y, Z]`` -> reconstructed HU ``[1, X, Y, Z]`` (integer values, float dtype)."""
-        x = self.preprocessing({"image": image})["image"]
-        y = self.inferer(x.as_tensor()[None].to(self.network.device), self.network)[0].cpu()
-        pred = MetaTensor(y, meta=dict(x.meta), applied_operations=list(x.applied_operations))
-        return self.preprocessing.inverse({"image": pred})["image"]
+        return reconstruct_hu(image, self.network, self.preprocessing, self.inferer)
 
     def run_case(self, case: Case) -> dict:
         out_path = self.output_dir / f"{case.name}{RECON_SUFFIX}"
@@ -130,7 +166,11 @@ class ReconWorkflow:
 
     # ---- a batch --------------------------------------------------------------------------------------
     def cases(self, input_path) -> list[Case]:
-        cases = discover_cases(input_path)
+        """Cases of a path (see :func:`fvae_ct.io.discover_cases`) or of a list of paths."""
+        if isinstance(input_path, (list, tuple)):
+            cases = unique_names([c for p in input_path for c in discover_cases(p)])
+        else:
+            cases = discover_cases(input_path)
         out = self.output_dir.resolve()
         # never treat our own outputs as inputs when the output folder is the input folder
         return [c for c in cases if not (Path(c.path).resolve().parent == out and c.path.endswith(RECON_SUFFIX))]

@@ -2,6 +2,8 @@
 
     fvae recon INPUT -o OUT --vae taef2 [--working_spacing 1.0] [--tile_size 256] ...
     fvae analyze INPUT -o OUT --labels LABELS --vae taef2
+    fvae make-lesion-set OUT --n_cases 6
+    fvae ablate-seg --datalist OUT/dataset.json --arms none,union -o ablation [--max_epochs 50 ...]
     fvae list-vaes
 """
 
@@ -25,16 +27,17 @@ def bundle_dir(name: str) -> Path:
                             "holding the fvae-ct bundles")
 
 
-def run_bundle(name: str, config: str | list[str] = "inference.yaml", **overrides) -> None:
+def run_bundle(name: str, config: str | list[str] = "inference.yaml", run_id: str | None = None,
+               **overrides) -> None:
     """Run ``bundles/<name>/configs/<config>`` (a file or a list layered in order) with MONAI's bundle
-    runner; ``None`` overrides are left out."""
+    runner; ``None`` overrides are left out; ``bundle_root`` defaults to the bundle's folder."""
     from monai.bundle import run
 
     root = bundle_dir(name)
     configs = [str(root / "configs" / c) for c in ([config] if isinstance(config, str) else config)]
-    overrides = {k: v for k, v in overrides.items() if v is not None}
-    run(config_file=configs, meta_file=str(root / "configs" / "metadata.json"),
-        logging_file=str(root / "configs" / "logging.conf"), bundle_root=str(root), **overrides)
+    overrides = {"bundle_root": str(root), **{k: v for k, v in overrides.items() if v is not None}}
+    run(run_id=run_id, config_file=configs, meta_file=str(root / "configs" / "metadata.json"),
+        logging_file=str(root / "configs" / "logging.conf"), **overrides)
 
 
 def _run_cli(command: str, config, **overrides) -> None:
@@ -89,6 +92,31 @@ class CLI:
         _run_cli("analyze", ["inference.yaml", "analysis.yaml"], input=input, output_dir=output_dir, labels=labels,
                  vae=vae, vae_weights=vae_weights, methods=methods, hu_window=hu_window,
                  working_spacing=working_spacing, hf_cutoff=hf_cutoff, device=device, figures=figures)
+
+    def ablate_seg(self, datalist: str, arms: str = "none,union", output_dir: str | None = None,
+                   recon_dir: str | None = None, seed: int = 0, n_boot: int = 10000, **overrides) -> None:
+        """Train + evaluate the fvae_aug_seg bundle per arm (none, union, prob, online) on the same split,
+        seeds and budget; write ablation.csv / .md with mean Dice and NSD, the paired difference to the first
+        arm and its bootstrap 95 % CI. Extra --key value pairs override the bundle config (e.g. --max_epochs)."""
+        from .ablation import ablate_seg
+
+        output_dir = output_dir or overrides.pop("o", None)  # fire leaves -o among the free overrides
+        if output_dir is None:
+            sys.exit("fvae ablate-seg: give an output folder with -o / --output_dir")
+        if isinstance(arms, (list, tuple)):
+            arms = ",".join(arms)
+        ablate_seg(datalist, arms, output_dir, recon_dir, seed, n_boot, **overrides)
+
+    def make_lesion_set(self, output_dir: str, n_cases: int = 6, ct: str | None = None, seg: str | None = None,
+                        seed: int = 0) -> None:
+        """Write a small MSD-style set: a real CT (default: the TotalSegmentator sample) with one synthetic
+        lesion per case (labels 1 organ, 2 lesion) and dataset.json. For the CPU ablation demo and tests."""
+        from .assets import resolve
+        from .lesions import make_lesion_set
+
+        ct = ct or str(resolve("totalseg_ct_sm_3mm", download=True))
+        seg = seg or str(resolve("totalseg_ct_sm_3mm_seg", download=True))
+        print(make_lesion_set(output_dir, ct, seg, n_cases=n_cases, seed=seed))
 
     def list_vaes(self) -> None:
         """Print every registered VAE: what it is, the weights it needs and where they come from."""

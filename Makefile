@@ -10,7 +10,7 @@ export FVAE_ASSETS ?= $(abspath ../shared/assets)
 endif
 export MPLBACKEND := Agg
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench clean ablation-demo monailabel-check
 
 install: $(STAMP)
 
@@ -28,6 +28,29 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/bench_taef2.py --out outputs/bench
+
+TINY := --patch_size "[48,48,16]" --init_filters 8 --blocks_down "[1,1,1]" --blocks_up "[1,1]" --num_workers 0
+TINY_NET := '{"init_filters": 8, "blocks_down": [1, 1, 1], "blocks_up": [1, 1], "patch_size": [48, 48, 16]}'
+
+# CPU demo of the segmentation ablation: real CT with synthetic lesions, arms none vs union
+ablation-demo: $(STAMP)
+	$(VENV)/bin/fvae make-lesion-set outputs/lesions --n_cases 12
+	$(VENV)/bin/fvae ablate-seg --datalist outputs/lesions/dataset.json --arms none,union \
+	    --output_dir outputs/ablation --val_fraction 0.5 --max_epochs 30 --val_interval 10 \
+	    --learning_rate 0.003 $(TINY)
+
+# MONAI Label's bundle infer task on the fvae_aug_seg bundle (separate venv: monailabel needs torch 2.14.1
+# + torchvision 0.29.1, about 8 GB)
+MLVENV := .venv-monailabel
+monailabel-check: $(STAMP)
+	test -x $(MLVENV)/bin/python || ($(PYTHON) -m venv $(MLVENV) && $(MLVENV)/bin/pip install -q \
+	    torch==2.14.1 torchvision==0.29.1 monailabel==0.8.5 nibabel pyyaml)
+	$(VENV)/bin/fvae make-lesion-set outputs/mlcheck/lesions --n_cases 4
+	$(PY) -m monai.bundle run --config_file bundles/fvae_aug_seg/configs/train.yaml \
+	    --datalist outputs/mlcheck/lesions/dataset.json --bundle_root outputs/mlcheck/run \
+	    --max_epochs 4 --val_interval 2 --learning_rate 0.003 $(TINY)
+	$(MLVENV)/bin/python tools/check_monailabel.py --model outputs/mlcheck/run/models/model.pt \
+	    --image outputs/mlcheck/lesions/imagesTr/lesion_000.nii.gz --out outputs/mlcheck --network $(TINY_NET)
 
 clean:
 	rm -rf outputs .pytest_cache

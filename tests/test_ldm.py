@@ -1,0 +1,119 @@
+"""Latent diffusion pieces: CFG, mask conditions on the latent grid, seamless latent windows, text encoder."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from fvae_ct.ldm import (FrozenTextEncoder, LDMPrepareBatch, guided_prediction, make_scheduler, onehot_mask_latent,
+                         sample_latents)
+from fvae_ct.networks import PseudoThreeDUNet
+from test_networks import tiny_unet
+
+
+def test_onehot_mask_lands_on_the_right_latent_voxels():
+    lab = torch.zeros(9, 32, 24, dtype=torch.long)
+    lab[5:9, 16:24, 8:16] = 3  # slices 5-8, rows 16-23, cols 8-15
+    lab[0, 0:8, 0:8] = 1
+    # image AE: depth kept, 8x8 pixel blocks averaged
+    m = onehot_mask_latent(lab, [1, 3], spatial_factor=8, depth_factor=1)
+    assert m.shape == (2, 9, 4, 3)
+    assert m[1, 5:9, 2, 1].eq(1).all() and m[1].sum() == 4
+    assert m[0, 0, 0, 0] == 1 and m[0].sum() == 1
+    # causal video VAE: latent 0 = slice 0, latent k = slices 4k-3 .. 4k
+    v = onehot_mask_latent(lab, [1, 3], spatial_factor=8, depth_factor=4, latent_shape=(3, 4, 3))
+    assert v[1, 2, 2, 1] == 1.0 and v[1, 1, 2, 1] == 0.0 and v[1].sum() == 1.0
+    assert v[0, 0, 0, 0] == 1.0 and v[0, 1:].sum() == 0
+    # partial coverage is the covered fraction (area downsampling)
+    lab2 = torch.zeros(1, 8, 8, dtype=torch.long)
+    lab2[0, :4, :] = 2
+    assert onehot_mask_latent(lab2, [2], 8, 1)[0, 0, 0, 0] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="does not match the latent grid"):
+        onehot_mask_latent(lab, [1], 8, 4, latent_shape=(9, 4, 3))
+
+
+def _model(k_mask=2, ctx_dim=6, seed=0):
+    return PseudoThreeDUNet(tiny_unet(in_ch=4 + k_mask, out_ch=4, context_dim=ctx_dim, seed=seed), levels=(1,),
+                            mode="attention")
+
+
+def test_cfg_with_guidance_one_is_the_conditional_prediction():
+    torch.manual_seed(0)
+    model = _model()
+    x, mask = torch.randn(2, 4, 3, 16, 16), torch.rand(2, 2, 3, 16, 16)
+    ctx, cmask = torch.randn(2, 5, 6), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    t = torch.tensor([100, 900])
+    with torch.no_grad():
+        cond = model(torch.cat([x, mask], 1), t, ctx, cmask)
+        g1 = guided_prediction(model, x, t, mask, ctx, cmask, 1.0)
+        g3 = guided_prediction(model, x, t, mask, ctx, cmask, 3.0)
+    assert torch.allclose(g1, cond, atol=1e-5)
+    assert not torch.allclose(g3, cond, atol=1e-3)
+
+
+def test_padding_tokens_are_never_attended():
+    torch.manual_seed(0)
+    model = _model()
+    x, t = torch.randn(2, 6, 2, 16, 16), torch.tensor([50, 50])
+    ctx = torch.randn(2, 4, 6)
+    with torch.no_grad():
+        a = model(x, t, ctx, torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]]))
+        junk = ctx.clone()
+        junk[0, 2:] = 100.0  # change only the padded tokens of sample 0
+        b = model(x, t, junk, torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]]))
+        alone = model(x[:1], t[:1], ctx[:1, :2])
+    assert torch.equal(a, b) and torch.allclose(a[:1], alone, atol=1e-5)
+
+
+class ToyDenoiser(nn.Module):
+    """Deterministic, depth-local (each slice on its own): windows must reproduce the full volume exactly."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.conv = nn.Conv3d(6, 4, (1, 3, 3), padding=(0, 1, 1))
+
+    def forward(self, x, t, context=None, context_mask=None):
+        return torch.tanh(self.conv(x)) * (t.float().view(-1, 1, 1, 1, 1) / 1000.0)
+
+
+@pytest.mark.parametrize("kind", ["ddpm", "rflow"])
+def test_latent_windows_have_no_seam(kind):
+    model = ToyDenoiser()
+    mask = torch.rand(1, 2, 23, 8, 8)
+    args = dict(shape=(1, 4, 23, 8, 8), mask=mask, guidance=2.0, steps=6, seed=7)
+    full = sample_latents(model, make_scheduler(kind, sampler=True), depth_window=None, **args)
+    win = sample_latents(model, make_scheduler(kind, sampler=True), depth_window=8, depth_overlap=3, **args)
+    assert torch.allclose(full, win, atol=1e-5)
+    assert not torch.allclose(full, sample_latents(model, make_scheduler(kind, sampler=True), **{**args, "seed": 8}))
+
+
+def test_prepare_batch_targets_and_cfg_dropout():
+    sch = make_scheduler("ddpm")
+    prep = LDMPrepareBatch(sch, scale_factor=0.5, p_uncond_mask=1.0, p_uncond_text=1.0)
+    batch = {"latent": torch.randn(2, 4, 3, 8, 8), "mask": torch.ones(2, 2, 3, 8, 8),
+             "text": torch.randn(2, 5, 6), "text_mask": torch.ones(2, 5, dtype=torch.long)}
+    x, target, _, kw = prep(batch)
+    assert x.shape == (2, 6, 3, 8, 8) and target.shape == (2, 4, 3, 8, 8)
+    assert x[:, 4:].abs().sum() == 0  # mask dropped
+    assert kw["context"].abs().sum() == 0 and kw["context_mask"].sum(1).tolist() == [1, 1]  # null text
+    z0 = batch["latent"] * 0.5
+    expect = sch.add_noise(z0, target, kw["timesteps"])
+    assert torch.allclose(x[:, :4], expect, atol=1e-6)  # epsilon target: the noise that was added
+    rsch = make_scheduler("rflow")
+    rf = LDMPrepareBatch(rsch, p_uncond_mask=0.0, p_uncond_text=0.0)
+    x2, v, _, kw2 = rf(batch)
+    noise = batch["latent"] - v  # velocity target v = x0 - noise
+    assert torch.allclose(x2[:, :4], rsch.add_noise(batch["latent"], noise, kw2["timesteps"]), atol=1e-5)
+    assert torch.allclose(x2[:, 4:], batch["mask"]) and kw2["context_mask"].sum() == 10
+
+
+def test_offline_text_encoder_embeds_and_masks():
+    enc = FrozenTextEncoder()
+    emb, mask = enc.encode(["Liver normal.", "Hypodense 2 cm lesion in the right kidney, no other findings."])
+    assert emb.shape[0] == 2 and emb.shape[2] == 384 and mask.shape == emb.shape[:2]
+    assert mask[0].sum() < mask[1].sum() and mask[0, : int(mask[0].sum())].all()
+    again, _ = enc.encode(["Liver normal."])
+    assert torch.allclose(again[0, : int(mask[0].sum())], emb[0, : int(mask[0].sum())], atol=1e-5)
+    assert all(not p.requires_grad for p in enc.parameters())

@@ -68,3 +68,16 @@ def test_mode_none_has_no_3d_parameters_and_is_the_2d_unet():
     assert torch.allclose(net(x, t), ref.reshape(1, 3, 4, 16, 16).permute(0, 2, 1, 3, 4), atol=1e-5)
     with pytest.raises(ValueError, match="mode must be"):
         PseudoThreeDUNet(tiny_unet(), mode="full3d")
+
+
+def test_copies_are_independent_models():
+    """An EMA copy (deepcopy) must run its own 3D blocks, not the original's."""
+    import copy
+
+    net = PseudoThreeDUNet(tiny_unet(), levels=(1,), mode="attention")
+    twin = copy.deepcopy(net)
+    with torch.no_grad():
+        for p in twin.parameters_3d():
+            p.add_(0.1)
+    x, t = torch.randn(1, 4, 3, 16, 16), torch.tensor([3])
+    assert not torch.allclose(net(x, t), twin(x, t))

@@ -39,20 +39,28 @@ def _views(v: np.ndarray, sp: np.ndarray):
     ]
 
 
-def three_view(hu_in: np.ndarray, hu_out: np.ndarray, affine: np.ndarray, path: str | os.PathLike,
-               title: str = "", window=(-1000.0, 1000.0), metrics: dict | None = None) -> Path:
-    """Write a PNG: rows original / reconstruction / |error| (HU, with colour bars), columns axial / coronal / sagittal."""
+def three_view(hu_in: np.ndarray, hu_out: np.ndarray | None, affine: np.ndarray, path: str | os.PathLike,
+               title: str = "", window=(-1000.0, 1000.0), metrics: dict | None = None,
+               labels: np.ndarray | None = None) -> Path:
+    """Write a PNG, columns axial / coronal / sagittal: rows original / reconstruction / |error| (HU, with colour
+    bars); with ``hu_out=None`` one row of ``hu_in`` (a generated volume), ``labels`` drawn as contours."""
     a, sp = to_ras(np.asarray(hu_in, dtype=np.float32), affine)
-    b, _ = to_ras(np.asarray(hu_out, dtype=np.float32), affine)
-    err = np.abs(np.clip(b, *window) - np.clip(a, *window))
-    emax = max(float(np.percentile(err, 99.5)), 1.0)
-    rows = [("original", a, "gray", window), ("reconstruction", b, "gray", window), ("|error| (HU)", err, "magma",
-                                                                                         (0, emax))]
-    fig, axes = plt.subplots(3, 3, figsize=(11, 10.5), constrained_layout=True)
+    rows = [("original" if hu_out is not None else "volume", a, "gray", window)]
+    if hu_out is not None:
+        b, _ = to_ras(np.asarray(hu_out, dtype=np.float32), affine)
+        err = np.abs(np.clip(b, *window) - np.clip(a, *window))
+        emax = max(float(np.percentile(err, 99.5)), 1.0)
+        rows += [("reconstruction", b, "gray", window), ("|error| (HU)", err, "magma", (0, emax))]
+    lab = to_ras(np.asarray(labels), affine)[0] if labels is not None else None
+    fig, axes = plt.subplots(len(rows), 3, figsize=(11, 3.6 * len(rows)), constrained_layout=True, squeeze=False)
     for r, (name, vol, cmap, (vmin, vmax)) in enumerate(rows):
         for c, ((img, aspect), view) in enumerate(zip(_views(vol, sp), ("axial", "coronal", "sagittal"))):
             ax = axes[r, c]
             im = ax.imshow(img, cmap=cmap, vmin=vmin, vmax=vmax, aspect=aspect, interpolation="nearest")
+            if lab is not None and r == 0:
+                li = _views(lab.astype(np.float32), sp)[c][0]
+                for v in np.unique(li)[1:]:
+                    ax.contour(li == v, levels=[0.5], linewidths=0.7, colors=[plt.cm.tab10(int(v) % 10)])
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:

@@ -14,6 +14,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+from monai.networks.nets.diffusion_model_unet import get_timestep_embedding
 from torch import nn
 
 __all__ = ["SliceConsistencyAttention", "DepthConv", "PseudoThreeDUNet", "depth_position_encoding"]
@@ -80,7 +81,8 @@ class PseudoThreeDUNet(nn.Module):
     -> ``[B, C_out, D, H, W]``.
     The UNet sees ``B * D`` slices (timesteps and context repeated per slice); after the down blocks at
     ``levels`` (indices into ``unet.down_blocks``), after the middle block, and after the matching up
-    blocks, the feature map is viewed as ``[B, C, D, h, w]`` and passed through the 3D blocks.
+    blocks, the feature map is viewed as ``[B, C, D, h, w]`` and passed through the 3D blocks. The wrapper
+    runs the UNet's own blocks in the UNet's order (no hooks, so copies such as an EMA model work).
 
     Args:
         unet: a MONAI ``DiffusionModelUNet`` with ``spatial_dims=2``.
@@ -99,37 +101,29 @@ class PseudoThreeDUNet(nn.Module):
         self.levels = tuple(int(i) for i in levels)
         chans = list(unet.block_out_channels)
         self.blocks3d = nn.ModuleDict()
-        self._hooks = []
-        self._depth = 1
         if mode == "none":
             return
         n = len(chans)
-        targets = {}
         for lvl in self.levels:
             if not 0 <= lvl < n:
                 raise ValueError(f"level {lvl} out of range for a UNet with {n} levels")
-            targets[f"down{lvl}"] = (unet.down_blocks[lvl], chans[lvl])
-            targets[f"up{lvl}"] = (unet.up_blocks[n - 1 - lvl], chans[lvl])
-        targets["mid"] = (unet.middle_block, chans[-1])
-        for name, (module, ch) in targets.items():
+        names = {**{f"down{lvl}": chans[lvl] for lvl in self.levels}, "mid": chans[-1],
+                 **{f"up{lvl}": chans[lvl] for lvl in self.levels}}
+        for name, ch in names.items():
             parts = []
             if mode in ("conv", "both"):
                 parts.append(DepthConv(ch))
             if mode in ("attention", "both"):
                 parts.append(SliceConsistencyAttention(ch, num_heads=min(num_heads, ch)))
             self.blocks3d[name] = nn.Sequential(*parts)
-            self._hooks.append(module.register_forward_hook(self._make_hook(name)))
 
-    def _make_hook(self, name: str):
-        def hook(module, args, output):
-            h = output[0] if isinstance(output, tuple) else output
-            bd, c, hh, ww = h.shape
-            d = self._depth
-            v = h.reshape(bd // d, d, c, hh, ww).permute(0, 2, 1, 3, 4)
-            v = self.blocks3d[name](v).permute(0, 2, 1, 3, 4).reshape(bd, c, hh, ww)
-            return (v, *output[1:]) if isinstance(output, tuple) else v
-
-        return hook
+    def _mix(self, name: str, h: torch.Tensor, d: int) -> torch.Tensor:
+        """Apply the 3D block ``name`` (if any) to slice features ``[B*D, C, h, w]``."""
+        if name not in self.blocks3d:
+            return h
+        bd, c, hh, ww = h.shape
+        v = h.reshape(bd // d, d, c, hh, ww).permute(0, 2, 1, 3, 4)
+        return self.blocks3d[name](v).permute(0, 2, 1, 3, 4).reshape(bd, c, hh, ww)
 
     def parameters_3d(self):
         """Parameters of the 3D blocks only (stage 3d trains these, the 2D UNet stays frozen)."""
@@ -155,10 +149,25 @@ class PseudoThreeDUNet(nn.Module):
         return self._forward(x, timesteps, context)
 
     def _forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        """MONAI's DiffusionModelUNet forward on the ``B * D`` slices, with the 3D blocks between its levels."""
         b, c, d, h, w = x.shape
-        self._depth = d
+        u = self.unet
         xs = x.permute(0, 2, 1, 3, 4).reshape(b * d, c, h, w)
         t = timesteps.reshape(-1).repeat_interleave(d) if timesteps.numel() == b else timesteps.reshape(-1)
         ctx = context.repeat_interleave(d, 0) if context is not None else None
-        y = self.unet(xs, t, context=ctx)
+        emb = u.time_embed(get_timestep_embedding(t, u.block_out_channels[0]).to(xs.dtype))
+        hs = u.conv_in(xs)
+        skips = [hs]
+        for i, block in enumerate(u.down_blocks):
+            hs, res = block(hidden_states=hs, temb=emb, context=ctx)
+            hs = self._mix(f"down{i}", hs, d)
+            skips.extend(res)
+        hs = self._mix("mid", u.middle_block(hidden_states=hs, temb=emb, context=ctx), d)
+        n = len(u.up_blocks)
+        for j, block in enumerate(u.up_blocks):
+            k = -len(block.resnets)
+            res, skips = skips[k:], skips[:k]
+            hs = block(hidden_states=hs, res_hidden_states_list=res, temb=emb, context=ctx)
+            hs = self._mix(f"up{n - 1 - j}", hs, d)
+        y = u.out(hs)
         return y.reshape(b, d, -1, h, w).permute(0, 2, 1, 3, 4)

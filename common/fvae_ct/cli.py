@@ -5,6 +5,7 @@
     fvae make-lesion-set OUT --n_cases 6
     fvae ablate-seg --datalist OUT/dataset.json --arms none,union -o ablation [--max_epochs 50 ...]
     fvae evaluate-gen --gen_dir G --real_dir R --masks_dir M --output_dir OUT
+    fvae compare-vaes INPUT --vaes taef2,wan2.1 --output_dir OUT
     fvae list-vaes
 """
 
@@ -138,6 +139,20 @@ class CLI:
             if cause is None:
                 raise
             sys.exit(f"fvae evaluate-gen: {cause}")
+
+    def compare_vaes(self, input: str, vaes: str = "taef2,identity", output_dir: str | None = None,
+                     weights: dict | None = None, labels: str | None = None, **overrides) -> None:
+        """Reconstruct INPUT with every VAE of --vaes (comma-separated) through the recon bundle; one table
+        (PSNR, SSIM, MSE, seconds, peak memory, noise ratio, boundary shift, edge sharpness, HF error) in
+        compare.csv / compare.md. --weights '{"wan2.1": "/path/to/diffusers/folder"}' gives weights per VAE."""
+        from .compare import compare_vaes
+
+        output_dir = output_dir or overrides.pop("o", None)
+        if output_dir is None:
+            sys.exit("fvae compare-vaes: give an output folder with -o / --output_dir")
+        if isinstance(vaes, (list, tuple)):
+            vaes = ",".join(vaes)
+        compare_vaes(input, vaes, output_dir, weights, labels, **overrides)
 
     def list_vaes(self) -> None:
         """Print every registered VAE: what it is, the weights it needs and where they come from."""

@@ -17,11 +17,12 @@ from .. import assets
 from ..errors import UnknownVAEError, WeightsError
 from ..tiling import TilingConfig
 from .base import FrozenVAE
+from .external import ExternalVAE
 from .identity import IdentityVAE
 from .image_ae import TAESDVAE
 from .wan import WAN_HUB_IDS, WanVAE
 
-__all__ = ["FrozenVAE", "IdentityVAE", "TAESDVAE", "WanVAE", "VAESpec", "REGISTRY", "load", "list_vaes", "register"]
+__all__ = ["FrozenVAE", "ExternalVAE", "IdentityVAE", "TAESDVAE", "WanVAE", "VAESpec", "REGISTRY", "load", "list_vaes", "register"]
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,24 @@ register(VAESpec(
     "wan2.2", "causal video VAE, depth=time, 48 latent ch, 16x spatial (2x2 patchify), 4x depth",
     "diffusers AutoencoderKLWan folder (vae/, about 2.8 GB fp32)",
     f"hub id {WAN_HUB_IDS['wan2.2']} (subfolder vae) or a local copy", "Apache-2.0 (Wan-AI)", _wan("wan2.2")))
+def _external(name: str):
+    def build(weights=None, dtype=torch.float32, target=None, **kw) -> FrozenVAE:
+        if target is None:
+            raise WeightsError(f"{name}: give target='package.module.Class' (and repo='<local clone>', kwargs={{...}}, "
+                               "latent_channels, spatial_factor, depth_factor, input_range, layout)")
+        return ExternalVAE(target, name=name, repo=weights if weights else kw.pop("repo", None), **kw)
+
+    return build
+
+
+register(VAESpec(
+    "external", "any VAE class with encode/decode from your own code (dotted path + kwargs): WF-VAE, CV-VAE ...",
+    "whatever the class loads", "your local clone (weights=<repo path>, target=<module.Class>)",
+    "that of the code you point to", _external("external")))
+register(VAESpec(
+    "videovae_plus", "VideoVAE+ through the official code (not re-implemented: CC BY-NC-ND)",
+    "the official checkpoint, loaded by the official class", "a local clone of the official repository",
+    "CC BY-NC-ND 4.0 (VideoVAE+)", _external("videovae_plus")))
 register(VAESpec(
     "identity", "control: encode = decode = identity (measures the pipeline alone)", "none", "built in",
     "Apache-2.0 (fvae-ct)", lambda weights=None, dtype=torch.float32, **kw: IdentityVAE(**kw)))

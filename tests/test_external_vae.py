@@ -1,0 +1,93 @@
+"""The external-adapter path: a VAE class from the user's own code (a small local package written here)."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+import torch
+
+from fvae_ct.errors import WeightsError
+from fvae_ct.vae import load
+
+PKG = '''
+import torch
+from torch import nn
+
+
+class Posterior:
+    def __init__(self, mean):
+        self.mean = mean
+
+    def mode(self):
+        return self.mean
+
+    def sample(self):
+        return self.mean + torch.randn_like(self.mean)
+
+
+class TinyVideoVAE(nn.Module):
+    """4x temporal (causal: 1 + 4k frames), 8x spatial, 4 latent channels; posterior object like the official repos."""
+
+    def __init__(self, z=4, scale=0.5):
+        super().__init__()
+        self.enc = nn.Conv3d(3, z, (1, 8, 8), stride=(1, 8, 8))
+        self.dec = nn.ConvTranspose3d(z, 3, (1, 8, 8), stride=(1, 8, 8))
+        self.scale = scale
+
+    def encode(self, x):
+        first, rest = x[:, :, :1], x[:, :, 1:]
+        t = rest.shape[2] // 4
+        pooled = rest.reshape(*rest.shape[:2], t, 4, *rest.shape[3:]).mean(3) if t else rest
+        return Posterior(self.enc(torch.cat([first, pooled], 2)) * self.scale)
+
+    def decode(self, z):
+        y = self.dec(z / self.scale)
+        return (torch.cat([y[:, :, :1], y[:, :, 1:].repeat_interleave(4, 2)], 2).tanh(),)
+'''
+
+
+@pytest.fixture()
+def repo(tmp_path):
+    (tmp_path / "tinyvae").mkdir()
+    (tmp_path / "tinyvae" / "__init__.py").write_text(textwrap.dedent(PKG))
+    return tmp_path
+
+
+def test_external_vae_from_a_local_clone(repo):
+    vae = load("external", weights=str(repo), target="tinyvae.TinyVideoVAE", kwargs={"z": 4, "scale": 0.5},
+               latent_channels=4, spatial_factor=8, depth_factor=4, input_range=(-1, 1))
+    assert not vae.training and all(not p.requires_grad for p in vae.parameters())
+    x = torch.rand(1, 1, 6, 20, 28) * 2 - 1
+    z = vae.encode(x)
+    assert z.shape == (1, 4, 3, 3, 4)  # 6 slices -> 9 = 1 + 4 * 2 frames; 20 x 28 -> 24 x 32 -> 3 x 4
+    assert torch.equal(z, vae.encode(x))  # the posterior's mode, never a sample
+    y = vae.reconstruct(x)
+    assert y.shape == x.shape and -1 <= float(y.min()) and float(y.max()) <= 1
+
+
+def test_videovae_plus_needs_its_repository(tmp_path, repo):
+    with pytest.raises(WeightsError, match="give target="):
+        load("videovae_plus")
+    with pytest.raises(WeightsError, match="local clone .* does not exist"):
+        load("videovae_plus", weights=str(tmp_path / "missing"), target="videovae.models.Model")
+    with pytest.raises(WeightsError, match="cannot import videovae.models.Model"):
+        load("videovae_plus", weights=str(repo), target="videovae.models.Model")
+    with pytest.raises(WeightsError, match="dotted path"):
+        load("external", weights=str(repo), target="TinyVideoVAE")
+
+
+def test_compare_vaes_table(assets, tmp_path):
+    import csv
+
+    from conftest import PY, run
+
+    r = run([PY, "-m", "fvae_ct.cli", "compare-vaes", str(assets / "ct" / "totalseg_ct_sm_3mm.nii.gz"), "--vaes",
+             "taef2,identity", "--output_dir", str(tmp_path), "--labels",
+             str(assets / "ct" / "totalseg_ct_sm_3mm_seg.nii.gz")])
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = {x["vae"]: x for x in csv.DictReader(open(tmp_path / "compare.csv"))}
+    assert set(rows) == {"taef2", "identity"}
+    assert float(rows["identity"]["boundary_shift_mean_mm"]) == 0.0 and float(rows["identity"]["noise_ratio"]) == 1.0
+    assert 25 < float(rows["taef2"]["psnr"]) < 40 and float(rows["taef2"]["peak_rss_mib"]) > 100
+    assert "| taef2 |" in (tmp_path / "compare.md").read_text()

@@ -152,3 +152,41 @@ def test_loading_errors_are_clear(tmp_path):
     v = load("wan2.1", weights=str(tmp_path))  # local diffusers folder with a vae/ subfolder
     x = clip(5, 16, 16)
     assert torch.equal(v.encode(x), WanVAE(model=m).encode(x))
+
+
+@pytest.mark.parametrize("name", ["cogvideox", "hunyuanvideo", "ltx-video"])
+def test_other_diffusers_video_vaes_on_tiny_configs(name, tmp_path):
+    """CogVideoX / HunyuanVideo / LTX-Video: depth = time with their own factors and normalisation constants."""
+    import diffusers
+
+    from fvae_ct.vae import DiffusersVideoVAE
+    from fvae_ct.vae.diffusers_video import VIDEO_VAES
+
+    torch.manual_seed(0)
+    cls = getattr(diffusers, VIDEO_VAES[name][0])
+    if name == "ltx-video":
+        m = cls(latent_channels=4, block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
+                layers_per_block=(1, 1, 1, 1, 1), decoder_layers_per_block=(1, 1, 1, 1, 1), scaling_factor=0.8)
+        with torch.no_grad():
+            m.latents_mean.copy_(torch.tensor([0.1, -0.2, 0.3, 0.0]))
+            m.latents_std.copy_(torch.tensor([2.0, 0.5, 1.0, 4.0]))
+        factors = (32, 8)
+    else:
+        m = cls(block_out_channels=(8, 8, 8, 8), latent_channels=4, layers_per_block=1, norm_num_groups=4)
+        factors = (8, 4)
+    m.save_pretrained(tmp_path / "vae")
+    v = load(name, weights=str(tmp_path))  # the registry, from a local diffusers folder
+    assert (v.spatial_factor, v.depth_factor, v.latent_channels) == (*factors, 4)
+    x = clip(6, 40, 40)
+    z = v.encode(x)
+    assert z.shape[2] == 1 + -(-(6 - 1) // factors[1]) and torch.equal(z, v.encode(x))
+    with torch.no_grad():
+        raw = m.encode(v._pad(x).expand(-1, 3, -1, -1, -1)).latent_dist.mode()  # padded to 1 + k * factor
+    assert torch.allclose(v.denormalize(z), raw, atol=1e-5)  # normalisation round trip on the real latent
+    if name == "ltx-video":
+        expect = (raw - m.latents_mean.view(1, -1, 1, 1, 1)) * 0.8 / m.latents_std.view(1, -1, 1, 1, 1)
+    else:
+        expect = raw * m.config.scaling_factor
+    assert torch.allclose(z, expect, atol=1e-5)
+    assert v.reconstruct(x).shape == x.shape
+    assert isinstance(v, DiffusersVideoVAE)

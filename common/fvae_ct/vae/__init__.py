@@ -17,12 +17,13 @@ from .. import assets
 from ..errors import UnknownVAEError, WeightsError
 from ..tiling import TilingConfig
 from .base import FrozenVAE
+from .diffusers_video import VIDEO_VAES, DiffusersVideoVAE
 from .external import ExternalVAE
 from .identity import IdentityVAE
 from .image_ae import TAESDVAE
 from .wan import WAN_HUB_IDS, WanVAE
 
-__all__ = ["FrozenVAE", "ExternalVAE", "IdentityVAE", "TAESDVAE", "WanVAE", "VAESpec", "REGISTRY", "load", "list_vaes", "register"]
+__all__ = ["FrozenVAE", "DiffusersVideoVAE", "ExternalVAE", "IdentityVAE", "TAESDVAE", "WanVAE", "VAESpec", "REGISTRY", "load", "list_vaes", "register"]
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,18 @@ register(VAESpec(
     "wan2.2", "causal video VAE, depth=time, 48 latent ch, 16x spatial (2x2 patchify), 4x depth",
     "diffusers AutoencoderKLWan folder (vae/, about 2.8 GB fp32)",
     f"hub id {WAN_HUB_IDS['wan2.2']} (subfolder vae) or a local copy", "Apache-2.0 (Wan-AI)", _wan("wan2.2")))
+def _video(name: str):
+    def build(weights=None, dtype=torch.float32, **kw) -> FrozenVAE:
+        return DiffusersVideoVAE(name, weights=weights, dtype=dtype, **kw)
+
+    return build
+
+
+for _name, (_cls, _hub, _lic) in VIDEO_VAES.items():
+    register(VAESpec(_name, f"causal video VAE, depth=time (diffusers {_cls})", f"diffusers {_cls} folder (vae/)",
+                     f"hub id {_hub} (subfolder vae) or a local copy", _lic, _video(_name)))
+
+
 def _external(name: str):
     def build(weights=None, dtype=torch.float32, target=None, **kw) -> FrozenVAE:
         if target is None:

@@ -28,24 +28,23 @@ WAN_HUB_IDS = {
 }
 
 
-def _load_diffusers_wan(weights: str | os.PathLike, dtype: torch.dtype):
-    """``AutoencoderKLWan.from_pretrained`` on a local folder (with or without ``vae/``) or a hub id."""
-    from diffusers import AutoencoderKLWan
-
+def _from_pretrained(cls, weights: str | os.PathLike, dtype: torch.dtype):
+    """``cls.from_pretrained`` (a diffusers autoencoder class) on a local folder (with or without ``vae/``)
+    or a hub id (``subfolder="vae"``)."""
     p = Path(weights)
     kwargs = {"torch_dtype": dtype}
     if p.exists():
         if (p / "vae" / "config.json").is_file():
             kwargs["subfolder"] = "vae"
         elif not (p / "config.json").is_file():
-            raise WeightsError(f"{p}: not a diffusers AutoencoderKLWan folder (no config.json or vae/config.json)")
+            raise WeightsError(f"{p}: not a diffusers {cls.__name__} folder (no config.json or vae/config.json)")
     else:
         kwargs["subfolder"] = "vae"
     try:
-        return AutoencoderKLWan.from_pretrained(str(weights), **kwargs)
+        return cls.from_pretrained(str(weights), **kwargs)
     except (OSError, ValueError, EnvironmentError) as e:
         raise WeightsError(
-            f"{weights}: cannot load AutoencoderKLWan ({type(e).__name__}: {e}). Give a local diffusers folder "
+            f"{weights}: cannot load {cls.__name__} ({type(e).__name__}: {e}). Give a local diffusers folder "
             "(with config.json + diffusion_pytorch_model.safetensors, or a vae/ subfolder) or a hub id "
             "reachable from this machine."
         ) from e
@@ -78,7 +77,9 @@ class WanVAE(FrozenVAE):
         if model is None:
             if weights is None:
                 raise WeightsError(f"{name}: give `weights` (local diffusers folder or hub id {WAN_HUB_IDS.get(name)})")
-            model = _load_diffusers_wan(weights, dtype)
+            from diffusers import AutoencoderKLWan
+
+            model = _from_pretrained(AutoencoderKLWan, weights, dtype)
         self.name = name
         self.model = model if model.dtype == dtype else model.to(dtype)
         cfg = model.config

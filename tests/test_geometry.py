@@ -127,3 +127,15 @@ def test_working_spacing_keeps_the_original_grid(assets, tmp_path):
     # 3 mm -> 1 mm -> 3 mm with area averaging back is nearly lossless, but not exactly identity
     assert 35.0 < s["metrics"]["psnr"]["mean"] < 80.0
     assert s["working_spacing_mm"] == 1.0
+
+
+@pytest.mark.parametrize("affine", [np.diag([1.0, 1.0, 1.0, 1.0]), np.diag([-1.5, -1.5, 2.0, 1.0]),
+                                    np.array([[0, 0, 2.5, 0], [0.8, 0, 0, 0], [0, -0.8, 0, 0], [0, 0, 0, 1.0]])])
+def test_to_slices_and_from_slices_are_inverse_and_match_the_transform(affine):
+    from fvae_ct.transforms import from_slices, to_slices
+
+    v = np.random.default_rng(0).normal(size=(4, 5, 6)).astype(np.float32)
+    s, _ = to_slices(v, affine)
+    t = AxialSlicesd("image")({"image": MetaTensor(torch.from_numpy(v)[None], affine=torch.as_tensor(affine))})
+    assert np.array_equal(s, t["image"][0].numpy())
+    assert np.array_equal(from_slices(s, affine), v)

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from .denoisers import DENOISERS, gaussian, match_gaussian_sigma  # noqa: E402
 from .io import Case, _atomic, load_ct, load_labels, write_text_atomic  # noqa: E402
-from .metrics.boundary import analyze, homogeneous_regions, noise_ratio  # noqa: E402
+from .metrics.boundary import analyze, noise_ratio, reference  # noqa: E402
 from .metrics.recon import recon_metrics  # noqa: E402
 from .recon import BatchFailure, ReconWorkflow  # noqa: E402
 from .transforms import to_slices  # noqa: E402
@@ -103,7 +103,7 @@ class AnalysisWorkflow:
             lab = to_slices(load_labels(lab_path, affine, hu.shape), affine)[0]
         elif self.labels is not None:
             log.warning("%s: no label map found in %s; label-free analysis", case.name, self.labels)
-        regions = homogeneous_regions(x, spacing, lab)
+        ref = reference(x, spacing, lab)  # what every method is compared against, computed once
         rows, outputs, spectra = [], {}, {}
         for method in tqdm(self.methods, desc=f"analysis {case.name}", unit="method", disable=not self.progress,
                            leave=False):
@@ -116,7 +116,7 @@ class AnalysisWorkflow:
                 vae_row = next(r for r in rows if r["method"].startswith("vae:"))
                 if method == "gaussian_matched":  # equal noise suppression
                     what, target = "noise_ratio", vae_row["noise_ratio"]
-                    score = lambda g: noise_ratio(x, g, spacing, lab, regions)  # noqa: E731
+                    score = lambda g: noise_ratio(x, g, spacing, lab, ref["regions"])  # noqa: E731
                 else:  # equal PSNR: the same error budget, spent differently
                     what, target = "psnr", vae_row["psnr"]
                     score = lambda g: recon_metrics(x, np.round(g), window)["psnr"]  # noqa: E731
@@ -136,7 +136,7 @@ class AnalysisWorkflow:
             y = np.clip(np.asarray(y, np.float64), *window)
             seconds = time.perf_counter() - t0
             m = recon_metrics(x, y, window)
-            a = analyze(x, y, spacing, lab, self.cutoff, regions)
+            a = analyze(x, y, spacing, lab, self.cutoff, ref)
             spectra[name] = a.pop("_spectrum")
             a.pop("_per_organ")
             rows.append({"case": case.name, "method": name, **{k: m[k] for k in ("psnr", "ssim2d", "ssim3d")},

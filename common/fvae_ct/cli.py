@@ -42,17 +42,19 @@ def run_bundle(name: str, config: str | list[str] = "inference.yaml", run_id: st
         logging_file=str(root / "configs" / "logging.conf"), **overrides)
 
 
-def _run_cli(command: str, config, **overrides) -> None:
-    """``run_bundle("fvae_recon", ...)`` with fvae-ct errors turned into a one-line message and exit code 1."""
+def _run_cli(command: str, config, bundle: str = "fvae_recon", **overrides) -> None:
+    """``run_bundle(bundle, ...)`` with fvae-ct errors (and missing files) turned into a one-line message and
+    exit code 1."""
     from .errors import FvaeError
 
+    expected = (FvaeError, FileNotFoundError)
     try:
-        run_bundle("fvae_recon", config, **overrides)
-    except FvaeError as e:
+        run_bundle(bundle, config, **overrides)
+    except expected as e:
         sys.exit(f"fvae {command}: {e}")
     except RuntimeError as e:  # MONAI wraps errors raised inside config expressions
         cause = e.__cause__
-        while cause is not None and not isinstance(cause, FvaeError):
+        while cause is not None and not isinstance(cause, expected):
             cause = cause.__cause__
         if cause is None:
             raise
@@ -124,21 +126,11 @@ class CLI:
                      real_labels_dir: str | None = None, segmenter: str | None = None, classes=None,
                      nsd_tolerance_mm: float | None = None) -> None:
         """Generated vs. real CT (the fvae_ldm bundle's evaluate.yaml): FVD, organ median HU, mask adherence."""
-        from .errors import FvaeError
-
         if output_dir is None:
             sys.exit("fvae evaluate-gen: give an output folder with --output_dir")
-        try:
-            run_bundle("fvae_ldm", "evaluate.yaml", gen_dir=gen_dir, real_dir=real_dir, output_dir=output_dir,
-                       masks_dir=masks_dir, real_labels_dir=real_labels_dir, segmenter=segmenter, classes=classes,
-                       nsd_tolerance_mm=nsd_tolerance_mm)
-        except RuntimeError as e:
-            cause = e.__cause__
-            while cause is not None and not isinstance(cause, (FvaeError, FileNotFoundError)):
-                cause = cause.__cause__
-            if cause is None:
-                raise
-            sys.exit(f"fvae evaluate-gen: {cause}")
+        _run_cli("evaluate-gen", "evaluate.yaml", bundle="fvae_ldm", gen_dir=gen_dir, real_dir=real_dir,
+                 output_dir=output_dir, masks_dir=masks_dir, real_labels_dir=real_labels_dir, segmenter=segmenter,
+                 classes=classes, nsd_tolerance_mm=nsd_tolerance_mm)
 
     def compare_vaes(self, input: str, vaes: str = "taef2,identity", output_dir: str | None = None,
                      weights: dict | None = None, labels: str | None = None, **overrides) -> None:

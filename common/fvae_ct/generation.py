@@ -17,15 +17,13 @@ import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.data import MetaTensor
-from monai.transforms import Compose
 from tqdm.auto import tqdm
 
 from .errors import InputError
 from .figures import three_view
 from .io import _atomic, case_name, load_ct, load_labels, save_nifti_atomic, write_text_atomic
 from .ldm import FrozenTextEncoder, make_scheduler, onehot_mask_latent, sample_latents
-from .transforms import AxialSlicesd, recon_preprocessing, unit_to_hu
+from .transforms import from_slices, recon_preprocessing, to_slices, unit_to_hu
 
 __all__ = ["read_report", "prepare_latents", "LatentCacheDataset", "collate_latents", "GenerateWorkflow", "load_denoiser",
            "evaluate_generated",
@@ -48,8 +46,7 @@ def read_report(report: str | None) -> str:
 
 def _slices_of_labels(path: str, affine, shape) -> torch.Tensor:
     """Label map on the CT grid, in the VAE's slice layout ``[D, H, W]``."""
-    lab = MetaTensor(torch.as_tensor(load_labels(path, affine, shape))[None], affine=torch.as_tensor(affine))
-    return AxialSlicesd("image")({"image": lab})["image"][0].as_tensor()
+    return torch.from_numpy(to_slices(load_labels(path, affine, shape), affine)[0])
 
 
 def prepare_latents(datalist: str, vae, cache_dir: str, classes: Sequence[int], mask_encoding: str = "onehot",
@@ -217,13 +214,8 @@ class GenerateWorkflow:
         z = z[:, :, :, : latent_shape[1], : latent_shape[2]] / self.stats["scale_factor"]
         x = self.vae.decode(z)[:, :, :d, :h, :w].cpu()  # VAE range, slice layout
         lo, hi = self.vae.input_range
-        hu = unit_to_hu(((x[0] - lo) / (hi - lo)).clamp(0, 1), self.hu_window)  # [1, D, H, W]
-        # back to the mask's voxel order: the inverse of the slice layout
-        ref = MetaTensor(torch.zeros(1, *shape), affine=torch.as_tensor(affine))
-        layout = Compose([AxialSlicesd("image")])
-        fwd = layout({"image": ref})["image"]
-        pred = MetaTensor(hu, meta=dict(fwd.meta), applied_operations=list(fwd.applied_operations))
-        vol = layout.inverse({"image": pred})["image"][0].numpy().astype(np.int16)
+        hu = unit_to_hu(((x[0, 0] - lo) / (hi - lo)).clamp(0, 1), self.hu_window)  # [D, H, W]
+        vol = from_slices(hu.numpy(), affine).astype(np.int16)  # the mask's voxel order
         name = name or case_name(mask).replace("_seg", "") + "_generated"
         out = save_nifti_atomic(vol, affine, self.output_dir / f"{name}.nii.gz", forbid=(str(mask),))
         three_view(vol, None, affine, self.output_dir / f"{name}.png", title=f"{name} (generated from the mask)",
@@ -272,7 +264,6 @@ def evaluate_generated(gen_dir: str, real_dir: str, output_dir: str, masks_dir: 
     from .io import spacing_of
     from .metrics.fvd import ct_to_clip, frechet_distance, load_i3d
     from .metrics.generation import BundleSegmenter, mask_adherence, organ_median_hu
-    from .transforms import to_slices
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,6 @@ with overlapping depth windows whose predictions are blended at every step (no r
 from __future__ import annotations
 
 import importlib.util
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -55,9 +54,9 @@ class FrozenTextEncoder(torch.nn.Module):
         from transformers import AutoModel, AutoTokenizer
 
         path = name or minilm_path()
-        os.environ.setdefault("HF_HUB_OFFLINE", "1" if name is None else os.environ.get("HF_HUB_OFFLINE", "0"))
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModel.from_pretrained(path).to(device).eval()
+        local = name is None or Path(name).exists()  # never reach for a hub for a local folder
+        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local)
+        self.model = AutoModel.from_pretrained(path, local_files_only=local).to(device).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.max_length = max_length

@@ -26,7 +26,7 @@ from monai.transforms import Compose, InvertibleTransform, MapTransform
 from .io import axial_axis, load_ct, spacing_of
 
 __all__ = ["DEFAULT_HU_WINDOW", "LoadCTd", "HUWindowd", "InPlaneResampled", "AxialSlicesd", "recon_preprocessing",
-           "hu_to_unit", "unit_to_hu", "to_slices"]
+           "hu_to_unit", "unit_to_hu", "to_slices", "from_slices"]
 
 #: The convention of MAISI, MedVAE, CT-CLIP and the paper's code.
 DEFAULT_HU_WINDOW = (-1000.0, 1000.0)
@@ -198,6 +198,15 @@ def to_slices(vol: np.ndarray, affine) -> tuple[np.ndarray, np.ndarray]:
     for dim in flips:
         v = np.flip(v, dim - 1)
     return np.ascontiguousarray(v), spacing_of(affine)[perm]
+
+
+def from_slices(vol: np.ndarray, affine) -> np.ndarray:
+    """Inverse of :func:`to_slices`: ``[D, H, W]`` slice layout back to the file's ``[X, Y, Z]`` voxel order."""
+    perm, flips = AxialSlicesd.layout(affine)
+    v = np.asarray(vol)
+    for dim in flips:
+        v = np.flip(v, dim - 1)
+    return np.ascontiguousarray(np.transpose(v, np.argsort([p - 1 for p in perm[1:]])))
 
 
 def recon_preprocessing(keys: KeysCollection = "image", hu_window: Sequence[float] = DEFAULT_HU_WINDOW,

@@ -24,7 +24,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 __all__ = ["error_spectrum", "boundary_shift", "edge_sharpness", "noise_ratio", "error_near_far",
-           "homogeneous_regions", "homogeneous_mask",
+           "homogeneous_regions", "homogeneous_mask", "reference",
            "body_mask", "boundary_mask", "edge_mask", "analyze"]
 
 
@@ -141,7 +141,7 @@ def _organs(labels, min_voxels: int = 50):
     return [int(i) for i, c in zip(ids, counts) if c >= min_voxels]
 
 
-def boundary_shift(x, y, spacing, labels=None, band_mm: float = 6.0) -> dict:
+def boundary_shift(x, y, spacing, labels=None, band_mm: float = 6.0, ref: dict | None = None) -> dict:
     """Symmetric surface distance (mm) between boundaries in ``x`` and ``y``: mean, p95, per organ.
 
     With labels, each organ's boundary is re-found by thresholding both volumes in a ``band_mm`` band
@@ -152,8 +152,8 @@ def boundary_shift(x, y, spacing, labels=None, band_mm: float = 6.0) -> dict:
     spacing = tuple(float(s) for s in spacing)
     dists, per = [], {}
     if labels is None:
-        body = body_mask(x)
-        ex, ey = edge_mask(x, spacing, body=body), edge_mask(y, spacing, body=body)
+        ref = ref or reference(x, spacing, None)
+        ex, ey = ref["boundaries"], edge_mask(y, spacing, body=ref["body"])
         if ex.any() and ey.any():
             dx = ndi.distance_transform_edt(~ex, sampling=spacing)
             dy = ndi.distance_transform_edt(~ey, sampling=spacing)
@@ -188,21 +188,26 @@ def boundary_shift(x, y, spacing, labels=None, band_mm: float = 6.0) -> dict:
     return {"mean_mm": float(d.mean()), "p95_mm": float(np.percentile(d, 95)), "per_organ": per}
 
 
-def _boundaries(x, spacing, labels, body) -> np.ndarray:
-    return boundary_mask(labels, spacing, 0.0) if labels is not None else edge_mask(x, spacing, body=body)
+def reference(x, spacing, labels=None) -> dict:
+    """What every figure needs from the original alone, computed once per volume: ``body``, ``boundaries``
+    (label surfaces, or the edges of ``x`` without labels) and the homogeneous ``regions`` (mask, ids)."""
+    x = _f(x)
+    body = body_mask(x)
+    bounds = boundary_mask(labels, spacing, 0.0) if labels is not None else edge_mask(x, spacing, body=body)
+    return {"body": body, "boundaries": bounds, "regions": homogeneous_regions(x, spacing, labels, body)}
 
 
-def edge_sharpness(x, y, spacing, labels=None) -> float:
+def edge_sharpness(x, y, spacing, labels=None, ref: dict | None = None) -> float:
     """Mean gradient magnitude of ``y`` on the boundaries over that of ``x`` (1 = as sharp, < 1 = blurred)."""
     x, y = _f(x), _f(y)
-    b = _boundaries(x, spacing, labels, body_mask(x))
+    b = (ref or reference(x, spacing, labels))["boundaries"]
     if not b.any():
         return float("nan")
     gx, gy = _grad_mag(x, spacing, 0.0), _grad_mag(y, spacing, 0.0)
     return float(gy[b].mean() / max(gx[b].mean(), 1e-9))
 
 
-def homogeneous_mask(x, spacing, labels=None, erode_mm: float = 3.0) -> np.ndarray:
+def homogeneous_mask(x, spacing, labels=None, erode_mm: float = 3.0, body=None) -> np.ndarray:
     """Voxels of homogeneous tissue: organs eroded by ``erode_mm`` (and by at least two in-plane voxels),
     or low-gradient soft tissue of the body."""
     x = _f(x)
@@ -216,15 +221,15 @@ def homogeneous_mask(x, spacing, labels=None, erode_mm: float = 3.0) -> np.ndarr
             out[box] |= ndi.distance_transform_edt(m, sampling=spacing) > erode_mm
         return out
     g = _grad_mag(x, spacing)
-    soft = (x > -100) & (x < 200) & body_mask(x)
+    soft = (x > -100) & (x < 200) & (body_mask(x) if body is None else body)
     if not soft.any():
         return soft
     return soft & (g <= np.percentile(g[soft], 25))
 
 
-def homogeneous_regions(x, spacing, labels=None) -> tuple[np.ndarray, np.ndarray]:
+def homogeneous_regions(x, spacing, labels=None, body=None) -> tuple[np.ndarray, np.ndarray]:
     """(mask, region id per masked voxel) of the homogeneous regions :func:`noise_ratio` scores."""
-    m = homogeneous_mask(x, spacing, labels)
+    m = homogeneous_mask(x, spacing, labels, body=body)
     if labels is not None:
         return m, np.asarray(labels)[m]
     comp, _ = ndi.label(m)  # connected homogeneous regions (fat, muscle, liver ... separated by edges)
@@ -273,31 +278,32 @@ def noise_ratio(x, y, spacing, labels=None, regions=None, soft_tissue=(-150.0, 2
     return float(num / den) if den else float("nan")
 
 
-def error_near_far(x, y, spacing, labels=None, within_mm: float = 1.0) -> tuple[float, float]:
+def error_near_far(x, y, spacing, labels=None, within_mm: float = 1.0, ref: dict | None = None
+                   ) -> tuple[float, float]:
     """Mean |y - x| (HU) within ``within_mm`` of boundaries, and elsewhere inside the body."""
     x, y = _f(x), _f(y)
-    body = body_mask(x)
-    if labels is not None:
-        near = boundary_mask(labels, spacing, within_mm)
-    else:
-        e = edge_mask(x, spacing, body=body)
-        near = ndi.distance_transform_edt(~e, sampling=spacing) <= within_mm if e.any() else np.zeros_like(e)
+    ref = ref or reference(x, spacing, labels)
+    body, e = ref["body"], ref["boundaries"]
+    near = ndi.distance_transform_edt(~e, sampling=spacing) <= within_mm if e.any() else np.zeros_like(e)
     err = np.abs(y - x)
     far = body & ~near
     nb = near & body if labels is None else near
     return (float(err[nb].mean()) if nb.any() else float("nan"), float(err[far].mean()) if far.any() else float("nan"))
 
 
-def analyze(x, y, spacing, labels=None, cutoff: float = 0.25, regions=None) -> dict:
-    """Every boundary/noise figure of ``y`` against ``x`` in one dict (see the module docstring)."""
+def analyze(x, y, spacing, labels=None, cutoff: float = 0.25, ref: dict | None = None) -> dict:
+    """Every boundary/noise figure of ``y`` against ``x`` in one dict (see the module docstring).
+
+    ``ref``: :func:`reference` of ``x`` when several ``y`` are scored against the same original."""
+    ref = ref or reference(x, spacing, labels)
     spec = error_spectrum(x, y, cutoff)
-    shift = boundary_shift(x, y, spacing, labels)
-    near, far = error_near_far(x, y, spacing, labels)
+    shift = boundary_shift(x, y, spacing, labels, ref=ref)
+    near, far = error_near_far(x, y, spacing, labels, ref=ref)
     return {
-        "noise_ratio": noise_ratio(x, y, spacing, labels, regions),
+        "noise_ratio": noise_ratio(x, y, spacing, labels, ref["regions"]),
         "boundary_shift_mean_mm": shift["mean_mm"],
         "boundary_shift_p95_mm": shift["p95_mm"],
-        "edge_sharpness": edge_sharpness(x, y, spacing, labels),
+        "edge_sharpness": edge_sharpness(x, y, spacing, labels, ref=ref),
         "hf_error_fraction": spec["hf_fraction"],
         "error_near_boundary_hu": near,
         "error_far_hu": far,

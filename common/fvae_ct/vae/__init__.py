@@ -21,9 +21,12 @@ from .diffusers_video import VIDEO_VAES, DiffusersVideoVAE
 from .external import ExternalVAE
 from .identity import IdentityVAE
 from .image_ae import TAESDVAE
+from .ivvae import IVVAE, IVVAE_VARIANTS
+from .leanvae import LEANVAE_CONFIGS, LeanVAE
 from .wan import WAN_HUB_IDS, WanVAE
 
-__all__ = ["FrozenVAE", "DiffusersVideoVAE", "ExternalVAE", "IdentityVAE", "TAESDVAE", "WanVAE", "VAESpec", "REGISTRY", "load", "list_vaes", "register"]
+__all__ = ["FrozenVAE", "DiffusersVideoVAE", "ExternalVAE", "IdentityVAE", "IVVAE", "LeanVAE", "TAESDVAE", "WanVAE",
+           "VAESpec", "REGISTRY", "load", "list_vaes", "register"]
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,44 @@ register(VAESpec(
     "wan2.2", "causal video VAE, depth=time, 48 latent ch, 16x spatial (2x2 patchify), 4x depth",
     "diffusers AutoencoderKLWan folder (vae/, about 2.8 GB fp32)",
     f"hub id {WAN_HUB_IDS['wan2.2']} (subfolder vae) or a local copy", "Apache-2.0 (Wan-AI)", _wan("wan2.2")))
+def _ivvae(z_dim: int | None, dim: int | None):
+    def build(weights=None, dtype=torch.float32, **kw) -> FrozenVAE:
+        if z_dim is None and weights is None:  # plain "ivvae": the z16 dim64 checkpoint by default
+            return IVVAE(16, 64, dtype=dtype, name="ivvae", **kw)
+        return IVVAE(z_dim, dim, weights=weights, dtype=dtype, name="ivvae" if z_dim is None else None, **kw)
+
+    return build
+
+
+_IVVAE_SRC = f"$FVAE_ASSETS/weights/ivvae/, ~/.cache/fvae_ct, or ModelScope wpy1999/iv-vae ({assets.IVVAE_PAGE})"
+register(VAESpec(
+    "ivvae", "IV-VAE causal video VAE (own implementation), depth=time, 8x spatial, 4x depth; variant read from "
+    "the checkpoint (default z16 dim64)", "ivvae_z{4,8,16}_dim{64,96}.pth (official, strict)", _IVVAE_SRC,
+    "MIT (ali-vilab/iv-vae)", _ivvae(None, None)))
+for (_z, _d), (_s, _t) in IVVAE_VARIANTS.items():
+    register(VAESpec(
+        f"ivvae_z{_z}_dim{_d}", f"IV-VAE, {_z} latent ch, width {_d}, latent = {_s} * (mean - {_t})",
+        f"ivvae_z{_z}_dim{_d}.pth", _IVVAE_SRC, "MIT (ali-vilab/iv-vae)", _ivvae(_z, _d)))
+
+
+def _leanvae(variant: str, name: str):
+    def build(weights=None, dtype=torch.float32, **kw) -> FrozenVAE:
+        return LeanVAE(variant, weights=weights, dtype=dtype, name=name, **kw)
+
+    return build
+
+
+_LEAN_SRC = f"$FVAE_ASSETS/weights/leanvae/, ~/.cache/fvae_ct, or Hugging Face Yumic/LeanVAE ({assets.LEANVAE_PAGE})"
+register(VAESpec(
+    "leanvae", "LeanVAE causal video VAE (own implementation), depth=time, 8x spatial, 4x depth, input [-0.5, 0.5]; "
+    "architecture read from the checkpoint (default dim16)", "LeanVAE-dim{4,16}.ckpt (official, strict, 159 MB)",
+    _LEAN_SRC, "MIT (westlake-repl/LeanVAE code, Yumic/LeanVAE weights)", _leanvae("dim16", "leanvae")))
+for _v, _c in LEANVAE_CONFIGS.items():
+    register(VAESpec(
+        f"leanvae_{_v}", f"LeanVAE, {_c['latent_dim']} latent ch", f"LeanVAE-{_v}.ckpt", _LEAN_SRC,
+        "MIT (westlake-repl/LeanVAE code, Yumic/LeanVAE weights)", _leanvae(_v, f"leanvae_{_v}")))
+
+
 def _video(name: str):
     def build(weights=None, dtype=torch.float32, **kw) -> FrozenVAE:
         return DiffusersVideoVAE(name, weights=weights, dtype=dtype, **kw)

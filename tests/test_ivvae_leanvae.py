@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from fvae_ct.errors import WeightsError
+from fvae_ct.testing import keyed_weights, probe, probe_input
 from fvae_ct.vae import IVVAE, IVVAE_VARIANTS, LEANVAE_CONFIGS, LeanVAE, list_vaes, load
 from fvae_ct.vae.ivvae import IVVAENet
 from fvae_ct.vae.leanvae import LeanVAENet, haar, inverse_haar
@@ -130,6 +131,27 @@ def test_ivvae_full_size_layout_matches_official(variant):
     assert layout(net) == expected
 
 
+def _assert_matches_official(got: torch.Tensor, expected: dict) -> None:
+    p = probe(got)
+    assert p["shape"] == expected["shape"]
+    tol = 1e-4 * expected["std"]
+    torch.testing.assert_close(torch.tensor(p["values"]), torch.tensor(expected["values"]), rtol=1e-4, atol=tol)
+    assert abs(p["mean"] - expected["mean"]) < tol and abs(p["std"] - expected["std"]) < tol
+
+
+def test_ivvae_outputs_match_official_code():
+    """Name-keyed weights, the probe clip: our encode / decode reproduce the official code's outputs
+    (recorded by tools/check_official_parity.py from a clone of ali-vilab/iv-vae)."""
+    ref = json.loads((FIXTURES / "official_outputs.json").read_text())["ivvae"]
+    net = IVVAENet(z_dim=ref["probe"]["z_dim"], dim=ref["probe"]["dim"]).eval()
+    net.load_state_dict(keyed_weights(net), strict=True)
+    with torch.no_grad():
+        z = net.posterior_mean(probe_input(tuple(ref["probe"]["clip"]), -1.0, 1.0))
+        y = net.decode(z)
+    _assert_matches_official(z, ref["latent"])
+    _assert_matches_official(y, ref["decoded"])
+
+
 # ---- LeanVAE --------------------------------------------------------------------------------------------
 def test_haar_values_and_round_trip():
     x = torch.tensor([[1.0, 2.0], [3.0, 4.0]]).view(1, 1, 2, 2)  # rows = H, columns = W
@@ -203,6 +225,18 @@ def test_leanvae_bf16_close_to_fp32(leanvae_ckpt, leanvae):
     x = clip(5, lo=-0.5, hi=0.5)
     z32, z16 = leanvae.encode(x), half.encode(x)
     assert (z16 - z32).abs().max() < 0.1 * z32.abs().max()
+
+
+@pytest.mark.parametrize("chunk", [None, 1])
+def test_leanvae_outputs_match_official_code(chunk):
+    ref = json.loads((FIXTURES / "official_outputs.json").read_text())["leanvae"]
+    net = LeanVAENet(**ref["probe"]["config"]).eval()
+    net.load_state_dict(keyed_weights(net), strict=True)
+    with torch.no_grad():
+        z = net.encode(probe_input(tuple(ref["probe"]["clip"]), -0.5, 0.5), chunk=chunk)
+        y = net.decode(z, chunk=chunk)
+    _assert_matches_official(z, ref["latent"])
+    _assert_matches_official(y, ref["decoded"])
 
 
 @pytest.mark.parametrize("variant", list(LEANVAE_CONFIGS))

@@ -45,17 +45,12 @@ def run_bundle(name: str, config: str | list[str] = "inference.yaml", run_id: st
 def _run_cli(command: str, config, bundle: str = "fvae_recon", **overrides) -> None:
     """``run_bundle(bundle, ...)`` with fvae-ct errors (and missing files) turned into a one-line message and
     exit code 1."""
-    from .errors import FvaeError
+    from .errors import user_error
 
-    expected = (FvaeError, FileNotFoundError)
     try:
         run_bundle(bundle, config, **overrides)
-    except expected as e:
-        sys.exit(f"fvae {command}: {e}")
-    except RuntimeError as e:  # MONAI wraps errors raised inside config expressions
-        cause = e.__cause__
-        while cause is not None and not isinstance(cause, expected):
-            cause = cause.__cause__
+    except Exception as e:  # noqa: BLE001 - user errors become one line, bugs keep their traceback
+        cause = user_error(e)
         if cause is None:
             raise
         sys.exit(f"fvae {command}: {cause}")
@@ -144,7 +139,12 @@ class CLI:
             sys.exit("fvae compare-vaes: give an output folder with -o / --output_dir")
         if isinstance(vaes, (list, tuple)):
             vaes = ",".join(vaes)
-        compare_vaes(input, vaes, output_dir, weights, labels, **overrides)
+        from .recon import BatchFailure
+
+        try:
+            compare_vaes(input, vaes, output_dir, weights, labels, **overrides)
+        except BatchFailure as e:
+            sys.exit(f"fvae compare-vaes: {e}")
 
     def list_vaes(self) -> None:
         """Print every registered VAE: what it is, the weights it needs and where they come from."""

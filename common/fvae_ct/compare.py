@@ -8,6 +8,7 @@ the boundary/noise figures of :mod:`fvae_ct.metrics.boundary` computed from the 
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from pathlib import Path
@@ -16,12 +17,15 @@ import nibabel as nib
 import numpy as np
 import psutil
 
+from .errors import user_error
 from .io import discover_cases, load_ct, load_labels, write_text_atomic
 from .metrics.boundary import analyze
-from .recon import RECON_SUFFIX
+from .recon import RECON_SUFFIX, BatchFailure
 from .transforms import to_slices
 
 __all__ = ["PeakRSS", "compare_vaes"]
+
+logger = logging.getLogger(__name__)
 
 
 class PeakRSS:
@@ -60,13 +64,21 @@ def compare_vaes(input_path: str, vaes, output_dir: str, weights: dict | None = 
     vaes = [v.strip() for v in (vaes.split(",") if isinstance(vaes, str) else vaes)]
     weights = weights or {}
     out = Path(output_dir)
-    rows = []
+    rows, failed = [], []
     for vae in vaes:
         sub = out / vae
         t0 = time.perf_counter()
-        with PeakRSS() as mem:
-            run_bundle("fvae_recon", "inference.yaml", input=str(input_path), output_dir=str(sub), vae=vae,
-                       vae_weights=weights.get(vae), hu_window=list(hu_window), figures=False, **overrides)
+        try:
+            with PeakRSS() as mem:
+                run_bundle("fvae_recon", "inference.yaml", input=str(input_path), output_dir=str(sub), vae=vae,
+                           vae_weights=weights.get(vae), hu_window=list(hu_window), figures=False, **overrides)
+        except Exception as e:  # noqa: BLE001 - a VAE that cannot run is reported; the others go on
+            cause = user_error(e)
+            if cause is None:
+                raise
+            logger.error("compare-vaes: %s failed: %s", vae, cause)
+            failed.append(f"{vae}: {cause}")
+            continue
         summary = json.loads((sub / "summary.json").read_text())
         row = {"vae": vae, **{k: summary["metrics"][k]["mean"] for k in ("psnr", "ssim3d", "ssim2d", "mse_hu")},
                "seconds": time.perf_counter() - t0, "peak_rss_mib": mem.peak_mib}
@@ -87,6 +99,15 @@ def compare_vaes(input_path: str, vaes, output_dir: str, weights: dict | None = 
                         np.nanmean(np.array(figs, dtype=np.float64), 0)):
             row[k] = float(v)
         rows.append(row)
+    if rows:
+        _write_tables(rows, out)
+    if failed:
+        raise BatchFailure(f"{len(failed)} of {len(vaes)} VAEs failed (the table has the others):\n  " +
+                           "\n  ".join(failed))
+    return rows
+
+
+def _write_tables(rows: list[dict], out: Path) -> None:
     cols = list(rows[0])
     write_text_atomic(out / "compare.csv", "\n".join([",".join(cols)] + [
         ",".join(f"{r[c]:.6g}" if isinstance(r[c], float) else str(r[c]) for c in cols) for r in rows]) + "\n")
@@ -94,4 +115,3 @@ def compare_vaes(input_path: str, vaes, output_dir: str, weights: dict | None = 
     md += ["| " + " | ".join(f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |" for r in rows]
     write_text_atomic(out / "compare.md", "\n".join(md) + "\n")
     print("\n".join(md))
-    return rows

@@ -25,3 +25,11 @@ class UnknownVAEError(FvaeError, KeyError):
 
     def __str__(self) -> str:  # KeyError quotes its message; keep it readable
         return str(self.args[0])
+
+
+def user_error(e: BaseException) -> BaseException | None:
+    """The fvae-ct error (or missing file) behind ``e``, following the causes MONAI wraps config errors in;
+    ``None`` for anything else (a bug, which should surface with its traceback)."""
+    while e is not None and not isinstance(e, (FvaeError, FileNotFoundError)):
+        e = e.__cause__
+    return e

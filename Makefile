@@ -10,7 +10,7 @@ export FVAE_ASSETS ?= $(abspath ../shared/assets)
 endif
 export MPLBACKEND := Agg
 
-.PHONY: install demo test bench clean ablation-demo monailabel-check
+.PHONY: install demo test bench bench-video clean ablation-demo monailabel-check
 
 install: $(STAMP)
 
@@ -35,6 +35,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/bench_taef2.py --out outputs/bench
+
+bench-video: $(STAMP)
+	$(PY) bench/bench_video_vaes.py --out outputs/bench_video --models ivvae_z16_dim64 --slices 5,9
+	$(PY) bench/bench_video_vaes.py --out outputs/bench_video_lean --models leanvae_dim16 --slices 5,17,33
 
 TINY := --patch_size "[48,48,16]" --init_filters 8 --blocks_down "[1,1,1]" --blocks_up "[1,1]" --num_workers 0
 TINY_NET := '{"init_filters": 8, "blocks_down": [1, 1, 1], "blocks_up": [1, 1], "patch_size": [48, 48, 16]}'

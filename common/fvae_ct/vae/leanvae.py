@@ -290,15 +290,15 @@ def leanvae_weights(variant: str, weights: str | os.PathLike | None = None) -> P
 def load_leanvae_checkpoint(path: str | os.PathLike) -> LeanVAENet:
     """Build the network from a checkpoint's ``args`` and load its ``state_dict`` strictly.
 
-    Lightning training checkpoints (keys under ``autoencoder.``, losses beside them) are accepted too."""
+    State dicts in the training engine's naming (the model's keys under ``autoencoder.``, loss modules beside
+    them) are accepted too: the ``autoencoder.`` entries are taken."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling problem is a bad weights file
         raise WeightsError(f"{path}: cannot read the checkpoint ({type(e).__name__}: {e})") from e
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise WeightsError(f"{path}: not a LeanVAE checkpoint (expected a dict with 'args' and 'state_dict')")
-    args = ckpt.get("args") or ckpt.get("hyper_parameters", {}).get("args")
-    args = vars(args) if hasattr(args, "__dict__") else args
+    args = ckpt.get("args")
     if not isinstance(args, dict):
         raise WeightsError(f"{path}: the checkpoint has no 'args' describing the architecture")
     state = ckpt["state_dict"]

@@ -69,6 +69,34 @@ def test_external_vae_from_a_local_clone(repo):
     assert y.shape == x.shape and -1 <= float(y.min()) and float(y.max()) <= 1
 
 
+def test_external_and_ivvae_through_the_recon_bundle(repo, assets, tmp_path):
+    """`--vae videovae_plus` (a dummy local clone) and a tiny IV-VAE checkpoint through `fvae recon`: the
+    constructor arguments go in --vae_kwargs; outputs keep the input's shape and affine."""
+    from conftest import PY, run
+
+    from fvae_ct.testing import keyed_weights
+    from fvae_ct.vae.ivvae import IVVAENet
+
+    net = IVVAENet(z_dim=4, dim=8)
+    torch.save(keyed_weights(net), tmp_path / "ivvae_tiny.pth")
+    ct = assets / "ct" / "totalseg_ct_sm_3mm.nii.gz"
+    ref = nib.load(str(ct))
+    runs = {
+        "videovae_plus": (str(repo), {"target": "tinyvae.TinyVideoVAE", "kwargs": {"z": 4}, "latent_channels": 4,
+                                      "spatial_factor": 8, "depth_factor": 4, "input_range": [-1, 1]}),
+        "ivvae": (str(tmp_path / "ivvae_tiny.pth"), {"latent_scale": 1.0, "latent_shift": 0.0}),
+    }
+    for name, (weights, kwargs) in runs.items():
+        out = tmp_path / name
+        r = run([PY, "-m", "fvae_ct.cli", "recon", str(ct), "-o", str(out), "--vae", name, "--vae_weights", weights,
+                 "--vae_kwargs", json.dumps(kwargs), "--figures", "False"])
+        assert r.returncode == 0, r.stderr[-3000:]
+        img = nib.load(str(out / "totalseg_ct_sm_3mm_recon.nii.gz"))
+        assert img.shape == ref.shape and np.allclose(img.affine, ref.affine)
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["vae"] == name and summary["vae_properties"]["latent_channels"] == 4 and np.isfinite(summary["metrics"]["psnr"]["mean"])
+
+
 def test_videovae_plus_needs_its_repository(tmp_path, repo):
     with pytest.raises(WeightsError, match="give target="):
         load("videovae_plus")

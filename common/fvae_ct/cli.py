@@ -60,7 +60,8 @@ class CLI:
     """fvae-ct: frozen natural-image/video foundation VAEs for 3D CT."""
 
     def recon(self, input: str | None = None, output_dir: str | None = None, vae: str = "taef2",
-              vae_weights: str | None = None, device: str | None = None, hu_window=None,
+              vae_weights: str | None = None, vae_dtype: str | None = None, vae_kwargs: dict | None = None,
+              device: str | None = None, hu_window=None,
               working_spacing: float | None = None, skip_existing: bool = False, figures: bool = True,
               tile_size: int | None = None, tile_overlap: int | None = None, depth_window: int | None = None,
               depth_overlap: int | None = None, slice_batch: int | None = None, blend: str | None = None) -> None:
@@ -73,7 +74,7 @@ class CLI:
         if output_dir is None:
             sys.exit("fvae recon: give an output folder with -o / --output_dir")
         _run_cli("recon", "inference.yaml", input=input, output_dir=output_dir, vae=vae, vae_weights=vae_weights,
-                 device=device, hu_window=hu_window, working_spacing=working_spacing, skip_existing=skip_existing,
+                 vae_dtype=vae_dtype, vae_kwargs=vae_kwargs, device=device, hu_window=hu_window, working_spacing=working_spacing, skip_existing=skip_existing,
                  figures=figures, tile_size=tile_size, tile_overlap=tile_overlap, depth_window=depth_window,
                  depth_overlap=depth_overlap, slice_batch=slice_batch, blend=blend)
 

@@ -74,9 +74,10 @@ class CLI:
         if output_dir is None:
             sys.exit("fvae recon: give an output folder with -o / --output_dir")
         _run_cli("recon", "inference.yaml", input=input, output_dir=output_dir, vae=vae, vae_weights=vae_weights,
-                 vae_dtype=vae_dtype, vae_kwargs=vae_kwargs, device=device, hu_window=hu_window, working_spacing=working_spacing, skip_existing=skip_existing,
-                 figures=figures, tile_size=tile_size, tile_overlap=tile_overlap, depth_window=depth_window,
-                 depth_overlap=depth_overlap, slice_batch=slice_batch, blend=blend)
+                 vae_dtype=vae_dtype, vae_kwargs=vae_kwargs, device=device, hu_window=hu_window,
+                 working_spacing=working_spacing, skip_existing=skip_existing, figures=figures, tile_size=tile_size,
+                 tile_overlap=tile_overlap, depth_window=depth_window, depth_overlap=depth_overlap,
+                 slice_batch=slice_batch, blend=blend)
 
     def analyze(self, input: str | None = None, output_dir: str | None = None, labels: str | None = None,
                 vae: str = "taef2", vae_weights: str | None = None, methods=None, hu_window=None,

@@ -84,6 +84,8 @@ register(VAESpec(
     "wan2.2", "causal video VAE, depth=time, 48 latent ch, 16x spatial (2x2 patchify), 4x depth",
     "diffusers AutoencoderKLWan folder (vae/, about 2.8 GB fp32)",
     f"hub id {WAN_HUB_IDS['wan2.2']} (subfolder vae) or a local copy", "Apache-2.0 (Wan-AI)", _wan("wan2.2")))
+
+
 def _ivvae(z_dim: int | None, dim: int | None):
     def build(weights=None, dtype=torch.float32, **kw) -> FrozenVAE:
         if z_dim is None and weights is None:  # plain "ivvae": the z16 dim64 checkpoint by default

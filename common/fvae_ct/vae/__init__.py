@@ -165,9 +165,15 @@ def load(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | str = torch.float32,
     tiling: TilingConfig | dict | None = None,
+    options: dict | None = None,
     **kwargs,
 ) -> FrozenVAE:
-    """Build the named frozen VAE on ``device``. Unknown names raise an error listing the valid ones."""
+    """Build the named frozen VAE on ``device``. Unknown names raise an error listing the valid ones.
+
+    Further constructor arguments come as keywords or, from bundle configs, as the dict ``options``
+    (``--vae_kwargs``), e.g. ``target`` / ``kwargs`` / ``latent_channels`` for ``external``.
+    """
+    kwargs = {**(options or {}), **kwargs}
     if name not in REGISTRY:
         raise UnknownVAEError(f"unknown VAE '{name}'; valid names: {', '.join(sorted(REGISTRY))}")
     if isinstance(dtype, str):

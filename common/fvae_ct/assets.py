@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 
 from .errors import WeightsError
 
-__all__ = ["Asset", "ASSETS", "resolve", "search_path", "cache_dir", "sha256", "sample_ct"]
+__all__ = ["Asset", "ASSETS", "resolve", "search_path", "cache_dir", "sha256", "sample_ct", "weights_file",
+           "load_checkpoint"]
 
 _TAESD_COMMIT = "5cccb12dc72074a4be35680c3b108548a7c69978"
 _TOTALSEG_COMMIT = "0e65a448d557382b1e925276212b3bec7f5aff83"
@@ -149,6 +150,30 @@ def resolve(name: str, download: bool = False) -> Path:
         f"asset '{name}' ({asset.relpath}) not found in {[str(p) for p in places]}. Set FVAE_ASSETS to a folder "
         f"holding it, or allow the download from {asset.url}."
     )
+
+
+def weights_file(name: str, weights: str | os.PathLike | None = None, page: str = "") -> Path:
+    """A checkpoint file: ``weights`` itself; for a folder, the named asset's file name inside it; for ``None``,
+    the named asset (search path, cache, download). Raises :class:`WeightsError` naming the missing file."""
+    if weights is None:
+        return resolve(name, download=True)
+    p = Path(weights)
+    fname = Path(ASSETS[name].relpath).name
+    if p.is_dir():
+        p = p / fname
+    if not p.is_file():
+        raise WeightsError(f"{p}: checkpoint not found (get {fname} from {page or ASSETS[name].url})")
+    return p
+
+
+def load_checkpoint(path: str | os.PathLike):
+    """``torch.load`` of a checkpoint on the CPU, tensors and plain containers only (``weights_only``)."""
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling problem is a bad weights file
+        raise WeightsError(f"{path}: cannot read the checkpoint ({type(e).__name__}: {e})") from e
 
 
 def sample_ct(name: str = "dicom_series_512") -> str:

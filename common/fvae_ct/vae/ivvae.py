@@ -23,7 +23,6 @@ mean is used (the official ``encode`` draws a sample), so encoding is determinis
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -36,7 +35,7 @@ from ..tiling import TilingConfig
 from .base import FrozenVAE
 from .streaming import CausalStream, per_frame
 
-__all__ = ["IVVAENet", "IVVAE", "IVVAE_VARIANTS", "ivvae_weights"]
+__all__ = ["IVVAENet", "IVVAE", "IVVAE_VARIANTS"]
 
 #: (z_dim, dim) -> (latent scale, latent shift), the constants published with the official code.
 IVVAE_VARIANTS = {
@@ -332,25 +331,8 @@ class IVVAENet(nn.Module):
         return torch.cat(frames, 2)
 
 
-def ivvae_weights(z_dim: int, dim: int, weights: str | os.PathLike | None = None) -> Path:
-    """The checkpoint file: ``weights`` itself, ``weights/ivvae_z{z}_dim{d}.pth`` for a folder, or the named
-    asset (``$FVAE_ASSETS/weights/ivvae/...``, the cache, or a download from ModelScope)."""
-    fname = f"ivvae_z{z_dim}_dim{dim}.pth"
-    if weights is None:
-        return assets.resolve(fname[:-4], download=True)
-    p = Path(weights)
-    if p.is_dir():
-        p = p / fname
-    if not p.is_file():
-        raise WeightsError(f"{p}: IV-VAE checkpoint not found (get {fname} from {assets.IVVAE_PAGE})")
-    return p
-
-
 def _load_state(path: Path) -> dict:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling problem is a bad weights file
-        raise WeightsError(f"{path}: cannot read the checkpoint ({type(e).__name__}: {e})") from e
+    state = assets.load_checkpoint(path)
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -363,7 +345,8 @@ class IVVAE(FrozenVAE):
 
     Args:
         z_dim, dim: the variant (4/64, 8/64, 16/64, 16/96); read from the checkpoint when ``None``.
-        weights: checkpoint file or folder (see :func:`ivvae_weights`); ``model``: a ready :class:`IVVAENet`.
+        weights: checkpoint file, or a folder holding ``ivvae_z{z}_dim{d}.pth``; ``None``: the named asset
+            (``$FVAE_ASSETS/weights/ivvae/``, the cache, or ModelScope). ``model``: a ready :class:`IVVAENet`.
         latent_scale, latent_shift: override the published constants (needed for other variants).
         dtype: ``torch.float32`` or ``torch.bfloat16`` (the official inference dtype) parameters and compute.
     """
@@ -378,7 +361,7 @@ class IVVAE(FrozenVAE):
                  name: str | None = None):
         super().__init__(tiling=tiling, scale_factor=scale_factor)
         if model is None:
-            path = ivvae_weights(z_dim or 16, dim or 64, weights)
+            path = assets.weights_file(f"ivvae_z{z_dim or 16}_dim{dim or 64}", weights, assets.IVVAE_PAGE)
             state = _load_state(path)
             try:
                 found = (int(state["conv2.conv_2d.weight"].shape[1]),

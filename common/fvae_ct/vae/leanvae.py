@@ -24,7 +24,6 @@ multiples of 8; latents ``[B, d, 1 + k, H/8, W/8]``, ``d`` = 4 or 16, unnormalis
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -273,29 +272,12 @@ class LeanVAENet(nn.Module):
         return torch.cat(out, 2)
 
 
-def leanvae_weights(variant: str, weights: str | os.PathLike | None = None) -> Path:
-    """The checkpoint file: ``weights`` itself, ``weights/LeanVAE-{variant}.ckpt`` for a folder, or the named
-    asset (``$FVAE_ASSETS/weights/leanvae/...``, the cache, or a download from Hugging Face)."""
-    fname = f"LeanVAE-{variant}.ckpt"
-    if weights is None:
-        return assets.resolve(f"leanvae_{variant}", download=True)
-    p = Path(weights)
-    if p.is_dir():
-        p = p / fname
-    if not p.is_file():
-        raise WeightsError(f"{p}: LeanVAE checkpoint not found (get {fname} from {assets.LEANVAE_PAGE})")
-    return p
-
-
 def load_leanvae_checkpoint(path: str | os.PathLike) -> LeanVAENet:
     """Build the network from a checkpoint's ``args`` and load its ``state_dict`` strictly.
 
     State dicts in the training engine's naming (the model's keys under ``autoencoder.``, loss modules beside
     them) are accepted too: the ``autoencoder.`` entries are taken."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling problem is a bad weights file
-        raise WeightsError(f"{path}: cannot read the checkpoint ({type(e).__name__}: {e})") from e
+    ckpt = assets.load_checkpoint(path)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise WeightsError(f"{path}: not a LeanVAE checkpoint (expected a dict with 'args' and 'state_dict')")
     args = ckpt.get("args")
@@ -322,7 +304,8 @@ class LeanVAE(FrozenVAE):
 
     Args:
         variant: ``"dim4"`` or ``"dim16"`` (latent channels), used to find the checkpoint.
-        weights: checkpoint file or folder; ``model``: a ready :class:`LeanVAENet`.
+        weights: checkpoint file, or a folder holding ``LeanVAE-{variant}.ckpt``; ``None``: the named asset
+            (``$FVAE_ASSETS/weights/leanvae/``, the cache, or Hugging Face). ``model``: a ready :class:`LeanVAENet`.
         chunk: latent frames per streamed chunk (exact; bounds memory for long volumes), ``None`` = one pass.
         dtype: parameter and compute dtype (fp32, bf16 or fp16).
     """
@@ -336,7 +319,7 @@ class LeanVAE(FrozenVAE):
                  name: str | None = None):
         super().__init__(tiling=tiling, scale_factor=scale_factor)
         if model is None:
-            model = load_leanvae_checkpoint(leanvae_weights(variant, weights))
+            model = load_leanvae_checkpoint(assets.weights_file(f"leanvae_{variant}", weights, assets.LEANVAE_PAGE))
         self.name = name or f"leanvae_dim{model.latent_dim}"
         self.latent_channels = model.latent_dim
         self.chunk, self.dtype = chunk, dtype

@@ -88,8 +88,6 @@ register(VAESpec(
 
 def _ivvae(z_dim: int | None, dim: int | None):
     def build(weights=None, dtype=torch.float32, **kw) -> FrozenVAE:
-        if z_dim is None and weights is None:  # plain "ivvae": the z16 dim64 checkpoint by default
-            return IVVAE(16, 64, dtype=dtype, name="ivvae", **kw)
         return IVVAE(z_dim, dim, weights=weights, dtype=dtype, name="ivvae" if z_dim is None else None, **kw)
 
     return build

@@ -176,10 +176,7 @@ class TwinResBlock(nn.Module):
         self.shortcut = conv(cin, cout, 1) if cin != cout else nn.Identity()
 
     def forward(self, x: torch.Tensor, stream: CausalStream | None = None) -> torch.Tensor:
-        h = self.shortcut(x)
-        for layer in self.residual:
-            x = layer(x, stream) if isinstance(layer, (TwinConv, JointConv2d)) else layer(x)
-        return x + h
+        return _run(self.residual, x, stream) + self.shortcut(x)
 
 
 class Resample(nn.Module):
@@ -368,7 +365,7 @@ class IVVAE(FrozenVAE):
                          int(state["encoder.conv1.conv_2d.weight"].shape[0]))
             except KeyError as e:
                 raise WeightsError(f"{path}: not an IV-VAE checkpoint (no {e.args[0]})") from e
-            if (z_dim, dim) != (None, None) and found != (z_dim or found[0], dim or found[1]):
+            if found != (z_dim or found[0], dim or found[1]):
                 raise WeightsError(f"{path}: holds IV-VAE z{found[0]} dim{found[1]}, not z{z_dim} dim{dim}")
             model = IVVAENet(*found)
             try:

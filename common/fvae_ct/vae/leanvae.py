@@ -141,10 +141,15 @@ class _Patch(nn.Module):
 
 
 class _Bands(nn.Module):
-    """Patch embeddings (``encode``) or un-embeddings of the low and high wavelet bands, image and video."""
+    """Patch embeddings (encoder) or un-embeddings (decoder) of the low and high wavelet bands, image and video,
+    and the token mixers of each band and of both together."""
 
-    def __init__(self, l_dim: int, h_dim: int, decode: bool):
+    def __init__(self, l_dim: int, h_dim: int, sep_num_layer: int, fusion_num_layer: int, decode: bool):
         super().__init__()
+        self.l_dim = l_dim
+        self.low_layer = TokenMixer(sep_num_layer, l_dim)
+        self.high_layer = TokenMixer(sep_num_layer, h_dim)
+        self.fusion_layer = TokenMixer(fusion_num_layer, l_dim + h_dim)
         for kind, (pt, nhigh) in {"video": (2, 7), "image": (1, 3)}.items():
             for band, width, ch in (("low", l_dim, 3), ("high", h_dim, 3 * nhigh)):
                 n = ch * pt * 16
@@ -157,10 +162,7 @@ class _Bands(nn.Module):
 
 class Encoder(_Bands):
     def __init__(self, l_dim: int, h_dim: int, sep_num_layer: int, fusion_num_layer: int):
-        super().__init__(l_dim, h_dim, decode=False)
-        self.low_layer = TokenMixer(sep_num_layer, l_dim)
-        self.high_layer = TokenMixer(sep_num_layer, h_dim)
-        self.fusion_layer = TokenMixer(fusion_num_layer, l_dim + h_dim)
+        super().__init__(l_dim, h_dim, sep_num_layer, fusion_num_layer, decode=False)
 
     def forward(self, x: torch.Tensor, stream: CausalStream | None, with_image: bool) -> torch.Tensor:
         """Clip chunk ``[B, 3, T, H, W]`` (the first frame is an image when ``with_image``) -> tokens."""
@@ -181,11 +183,7 @@ class Encoder(_Bands):
 
 class Decoder(_Bands):
     def __init__(self, l_dim: int, h_dim: int, sep_num_layer: int, fusion_num_layer: int):
-        super().__init__(l_dim, h_dim, decode=True)
-        self.l_dim = l_dim
-        self.low_layer = TokenMixer(sep_num_layer, l_dim)
-        self.high_layer = TokenMixer(sep_num_layer, h_dim)
-        self.fusion_layer = TokenMixer(fusion_num_layer, l_dim + h_dim)
+        super().__init__(l_dim, h_dim, sep_num_layer, fusion_num_layer, decode=True)
 
     def forward(self, p: torch.Tensor, stream: CausalStream | None, with_image: bool) -> torch.Tensor:
         """Tokens -> clip chunk ``[B, 3, T, H, W]`` (first token frame decoded as an image when ``with_image``)."""

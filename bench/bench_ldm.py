@@ -14,7 +14,7 @@ import psutil
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from fvae_ct.generation import build_denoiser
+from fvae_ct.ldm import build_denoiser
 
 
 def main():

@@ -79,7 +79,7 @@ def child(n: int, tile: int | None) -> None:
     from fvae_ct.tiling import TilingConfig
     from fvae_ct.vae import load
 
-    from fvae_ct.compare import PeakRSS
+    from fvae_ct.recon.compare import PeakRSS
 
     vae = load("taef2")
     x = _slices(n)

@@ -52,7 +52,7 @@ def _slices(n: int, lo: float, hi: float) -> torch.Tensor:
 
 
 def child(name: str, n: int) -> None:
-    from fvae_ct.compare import PeakRSS
+    from fvae_ct.recon.compare import PeakRSS
 
     vae = _build(name)
     x = _slices(n, *vae.input_range)

@@ -65,3 +65,15 @@ def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray) -> Path:
 
     nib.save(nib.Nifti1Image(data, affine), str(path))
     return path
+
+
+def check_properties(conf_dir: Path, configs: list[str], workflow_type: str | None, **overrides) -> list[str]:
+    """MONAI's ``ConfigWorkflow.check_properties()`` for the layered ``configs`` of a bundle, as the model-zoo CI and
+    MONAI Label run it: initialise, then parse every required property (so each must instantiate, not only exist).
+    Returns the missing or wrong property names ([] when the workflow type's contract holds)."""
+    from monai.bundle import ConfigWorkflow
+
+    w = ConfigWorkflow(config_file=[str(conf_dir / c) for c in configs], meta_file=str(conf_dir / "metadata.json"),
+                       logging_file=str(conf_dir / "logging.conf"), workflow_type=workflow_type, **overrides)
+    w.initialize()
+    return w.check_properties()

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from conftest import PY, ROOT, run
 
-from fvae_ct.analysis import COLUMNS, DEFAULT_METHODS, AnalysisWorkflow
-from fvae_ct.denoisers import DENOISERS
+from fvae_ct.recon.analysis import COLUMNS, DEFAULT_METHODS, AnalysisWorkflow
+from fvae_ct.recon.denoisers import DENOISERS
 from fvae_ct.io import load_ct, load_labels
 from fvae_ct.recon import ReconWorkflow
 from fvae_ct.vae import IdentityVAE
@@ -61,7 +61,7 @@ def test_analysis_bundle_on_real_ct_with_labels(dicom_crop, tmp_path):
 
 def test_label_free_mode_and_registry_growth(assets, tmp_path):
     """Without labels the edges come from the image; a new denoiser is one registration away."""
-    from fvae_ct.denoisers import register_denoiser
+    from fvae_ct.recon.denoisers import register_denoiser
 
     @register_denoiser("identity_test", "returns the input")
     def _ident(x, spacing, window):

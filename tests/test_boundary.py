@@ -101,7 +101,7 @@ def test_identity_is_perfect():
 
 
 def test_matched_gaussian_recovers_a_known_sigma():
-    from fvae_ct.denoisers import gaussian, match_gaussian_sigma
+    from fvae_ct.recon.denoisers import gaussian, match_gaussian_sigma
 
     x, lab = phantom(noise=15.0, seed=6)
     target = noise_ratio(x, gaussian(x, 0.7), (1, 1, 1), lab)

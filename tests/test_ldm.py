@@ -181,7 +181,7 @@ def test_causal_video_vae_latent_space_end_to_end(assets, tmp_path):
     import nibabel as nib
     import numpy as np
 
-    from fvae_ct.generation import GenerateWorkflow, build_denoiser, prepare_latents
+    from fvae_ct.ldm import GenerateWorkflow, build_denoiser, prepare_latents
     from fvae_ct.vae import WanVAE
     from test_wan import tiny_wan21
 

@@ -9,14 +9,14 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import PY, ROOT, run
+from conftest import PY, ROOT, check_properties, run
 from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 from scipy import ndimage as ndi
 
 from fvae_ct.errors import InputError
-from fvae_ct.lesions import insert_lesion, make_lesion_set
-from fvae_ct.seg import SpacingSurfaceDiceMetric, build_datalists, spacing_from_affine
+from fvae_ct.aug_seg.lesions import insert_lesion, make_lesion_set
+from fvae_ct.aug_seg import SpacingSurfaceDiceMetric, build_datalists, spacing_from_affine
 
 CONF = ROOT / "bundles" / "fvae_aug_seg" / "configs"
 TINY = ["--patch_size", "[48,48,16]", "--init_filters", "8", "--blocks_down", "[1,1,1]", "--blocks_up", "[1,1]",
@@ -88,17 +88,38 @@ def lesion_set(assets, tmp_path_factory):
 
 
 def test_datalists_split_and_precomputed_views(lesion_set, tmp_path):
+    from fvae_ct.aug_seg import ReconPathd
+    from fvae_ct.recon import ReconWorkflow
+    from fvae_ct.vae import load
+
     dl = build_datalists(lesion_set, val_fraction=0.34, seed=3)
     assert len(dl["train"]) == 4 and len(dl["val"]) == 2
     assert dl == build_datalists(lesion_set, val_fraction=0.34, seed=3)  # same split every time
-    with pytest.raises(InputError, match="no reconstruction for case lesion_.*'prepare'"):
-        build_datalists(lesion_set, recon_mode="precomputed", recon_dir=str(tmp_path))
-    for item in dl["train"] + dl["val"]:
-        nm = os.path.basename(item["image"]).replace(".nii.gz", "")
-        (tmp_path / f"{nm}_recon.nii.gz").write_bytes(b"")
+    # the recon path is derived per item by a transform, so a plain {image, label} list (MONAI Label's) works
     pre = build_datalists(lesion_set, recon_mode="precomputed", recon_dir=str(tmp_path), val_fraction=0.34, seed=3)
-    assert all(i["image_recon"] == str(tmp_path / (os.path.basename(i["image"])[:-7] + "_recon.nii.gz"))
-               for i in pre["train"])
+    assert pre == dl
+    item = dict(pre["train"][0])
+    nm = os.path.basename(item["image"])[:-7]
+    with pytest.raises(InputError, match=f"{nm}_recon.nii.gz: no reconstruction for case {nm}.*'prepare'"):
+        ReconPathd("image", str(tmp_path))(item)
+    # missing: made once with the frozen VAE (identity here: the clipped original) and cached; then reused
+    calls = []
+
+    def factory():
+        calls.append(1)
+        return ReconWorkflow(load("identity"), str(tmp_path), hu_window=(-100, 100), figures=False, progress=False)
+
+    t = ReconPathd("image", str(tmp_path), workflow_factory=factory)
+    out = t(item)
+    assert out["image_recon"] == str(tmp_path / f"{nm}_recon.nii.gz") and calls == [1]
+    rec, src = nib.load(out["image_recon"]), nib.load(item["image"])
+    assert np.array_equal(rec.affine, src.affine)
+    assert np.array_equal(np.asarray(rec.dataobj), np.clip(np.asarray(src.dataobj), -100, 100))
+    mtime = os.stat(out["image_recon"]).st_mtime_ns
+    assert t(item)["image_recon"] == out["image_recon"] and calls == [1]
+    assert os.stat(out["image_recon"]).st_mtime_ns == mtime
+    own = {**item, "image_recon": "/elsewhere/x.nii.gz"}  # an item naming its own reconstruction keeps it
+    assert t(own)["image_recon"] == "/elsewhere/x.nii.gz"
 
 
 def _train_pipeline(datalist, recon_dir, **overrides):
@@ -175,8 +196,13 @@ def test_prepare_train_evaluate_infer_on_real_ct(lesion_set, assets, tmp_path):
     loss = json.loads((root / "eval" / "train_loss.json").read_text())["loss"]
     assert len(loss) == 16 * 3  # 5 training cases, batch 2 -> 3 iterations per epoch
     assert np.mean(loss[-6:]) < 0.85 * np.mean(loss[:6]), (loss[:6], loss[-6:])
-    ckpt = torch.load(root / "models" / "model.pt", weights_only=True)
-    assert set(ckpt) == {"model", "optimizer"} and "convInit.conv.weight" in ckpt["model"]
+    ckpt = torch.load(root / "models" / "model.pt", weights_only=True)  # the zoo's flat state_dict
+    assert "convInit.conv.weight" in ckpt and ckpt["convInit.conv.weight"].shape[0] == 8 and "model" not in ckpt
+    sizes = json.loads((root / "models" / "model.json").read_text())
+    assert sizes["init_filters"] == 8 and sizes["blocks_down"] == [1, 1, 1] and sizes["class_names"][2] == "lesion"
+    for cfgs, kind in ((["train.yaml"], "train"), (["train.yaml", "evaluate.yaml"], "eval"),
+                       (["inference.yaml"], "infer")):
+        assert check_properties(CONF, cfgs, kind, bundle_root=str(root), datalist=lesion_set) == [], cfgs
     # evaluate: Dice and NSD per case and class
     r = run([PY, "-m", "monai.bundle", "run", "--config_file", f"['{CONF / 'train.yaml'}','{CONF / 'evaluate.yaml'}']",
              *common, *TINY, "--compute_hd95", "true"])
@@ -187,8 +213,9 @@ def test_prepare_train_evaluate_infer_on_real_ct(lesion_set, assets, tmp_path):
         assert (root / "eval" / f"{m}_summary.csv").is_file()
     # inference: a label map with the input's geometry (an LPS volume the network never saw)
     src = assets / "ct" / "chest_ct_1p5mm.nii.gz"
+    # no size overrides: the network is rebuilt from models/model.json, as MONAI Label (which passes none) needs
     r = run([PY, "-m", "monai.bundle", "run", "--config_file", str(CONF / "inference.yaml"), "--input", str(src),
-             "--bundle_root", str(root), "--output_dir", str(tmp_path / "seg"), *TINY[:-2]])
+             "--bundle_root", str(root), "--output_dir", str(tmp_path / "seg")])
     assert r.returncode == 0, r.stderr[-3000:]
     out, ref = nib.load(str(tmp_path / "seg" / "chest_ct_1p5mm_seg.nii.gz")), nib.load(str(src))
     assert out.shape == ref.shape and np.allclose(out.affine, ref.affine)
@@ -213,7 +240,7 @@ def test_bundle_configs_parse_with_property_ids():
 
 # ---- ablation runner ----------------------------------------------------------------------------------------
 def test_paired_bootstrap_known_values():
-    from fvae_ct.ablation import paired_bootstrap
+    from fvae_ct.aug_seg.ablation import paired_bootstrap
 
     assert paired_bootstrap(np.full(7, 0.04)) == pytest.approx((0.04, 0.04, 0.04))
     d = np.random.default_rng(0).normal(0.05, 0.02, 200)

@@ -1,13 +1,13 @@
-"""fvae-ct: frozen natural-image/video foundation VAEs as one interface for 3D CT."""
+"""fvae-ct: frozen natural-image/video foundation VAEs as one interface for 3D CT.
 
-import importlib
+Shared core: ``vae`` (frozen-VAE interface, backends, registry), ``io``, ``tiling``, ``transforms``,
+``metrics``, ``networks``, ``assets``, ``figures``, ``handlers``, ``bundle``. One subpackage per bundle's
+workflows: ``recon`` (fvae_recon), ``aug_seg`` (fvae_aug_seg), ``ldm`` (fvae_ldm). ``cli`` is the ``fvae``
+command. Submodules load on first use, so ``import fvae_ct`` in a bundle config is cheap.
+"""
 
-__version__ = "0.1.0"
+from ._lazy import lazy_submodules
 
+__version__ = "0.2.0"
 
-def __getattr__(name: str):
-    """Submodules load on first use (``fvae_ct.seg.build_datalists`` in a bundle config after ``import fvae_ct``)."""
-    try:
-        return importlib.import_module(f"{__name__}.{name}")
-    except ModuleNotFoundError as e:
-        raise AttributeError(f"module 'fvae_ct' has no attribute {name!r}") from e
+__getattr__ = lazy_submodules(__name__)

@@ -15,36 +15,13 @@ import os
 import sys
 from pathlib import Path
 
-__all__ = ["main", "bundle_dir", "run_bundle"]
-
-
-def bundle_dir(name: str) -> Path:
-    """Folder of bundle ``name``: ``$FVAE_BUNDLES/<name>`` or ``<repository>/bundles/<name>``."""
-    roots = [Path(p) for p in os.environ.get("FVAE_BUNDLES", "").split(os.pathsep) if p]
-    roots.append(Path(__file__).resolve().parents[2] / "bundles")
-    for r in roots:
-        if (r / name / "configs").is_dir():
-            return r / name
-    raise FileNotFoundError(f"bundle '{name}' not found in {[str(r) for r in roots]}; set FVAE_BUNDLES to the folder "
-                            "holding the fvae-ct bundles")
-
-
-def run_bundle(name: str, config: str | list[str] = "inference.yaml", run_id: str | None = None,
-               **overrides) -> None:
-    """Run ``bundles/<name>/configs/<config>`` (a file or a list layered in order) with MONAI's bundle
-    runner; ``None`` overrides are left out; ``bundle_root`` defaults to the bundle's folder."""
-    from monai.bundle import run
-
-    root = bundle_dir(name)
-    configs = [str(root / "configs" / c) for c in ([config] if isinstance(config, str) else config)]
-    overrides = {"bundle_root": str(root), **{k: v for k, v in overrides.items() if v is not None}}
-    run(run_id=run_id, config_file=configs, meta_file=str(root / "configs" / "metadata.json"),
-        logging_file=str(root / "configs" / "logging.conf"), **overrides)
+__all__ = ["main"]
 
 
 def _run_cli(command: str, config, bundle: str = "fvae_recon", **overrides) -> None:
     """``run_bundle(bundle, ...)`` with fvae-ct errors (and missing files) turned into a one-line message and
     exit code 1."""
+    from .bundle import run_bundle
     from .errors import user_error
 
     try:
@@ -99,7 +76,7 @@ class CLI:
         """Train + evaluate the fvae_aug_seg bundle per arm (none, union, prob, online) on the same split,
         seeds and budget; write ablation.csv / .md with mean Dice and NSD, the paired difference to the first
         arm and its bootstrap 95 % CI. Extra --key value pairs override the bundle config (e.g. --max_epochs)."""
-        from .ablation import ablate_seg
+        from .aug_seg.ablation import ablate_seg
 
         output_dir = output_dir or overrides.pop("o", None)  # fire leaves -o among the free overrides
         if output_dir is None:
@@ -113,7 +90,7 @@ class CLI:
         """Write a small MSD-style set: a real CT (default: the TotalSegmentator sample) with one synthetic
         lesion per case (labels 1 organ, 2 lesion) and dataset.json. For the CPU ablation demo and tests."""
         from .assets import resolve
-        from .lesions import make_lesion_set
+        from .aug_seg.lesions import make_lesion_set
 
         ct = ct or str(resolve("totalseg_ct_sm_3mm", download=True))
         seg = seg or str(resolve("totalseg_ct_sm_3mm_seg", download=True))
@@ -134,7 +111,7 @@ class CLI:
         """Reconstruct INPUT with every VAE of --vaes (comma-separated) through the recon bundle; one table
         (PSNR, SSIM, MSE, seconds, peak memory, noise ratio, boundary shift, edge sharpness, HF error) in
         compare.csv / compare.md. --weights '{"wan2.1": "/path/to/diffusers/folder"}' gives weights per VAE."""
-        from .compare import compare_vaes
+        from .recon.compare import compare_vaes
 
         output_dir = output_dir or overrides.pop("o", None)
         if output_dir is None:

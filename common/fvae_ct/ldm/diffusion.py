@@ -26,10 +26,10 @@ import torch.nn.functional as F
 from monai.inferers import Inferer
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, RFlowScheduler
 
-from .tiling import windowed_apply
+from ..tiling import windowed_apply
 
 __all__ = ["FrozenTextEncoder", "minilm_path", "onehot_mask_latent", "make_scheduler", "LDMPrepareBatch",
-           "DenoiserInferer", "guided_prediction", "sample_latents", "null_text"]
+           "DenoiserInferer", "SamplingInferer", "guided_prediction", "sample_latents", "null_text"]
 
 
 # ---- text ---------------------------------------------------------------------------------------------------
@@ -168,6 +168,24 @@ class DenoiserInferer(Inferer):
 
     def __call__(self, inputs, network, *args, timesteps=None, context=None, context_mask=None, **kwargs):
         return network(inputs, timesteps, context, context_mask)
+
+
+class SamplingInferer(Inferer):
+    """Inference: ``inferer(z_shape, network, mask=..., context=..., context_mask=...)`` -> generated latents
+    ``[B, C, d, h, w]`` (scaled) by :func:`sample_latents`: DDIM (``ddpm``) or rectified flow, classifier-free
+    guidance, long volumes in blended depth windows. ``z_shape``: a shape or a tensor of that shape."""
+
+    def __init__(self, scheduler: str = "ddpm", steps: int = 20, guidance: float = 2.0, seed: int = 0,
+                 depth_window: int | None = 16, depth_overlap: int = 4, progress: bool = True):
+        super().__init__()
+        self.scheduler = make_scheduler(scheduler, sampler=True)
+        self.steps, self.guidance, self.seed = steps, guidance, seed
+        self.depth_window, self.depth_overlap, self.progress = depth_window, depth_overlap, progress
+
+    def __call__(self, inputs, network, *args, mask=None, context=None, context_mask=None, **kwargs):
+        shape = tuple(inputs.shape) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+        return sample_latents(network, self.scheduler, shape, mask, context, context_mask, self.guidance, self.steps,
+                              self.seed, self.depth_window, self.depth_overlap, progress=self.progress)
 
 
 def guided_prediction(model, x: torch.Tensor, t: torch.Tensor, mask: torch.Tensor | None,

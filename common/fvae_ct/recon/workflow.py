@@ -25,14 +25,14 @@ from monai.inferers import Inferer
 from monai.transforms import MapTransform
 from tqdm.auto import tqdm
 
-from .errors import FvaeError
-from .figures import three_view
-from .io import (Case, axial_axis, discover_cases, load_ct, save_nifti_atomic, spacing_of, unique_names,
+from ..errors import FvaeError
+from ..figures import three_view
+from ..io import (Case, axial_axis, discover_cases, load_ct, save_nifti_atomic, spacing_of, unique_names,
                  write_text_atomic)
-from .metrics import PROTOCOL, recon_metrics
-from .tiling import TilingConfig
-from .transforms import DEFAULT_HU_WINDOW, recon_preprocessing
-from .vae.base import FrozenVAE
+from ..metrics import PROTOCOL, recon_metrics
+from ..tiling import TilingConfig
+from ..transforms import DEFAULT_HU_WINDOW, recon_preprocessing
+from ..vae.base import FrozenVAE
 
 __all__ = ["VAEReconInferer", "ReconWorkflow", "BatchFailure", "RECON_SUFFIX", "VAEReconstructd", "reconstruct_hu"]
 

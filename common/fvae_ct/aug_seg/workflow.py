@@ -1,13 +1,14 @@
 """Segmentation with the frozen-VAE reconstruction view (the fvae_aug_seg bundle's logic).
 
 - :func:`build_datalists`: MSD ``dataset.json`` or a plain list (``image``, ``label``, optional
-  ``image_recon``) -> train / validation lists, with the reconstruction view attached per ``recon_mode``.
+  ``image_recon``) -> train / validation lists; :class:`ReconPathd` attaches the precomputed reconstruction
+  (made and cached on first use when missing).
+- :class:`SaveNetworkConfig` / :func:`trained_network`: the network sizes travel with ``models/model.pt``.
 - :class:`SplitViewsd` (``recon_mix: union``): after the joint crop, each sample becomes two samples,
   the original and the reconstruction, sharing crop and label. :class:`RandReconViewd` (``prob``): the
   reconstruction replaces the original with probability ``recon_prob``.
 - :class:`SpacingSurfaceDiceMetric` / :func:`surface_dice_handler`: NSD with the true voxel spacing read
   from each label's affine (MONAI's handler cannot pass ``spacing=``).
-- :class:`LossHistory`: per-iteration training loss to JSON (for tests and the ablation report).
 """
 
 from __future__ import annotations
@@ -25,12 +26,12 @@ from monai.handlers import IgniteMetricHandler, from_engine
 from monai.metrics import HausdorffDistanceMetric, SurfaceDiceMetric
 from monai.transforms import MapTransform, Randomizable
 
-from .errors import InputError
-from .io import case_name, write_text_atomic
-from .recon import RECON_SUFFIX
+from ..errors import InputError
+from ..io import case_name, write_text_atomic
+from ..recon import RECON_SUFFIX
 
-__all__ = ["build_datalists", "recon_inputs", "SplitViewsd", "RandReconViewd", "view_mixer", "SpacingSurfaceDiceMetric",
-           "SpacingHausdorffMetric", "surface_dice_handler", "hd95_handler", "LossHistory", "spacing_from_affine"]
+__all__ = ["build_datalists", "recon_inputs", "ReconPathd", "SaveNetworkConfig", "trained_network", "SplitViewsd", "RandReconViewd", "view_mixer", "SpacingSurfaceDiceMetric",
+           "SpacingHausdorffMetric", "surface_dice_handler", "hd95_handler", "spacing_from_affine"]
 
 log = logging.getLogger("fvae_ct")
 RECON_MODES = ("none", "precomputed", "online")
@@ -62,12 +63,12 @@ def _read_datalist(datalist: str, dataset_dir: str | None) -> tuple[list[dict], 
 
 def build_datalists(datalist: str, dataset_dir: str | None = None, recon_mode: str = "none",
                     recon_dir: str | None = None, val_fraction: float = 0.2, seed: int = 0) -> dict[str, list[dict]]:
-    """``{"train": [...], "val": [...]}`` with ``image``, ``label`` (and ``image_recon`` for ``precomputed``).
+    """``{"train": [...], "val": [...]}`` with ``image`` and ``label`` (an item's own ``image_recon`` is kept for
+    ``precomputed``; :class:`ReconPathd` fills in the others, so a plain image/label list such as MONAI Label's
+    works too).
 
     The split is the datalist's ``validation`` list when present, else a seeded shuffle holding out
     ``val_fraction`` of the cases (at least one): the same split for every arm of an ablation.
-    ``precomputed`` reads ``<recon_dir>/<case>_recon.nii.gz`` (as written by fvae_recon) unless the item
-    names its own ``image_recon``; a missing file is an error that names the case and the ``prepare`` run.
     """
     if recon_mode not in RECON_MODES:
         raise ValueError(f"recon_mode must be one of {RECON_MODES}, got {recon_mode!r}")
@@ -78,17 +79,81 @@ def build_datalists(datalist: str, dataset_dir: str | None = None, recon_mode: s
         val = [train[i] for i in order[:n_val]]
         train = [train[i] for i in order[n_val:]]
     for item in (*train, *val):
-        if recon_mode == "precomputed" and "image_recon" not in item:
-            if recon_dir is None:
-                raise ValueError("recon_mode 'precomputed' needs recon_dir")
-            item["image_recon"] = str(Path(recon_dir) / f"{case_name(item['image'])}{RECON_SUFFIX}")
-        if recon_mode == "precomputed" and not Path(item["image_recon"]).is_file():
-            raise InputError(item["image_recon"], f"no reconstruction for case {case_name(item['image'])}: run the "
-                                                  "bundle's 'prepare' run id first (python -m monai.bundle run "
-                                                  "prepare --config_file .../train.yaml ...)")
         if recon_mode != "precomputed":
             item.pop("image_recon", None)
     return {"train": train, "val": val}
+
+
+class ReconPathd(MapTransform):
+    """``precomputed`` view: ``d[output_key]`` = ``<recon_dir>/<case>_recon.nii.gz`` (the fvae_recon output name)
+    unless the item names its own; a missing reconstruction is made once with the frozen VAE and cached there.
+
+    Args:
+        keys: the image key (a path, before loading).
+        recon_dir: folder of the reconstructions (the bundle's ``prepare`` run fills it for a whole datalist).
+        workflow_factory: zero-argument callable returning a :class:`fvae_ct.recon.ReconWorkflow` writing into
+            ``recon_dir`` (called only when a reconstruction is missing, so the VAE loads only then); ``None``: a
+            missing file is an error naming it and the ``prepare`` run.
+    """
+
+    def __init__(self, keys, recon_dir: str, workflow_factory=None, output_key: str = "image_recon"):
+        super().__init__(keys)
+        self.recon_dir = Path(recon_dir)
+        self.workflow_factory = workflow_factory
+        self.output_key = output_key
+        self._workflow = None
+
+    def __call__(self, data):
+        from ..io import Case
+
+        d = dict(data)
+        for key in self.key_iterator(d):
+            if d.get(self.output_key):
+                continue
+            name = case_name(d[key])
+            path = self.recon_dir / f"{name}{RECON_SUFFIX}"
+            if not path.is_file():
+                if self.workflow_factory is None:
+                    raise InputError(path, f"no reconstruction for case {name}: run the bundle's 'prepare' run id "
+                                           "first (python -m monai.bundle run prepare --config_file configs/train.yaml)")
+                if self._workflow is None:
+                    self._workflow = self.workflow_factory()
+                log.info("%s: no reconstruction in %s yet, making it with %s", name, self.recon_dir,
+                         self._workflow.network.name)
+                self._workflow.run_case(Case(name, str(d[key])))
+            d[self.output_key] = str(path)
+        return d
+
+
+class SaveNetworkConfig:
+    """Ignite handler: writes ``<ckpt_dir>/model.json`` (network sizes, class names, intensity window, patch size)
+    when training starts, so ``inference.yaml`` rebuilds the network the saved ``model.pt`` fits without
+    overrides (MONAI Label passes none)."""
+
+    def __init__(self, ckpt_dir: str, config: dict):
+        self.path = Path(ckpt_dir) / "model.json"
+        self.config = {k: (list(v) if isinstance(v, (tuple, list)) else v) for k, v in config.items()}
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.STARTED, lambda _: self.write())
+
+    def write(self) -> Path:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        return write_text_atomic(self.path, json.dumps(self.config, indent=1))
+
+
+def trained_network(bundle_root: str, defaults: dict) -> dict:
+    """``defaults`` updated with ``<bundle_root>/models/model.json`` (see :class:`SaveNetworkConfig`) when present."""
+    p = Path(bundle_root) / "models" / "model.json"
+    if not p.is_file():
+        return dict(defaults)
+    try:
+        saved = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise InputError(p, f"not valid JSON ({e})") from e
+    return {**defaults, **{k: v for k, v in saved.items() if k in defaults}}
 
 
 def recon_inputs(datalist: str, dataset_dir: str | None = None) -> list[str]:
@@ -209,27 +274,3 @@ def hd95_handler(include_background: bool = False, output_transform=None, save_d
     return IgniteMetricHandler(metric_fn=SpacingHausdorffMetric(include_background=include_background),
                                output_transform=output_transform or from_engine(["pred", "label"]),
                                save_details=save_details)
-
-
-class LossHistory:
-    """Ignite handler writing the training loss of every iteration to ``<output_dir>/train_loss.json``."""
-
-    def __init__(self, output_dir: str, loss_transform=None):
-        self.path = Path(output_dir) / "train_loss.json"
-        self.loss_transform = loss_transform or from_engine(["loss"], first=True)
-        self.losses: list[float] = []
-
-    def attach(self, engine) -> None:
-        from ignite.engine import Events
-
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self._iteration)
-        engine.add_event_handler(Events.COMPLETED, self._write)
-
-    def _iteration(self, engine) -> None:
-        self.losses.append(float(self.loss_transform(engine.state.output)))
-        if engine.state.iteration % 50 == 0:
-            self._write(engine)
-
-    def _write(self, engine=None) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(self.path, json.dumps({"loss": self.losses}))

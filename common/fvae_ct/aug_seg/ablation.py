@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import write_text_atomic
+from ..io import write_text_atomic
 
 __all__ = ["ARMS", "ablate_seg", "read_per_case", "paired_bootstrap"]
 
@@ -58,7 +58,7 @@ def ablate_seg(datalist: str, arms=("none", "union"), output_dir: str = "ablatio
     ``nsd_tolerance_mm``, ``vae`` ...). Precomputed arms share one reconstruction folder, filled once by the
     bundle's ``prepare`` run (the fvae_recon workflow).
     """
-    from .cli import run_bundle
+    from ..bundle import run_bundle
 
     arms = [a.strip() for a in (arms.split(",") if isinstance(arms, str) else arms)]
     unknown = [a for a in arms if a not in ARMS]

@@ -19,11 +19,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .errors import InputError
-from .figures import three_view
-from .io import _atomic, case_name, load_ct, load_labels, save_nifti_atomic, write_text_atomic
-from .ldm import FrozenTextEncoder, make_scheduler, onehot_mask_latent, sample_latents
-from .transforms import from_slices, recon_preprocessing, to_slices, unit_to_hu
+from ..errors import InputError
+from ..figures import three_view
+from ..io import _atomic, case_name, load_ct, load_labels, save_nifti_atomic, write_text_atomic
+from .diffusion import FrozenTextEncoder, SamplingInferer, onehot_mask_latent
+from ..transforms import from_slices, recon_preprocessing, to_slices, unit_to_hu
 
 __all__ = ["read_report", "prepare_latents", "LatentCacheDataset", "collate_latents", "GenerateWorkflow", "load_denoiser",
            "evaluate_generated",
@@ -154,7 +154,7 @@ def build_denoiser(latent_channels: int, mask_channels: int, text_dim: int | Non
     """The pseudo-3D denoiser: MONAI 2D ``DiffusionModelUNet`` on latent slices + 3D consistency blocks."""
     from monai.networks.nets import DiffusionModelUNet
 
-    from .networks import PseudoThreeDUNet
+    from ..networks import PseudoThreeDUNet
 
     unet = DiffusionModelUNet(spatial_dims=2, in_channels=latent_channels + mask_channels,
                               out_channels=latent_channels, channels=tuple(channels),
@@ -169,18 +169,18 @@ class GenerateWorkflow:
 
     Args:
         network: the trained denoiser; vae: the frozen VAE of the latent space; stats: latent_stats.json dict.
-        scheduler: ``ddpm`` (sampled with DDIM) or ``rflow``; steps, guidance, seed: sampling.
-        depth_window / depth_overlap: latent slices per window when the volume is longer (blended).
+        inferer: a :class:`~fvae_ct.ldm.SamplingInferer`; when ``None`` one is built from scheduler (``ddpm``,
+            sampled with DDIM, or ``rflow``), steps, guidance, seed, depth_window / depth_overlap (latent slices per
+            window when the volume is longer, blended).
     """
 
-    def __init__(self, network, vae, stats: dict, output_dir: str, scheduler: str = "ddpm", steps: int = 20,
-                 guidance: float = 2.0, seed: int = 0, depth_window: int | None = 16, depth_overlap: int = 4,
-                 text_encoder: str | None = None, hu_window=(-1000.0, 1000.0), multiple: int = 4):
+    def __init__(self, network, vae, stats: dict, output_dir: str, inferer: SamplingInferer | None = None,
+                 scheduler: str = "ddpm", steps: int = 20, guidance: float = 2.0, seed: int = 0,
+                 depth_window: int | None = 16, depth_overlap: int = 4, text_encoder: str | None = None,
+                 hu_window=(-1000.0, 1000.0), multiple: int = 4):
         self.network, self.vae, self.stats = network.eval(), vae, stats
         self.output_dir = Path(output_dir)
-        self.scheduler = make_scheduler(scheduler, sampler=True)
-        self.steps, self.guidance, self.seed = steps, guidance, seed
-        self.depth_window, self.depth_overlap = depth_window, depth_overlap
+        self.inferer = inferer or SamplingInferer(scheduler, steps, guidance, seed, depth_window, depth_overlap)
         self.text_encoder = FrozenTextEncoder(text_encoder) if stats.get("text_dim") else None
         self.hu_window = hu_window
         self.multiple = multiple
@@ -206,11 +206,10 @@ class GenerateWorkflow:
         if self.text_encoder is not None:
             ctx, cmask = self.text_encoder.encode([read_report(report)])
         dev = next(self.network.parameters()).device
-        z = sample_latents(self.network, self.scheduler,
-                           (1, self.stats["latent_channels"], latent_shape[0], latent_shape[1] + ph,
-                            latent_shape[2] + pw), cond.to(dev) if cond is not None else None,
-                           ctx.to(dev) if ctx is not None else None, cmask.to(dev) if cmask is not None else None,
-                           self.guidance, self.steps, self.seed, self.depth_window, self.depth_overlap, progress=True)
+        z = self.inferer((1, self.stats["latent_channels"], latent_shape[0], latent_shape[1] + ph, latent_shape[2] + pw),
+                         self.network, mask=cond.to(dev) if cond is not None else None,
+                         context=ctx.to(dev) if ctx is not None else None,
+                         context_mask=cmask.to(dev) if cmask is not None else None)
         z = z[:, :, :, : latent_shape[1], : latent_shape[2]] / self.stats["scale_factor"]
         x = self.vae.decode(z)[:, :, :d, :h, :w].cpu()  # VAE range, slice layout
         lo, hi = self.vae.input_range
@@ -261,9 +260,9 @@ def evaluate_generated(gen_dir: str, real_dir: str, output_dir: str, masks_dir: 
 
     import matplotlib.pyplot as plt
 
-    from .io import spacing_of
-    from .metrics.fvd import ct_to_clip, frechet_distance, load_i3d
-    from .metrics.generation import BundleSegmenter, mask_adherence, organ_median_hu
+    from ..io import spacing_of
+    from ..metrics.fvd import ct_to_clip, frechet_distance, load_i3d
+    from ..metrics.generation import BundleSegmenter, mask_adherence, organ_median_hu
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)

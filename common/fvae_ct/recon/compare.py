@@ -17,11 +17,11 @@ import nibabel as nib
 import numpy as np
 import psutil
 
-from .errors import user_error
-from .io import discover_cases, load_ct, load_labels, write_text_atomic
-from .metrics.boundary import analyze
-from .recon import RECON_SUFFIX, BatchFailure
-from .transforms import to_slices
+from ..errors import user_error
+from ..io import discover_cases, load_ct, load_labels, write_text_atomic
+from ..metrics.boundary import analyze
+from .workflow import RECON_SUFFIX, BatchFailure
+from ..transforms import to_slices
 
 __all__ = ["PeakRSS", "compare_vaes"]
 
@@ -59,7 +59,7 @@ class PeakRSS:
 def compare_vaes(input_path: str, vaes, output_dir: str, weights: dict | None = None, labels: str | None = None,
                  hu_window=(-1000.0, 1000.0), **overrides) -> list[dict]:
     """Reconstruct ``input_path`` with every VAE of ``vaes`` and write ``compare.csv`` / ``compare.md``."""
-    from .cli import run_bundle
+    from ..bundle import run_bundle
 
     vaes = [v.strip() for v in (vaes.split(",") if isinstance(vaes, str) else vaes)]
     weights = weights or {}

@@ -82,7 +82,7 @@ def make_lesion_set(out_dir, ct_path, seg_path, n_cases: int = 6, organs=("liver
 
     import nibabel as nib
 
-    from .io import save_nifti_atomic, write_text_atomic
+    from ..io import save_nifti_atomic, write_text_atomic
 
     out = Path(out_dir)
     (out / "imagesTr").mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
 """Is the frozen VAE a boundary-preserving denoiser? The VAE and classical denoisers, side by side.
 
 For each case the frozen VAE's reconstruction (through :class:`~fvae_ct.recon.ReconWorkflow`, the same
-pipeline as the recon bundle) and every baseline of :data:`fvae_ct.denoisers.DENOISERS` are scored
+pipeline as the recon bundle) and every baseline of :data:`fvae_ct.recon.denoisers.DENOISERS` are scored
 with the same functions (:mod:`fvae_ct.metrics.boundary`, :mod:`fvae_ct.metrics.recon`) on the same
 volume, clipped to the HU window. ``gaussian_matched`` is a gaussian whose sigma is chosen so that its
 noise suppression equals the VAE's (at equal noise suppression, who keeps the boundaries sharper?);
@@ -28,11 +28,11 @@ import numpy as np  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from .denoisers import DENOISERS, gaussian, match_gaussian_sigma  # noqa: E402
-from .io import Case, _atomic, load_ct, load_labels, write_text_atomic  # noqa: E402
-from .metrics.boundary import analyze, noise_ratio, reference  # noqa: E402
-from .metrics.recon import recon_metrics  # noqa: E402
-from .recon import BatchFailure, ReconWorkflow  # noqa: E402
-from .transforms import to_slices  # noqa: E402
+from ..io import Case, _atomic, load_ct, load_labels, write_text_atomic  # noqa: E402
+from ..metrics.boundary import analyze, noise_ratio, reference  # noqa: E402
+from ..metrics.recon import recon_metrics  # noqa: E402
+from .workflow import BatchFailure, ReconWorkflow  # noqa: E402
+from ..transforms import to_slices  # noqa: E402
 
 __all__ = ["AnalysisWorkflow", "DEFAULT_METHODS", "COLUMNS"]
 
@@ -70,7 +70,7 @@ class AnalysisWorkflow:
     Args:
         recon: the :class:`ReconWorkflow` (VAE, transforms, HU window, output folder) of the recon bundle.
         labels: a label map (one case) or a folder of ``<case>[_seg].nii.gz``; ``None`` = label-free mode.
-        methods: ``"vae"``, ``"gaussian_matched"`` and any name of :data:`fvae_ct.denoisers.DENOISERS`.
+        methods: ``"vae"``, ``"gaussian_matched"`` and any name of :data:`fvae_ct.recon.denoisers.DENOISERS`.
         cutoff: frequency (cycles/voxel) above which error energy counts as high-frequency.
     """
 

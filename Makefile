@@ -10,7 +10,7 @@ export FVAE_ASSETS ?= $(abspath ../shared/assets)
 endif
 export MPLBACKEND := Agg
 
-.PHONY: install demo test bench bench-video clean ablation-demo monailabel-check
+.PHONY: install demo test bundles bundle-check zoo-check bench bench-video clean ablation-demo monailabel-check
 
 install: $(STAMP)
 
@@ -32,6 +32,20 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+
+# self-contained bundle archives: dist/<bundle>_v<version>.zip with the fvae_ct code each bundle needs vendored
+bundles: $(STAMP)
+	$(PY) tools/build_bundles.py --out dist
+
+# each archive downloaded from a 127.0.0.1 server with MONAI's `download` + `download_large_files` and run in a
+# fresh virtual environment that has the bundle's listed requirements but not fvae-ct (slow: 3 venvs, ~1.5 GB)
+bundle-check: $(STAMP)
+	$(PY) -m pytest -q -ra -m download tests/test_bundle_download.py $(PYTEST_ARGS)
+
+# the MONAI model-zoo's own CI scripts, unchanged, on the archives (needs a model-zoo checkout or bare git dir)
+zoo-check: $(STAMP)
+	test -n "$(ZOO)" || (echo "give ZOO=<Project-MONAI/model-zoo checkout or git dir>"; exit 2)
+	$(PY) tools/zoo_ci.py --zoo $(ZOO)
 
 bench: $(STAMP)
 	$(PY) bench/bench_taef2.py --out outputs/bench
@@ -64,4 +78,4 @@ monailabel-check: $(STAMP)
 	    --image outputs/mlcheck/lesions/imagesTr/lesion_000.nii.gz --out outputs/mlcheck --network $(TINY_NET)
 
 clean:
-	rm -rf outputs .pytest_cache
+	rm -rf outputs .pytest_cache dist .venv-bundles

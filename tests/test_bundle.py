@@ -7,12 +7,14 @@ import json
 
 import nibabel as nib
 import numpy as np
+import pytest
 import yaml
-from conftest import PY, ROOT, run
+from conftest import PY, ROOT, check_properties, run
 from monai.bundle import ConfigParser
 from monai.transforms import LoadImage
 
-BUNDLE = ROOT / "bundles" / "fvae_recon"
+BUNDLES = ROOT / "bundles"
+BUNDLE = BUNDLES / "fvae_recon"
 
 
 def test_bundle_run_on_real_dicom_meets_reference_numbers(dicom_dir, tmp_path):
@@ -79,3 +81,88 @@ def test_bundle_files_and_properties():
     parser["output_dir"] = "/tmp/unused"
     assert parser.get_parsed_content("network_def").name == "identity"
     assert type(parser.get_parsed_content("preprocessing")).__name__ == "Compose"
+
+
+SCHEMA = "monai/meta_schema_20240725.json"
+
+
+@pytest.mark.parametrize("bundle", ["fvae_recon", "fvae_aug_seg", "fvae_ldm"])
+def test_metadata_verifies_against_monai_schema_and_lists_installable_packages(bundle, assets):
+    """MONAI's verify_metadata with the schema named in metadata.json (a local copy: its URL is unreachable here);
+    every required package is an exact pin of a PyPI package (fvae-ct itself ships inside the archive)."""
+    from monai.bundle import verify_metadata
+
+    meta = BUNDLES / bundle / "configs" / "metadata.json"
+    verify_metadata(meta_file=str(meta), filepath=str(assets / SCHEMA))
+    m = json.loads(meta.read_text())
+    assert m["version"] in m["changelog"] and "optional_packages_version" not in m  # MONAI renames that key
+    assert "fvae-ct" not in m["required_packages_version"]
+    assert all(v.count(".") >= 1 for v in m["required_packages_version"].values())
+    broken = {**m, "network_data_format": {"inputs": {}}}  # the check can fail: outputs missing
+    bad = meta.parent.parent / "broken_metadata.json"
+    try:
+        bad.write_text(json.dumps(broken))
+        with pytest.raises(Exception, match="outputs"):
+            verify_metadata(meta_file=str(bad), filepath=str(assets / SCHEMA))
+    finally:
+        bad.unlink()
+
+
+def test_recon_configs_have_the_inference_workflow_properties(assets):
+    """check_properties as the zoo's CI and MONAI Label run it: every required property instantiates."""
+    assert check_properties(BUNDLE / "configs", ["inference.yaml"], "inference") == []
+    assert check_properties(BUNDLE / "configs", ["inference.yaml", "analysis.yaml"], "inference") == []
+    missing = check_properties(BUNDLE / "configs", ["inference.yaml"], "train")
+    assert {"trainer", "max_epochs", "train_dataset", "train_inferer"} <= set(missing)  # the check can fail
+
+
+@pytest.mark.parametrize("bundle", ["fvae_recon", "fvae_aug_seg"])
+def test_network_in_out_as_the_zoo_verifies_it(bundle, assets):
+    """monai.bundle.verify_net_in_out on network_def with the shapes of metadata.json (the zoo runs it for these two;
+    fvae_ldm is a generative bundle on the zoo's exclusion list)."""
+    from monai.bundle import verify_net_in_out
+
+    b = BUNDLES / bundle
+    verify_net_in_out(net_id="network_def", meta_file=str(b / "configs" / "metadata.json"),
+                      config_file=str(b / "configs" / "inference.yaml"), bundle_root=str(b), device="cpu", n=2)
+    with pytest.raises(ValueError, match="output channel number"):
+        verify_net_in_out(net_id="network_def", meta_file=str(b / "configs" / "metadata.json"),
+                          config_file=str(b / "configs" / "inference.yaml"), bundle_root=str(b), device="cpu",
+                          **{"_meta_#network_data_format#outputs#pred#num_channels": 7})
+
+
+def test_multi_gpu_configs_define_the_training_properties():
+    """The multi-GPU overlays need torchrun + NCCL to instantiate, so their property IDs are checked as MONAI
+    resolves them (the layered config holds each required ID); the single-GPU configs are instantiated above."""
+    from monai.bundle.properties import TrainProperties
+
+    for bundle in ("fvae_aug_seg", "fvae_ldm"):
+        conf = BUNDLES / bundle / "configs"
+        p = ConfigParser()
+        p.read_config([str(conf / "train.yaml"), str(conf / "multi_gpu_train.yaml")])
+        for name, prop in TrainProperties.items():
+            if prop.get("required"):
+                assert prop["id"] in p, (bundle, name)
+
+
+def test_build_bundles_vendors_the_code_each_bundle_needs(tmp_path):
+    import zipfile
+
+    r = run([PY, str(ROOT / "tools" / "build_bundles.py"), "--out", str(tmp_path)])
+    assert r.returncode == 0, r.stderr
+    for bundle, own, absent in (("fvae_recon", "recon", ("aug_seg", "ldm")), ("fvae_aug_seg", "aug_seg", ("ldm",)),
+                                ("fvae_ldm", "ldm", ("recon", "aug_seg"))):
+        version = json.loads((BUNDLES / bundle / "configs" / "metadata.json").read_text())["version"]
+        z = zipfile.ZipFile(tmp_path / f"{bundle}_v{version}.zip")
+        names = set(z.namelist())
+        assert {f"{bundle}/configs/metadata.json", f"{bundle}/LICENSE", f"{bundle}/large_files.yml",
+                f"{bundle}/docs/README.md", f"{bundle}/docs/data_license.txt", f"{bundle}/fvae_ct/vae/base.py",
+                f"{bundle}/fvae_ct/{own}/__init__.py"} <= names
+        assert all(n.startswith(f"{bundle}/") and "__pycache__" not in n for n in names)
+        assert not any(n.startswith(f"{bundle}/fvae_ct/{a}/") for a in absent for n in names)
+        assert f"{bundle}/fvae_ct/cli.py" not in names  # the fvae command is not part of a bundle
+        src = (ROOT / "common" / "fvae_ct" / "vae" / "base.py").read_bytes()
+        assert z.read(f"{bundle}/fvae_ct/vae/base.py") == src  # vendored verbatim from the one source
+    first = (tmp_path / "fvae_recon_v0.2.0.zip").read_bytes()
+    run([PY, str(ROOT / "tools" / "build_bundles.py"), "--out", str(tmp_path), "--bundles", "fvae_recon"])
+    assert (tmp_path / "fvae_recon_v0.2.0.zip").read_bytes() == first  # reproducible

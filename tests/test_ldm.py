@@ -162,6 +162,13 @@ def test_ldm_bundle_prepare_train_2d_3d_and_generate(assets, tmp_path):
     for k, v in c2["model"].items():  # the 2D UNet did not move in stage 3d
         assert torch.equal(c3["model"]["unet." + k], v), k
     assert any(k.startswith("blocks3d.") for k in c3["model"])
+    # MONAI's workflow contract (as the zoo CI and MONAI Label check it) on the trained bundle folder
+    from conftest import check_properties
+
+    lt = dict(unet_channels=[16, 32], attention_levels=[False, True], num_res_blocks=1, num_head_channels=8,
+              norm_num_groups=8, consistency_levels=[0, 1], bundle_root=str(tmp_path))
+    assert check_properties(conf, ["train.yaml"], "train", stage="3d", **lt) == []
+    assert check_properties(conf, ["inference.yaml"], "inference", **lt) == []
     # generation: a CT volume with the mask's geometry, in HU
     out = tmp_path / "gen"
     r = run([PY, "-m", "monai.bundle", "run", "--config_file", str(conf / "inference.yaml"), *root, "--mask", str(seg),

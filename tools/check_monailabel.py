@@ -31,6 +31,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -47,7 +48,7 @@ NII = (".nii.gz", ".nii")
 RESULTS: list[tuple[str, bool, str]] = []
 
 
-class CheckFailed(Exception):
+class CheckError(Exception):
     pass
 
 
@@ -59,7 +60,7 @@ def step(name: str, ok: bool, detail: str = "") -> bool:
 
 def require(name: str, ok: bool, detail: str = "") -> None:
     if not step(name, ok, detail):
-        raise CheckFailed(name)
+        raise CheckError(name)
 
 
 def case_id(p: Path) -> str:
@@ -94,17 +95,18 @@ class Client:
         return status, (json.loads(body) if body else None)
 
     def post_json(self, path, obj):
-        status, _, body = self.request(
-            "POST", path, json.dumps(obj).encode(), {"Content-Type": "application/json"}
-        )
+        status, _, body = self.request("POST", path, json.dumps(obj).encode(), {"Content-Type": "application/json"})
         return status, (json.loads(body) if body else None)
 
     def post_form(self, path, fields: dict):
         boundary = uuid.uuid4().hex
-        body = b"".join(
-            f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
-            for k, v in fields.items()
-        ) + f"--{boundary}--\r\n".encode()
+        body = (
+            b"".join(
+                f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+                for k, v in fields.items()
+            )
+            + f"--{boundary}--\r\n".encode()
+        )
         return self.request("POST", path, body, {"Content-Type": f"multipart/form-data; boundary={boundary}"})
 
 
@@ -132,7 +134,7 @@ def split_multipart(content_type: str, body: bytes) -> dict:
 def find_monailabel(venv: Path) -> Path:
     exe = venv / "bin" / "monailabel"
     if not exe.is_file():
-        raise CheckFailed(f"no monailabel script at {exe} (pass --venv <monailabel virtualenv>)")
+        raise CheckError(f"no monailabel script at {exe} (pass --venv <monailabel virtualenv>)")
     return exe
 
 
@@ -167,12 +169,12 @@ def build_studies(images: Path, labels: Path | None, studies: Path, lps_copy: bo
     (studies / "labels" / "final").mkdir(parents=True)
     imgs = nifti_files(images)
     if not imgs:
-        raise CheckFailed(f"no NIfTI images in {images}")
+        raise CheckError(f"no NIfTI images in {images}")
     lab_by_id = {case_id(p): p for p in nifti_files(labels)} if labels else {}
     ids, labelled = [], []
     for p in imgs:
         cid = case_id(p)
-        ext = p.name[len(cid):]
+        ext = p.name[len(cid) :]
         shutil.copy(p, studies / f"{cid}{ext}")
         ids.append(cid)
         if cid in lab_by_id:
@@ -186,6 +188,16 @@ def build_studies(images: Path, labels: Path | None, studies: Path, lps_copy: bo
     return ids, labelled
 
 
+def port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: TIME_WAIT of a last run is no user
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
 def log_tail(log: Path, n: int = 60) -> str:
     try:
         return "\n".join(log.read_text(errors="replace").splitlines()[-n:])
@@ -193,21 +205,19 @@ def log_tail(log: Path, n: int = 60) -> str:
         return "(no server log)"
 
 
-def wait_ready(client: Client, proc: subprocess.Popen, log: Path, timeout: float) -> dict:
+def wait_ready(client: Client, proc: subprocess.Popen, timeout: float) -> dict:
     t0 = time.time()
     while time.time() - t0 < timeout:
         if proc.poll() is not None:
-            print(log_tail(log), file=sys.stderr)
-            raise CheckFailed(f"server exited with code {proc.returncode} before it was ready")
+            raise CheckError(f"server exited with code {proc.returncode} before it was ready")
         try:
             status, info = client.get_json("/info/", timeout=10)
             if status == 200:
                 return info
-        except (urllib.error.URLError, ConnectionError, OSError):
+        except OSError:  # URLError, refused connection, reset, timeout
             pass
         time.sleep(2)
-    print(log_tail(log), file=sys.stderr)
-    raise CheckFailed(f"server not ready after {timeout:.0f} s")
+    raise CheckError(f"server not ready after {timeout:.0f} s")
 
 
 def stop_server(proc: subprocess.Popen, grace: float = 30) -> str:
@@ -241,11 +251,16 @@ def check_label_map(name: str, label_bytes: bytes, filename: str, image: Path, o
     img, lab = nib.load(str(image)), nib.load(str(dst))
     found = set(np.unique(np.asarray(lab.dataobj)).astype(int).tolist())
     diff = float(np.abs(lab.affine - img.affine).max())
-    detail = (f"{dst.name}: shape {lab.shape} vs {img.shape}, affine max |diff| {diff:.3g}, "
-              f"ids {sorted(found)} (allowed {sorted(ids)}), axcodes {''.join(nib.aff2axcodes(lab.affine))}")
+    detail = (
+        f"{dst.name}: shape {lab.shape} vs {img.shape}, affine max |diff| {diff:.3g}, "
+        f"ids {sorted(found)} (allowed {sorted(ids)}), axcodes {''.join(nib.aff2axcodes(lab.affine))}"
+    )
     step(f"{name}: label map shape", tuple(lab.shape[:3]) == tuple(img.shape[:3]) and len(lab.shape) in (3, 4), detail)
-    step(f"{name}: label map affine (exact)", np.array_equal(lab.affine, img.affine),
-         f"max |diff| {diff:.3g}\n  image {img.affine.tolist()}\n  label {lab.affine.tolist()}" if diff else "")
+    step(
+        f"{name}: label map affine (exact)",
+        np.array_equal(lab.affine, img.affine),
+        f"max |diff| {diff:.3g}\n  image {img.affine.tolist()}\n  label {lab.affine.tolist()}" if diff else "",
+    )
     step(f"{name}: label ids within {sorted(ids)}", found <= ids, str(sorted(found)))
 
 
@@ -285,8 +300,13 @@ def main() -> int:
     ap.add_argument("--port", type=int, default=8123)
     ap.add_argument("--venv", type=Path, default=Path(sys.prefix), help="MONAI Label virtualenv (default: this one)")
     ap.add_argument("--device", default="cpu", help="device for infer and train requests")
-    ap.add_argument("--train-overrides", "--train-params", dest="train_params", default="{}",
-                    help="JSON merged into the POST /train/<model> body")
+    ap.add_argument(
+        "--train-overrides",
+        "--train-params",
+        dest="train_params",
+        default="{}",
+        help="JSON merged into the POST /train/<model> body",
+    )
     ap.add_argument("--no-train", action="store_true", help="skip the train step")
     ap.add_argument("--no-lps", action="store_true", help="no LPS-stored copy of the first image")
     ap.add_argument("--start-timeout", type=float, default=600)
@@ -294,6 +314,8 @@ def main() -> int:
     ap.add_argument("--infer-timeout", type=float, default=900)
     a = ap.parse_args()
 
+    # a SIGTERM of the check (make, CI timeout) still runs the `finally` that stops the server
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     t_all = time.time()
     bundle = a.bundle.resolve()
     model = bundle.name
@@ -302,8 +324,11 @@ def main() -> int:
     timings: dict[str, float] = {}
     proc = None
     try:
-        require("bundle folder", (bundle / "configs" / "metadata.json").is_file()
-                and (bundle / "models" / "model.pt").is_file(), str(bundle))
+        require(
+            "bundle folder",
+            (bundle / "configs" / "metadata.json").is_file() and (bundle / "models" / "model.pt").is_file(),
+            str(bundle),
+        )
         meta = json.loads((bundle / "configs" / "metadata.json").read_text())
         pred = next(iter(meta["network_data_format"]["outputs"].values()))
         label_ids = {int(k) for k in pred.get("channel_def", {})} or {0, 1}
@@ -311,20 +336,34 @@ def main() -> int:
         env = server_env(venv)
 
         # the bundle's own code must come from the bundle, not from the venv
-        r = subprocess.run([str(venv / "bin" / "python"), "-c", "import fvae_ct"], env=env, cwd="/",
-                           capture_output=True)
-        step("fvae_ct is not installed in the MONAI Label venv (the bundle's vendored copy is what runs)",
-             r.returncode != 0, "" if r.returncode else "importable without the bundle: the check proves less")
+        r = subprocess.run(
+            [str(venv / "bin" / "python"), "-c", "import fvae_ct"], env=env, cwd="/", capture_output=True
+        )
+        step(
+            "fvae_ct is not installed in the MONAI Label venv (the bundle's vendored copy is what runs)",
+            r.returncode != 0,
+            "" if r.returncode else "importable without the bundle: the check proves less",
+        )
 
         # 1. app + bundle
-        if work.exists():
+        if work.exists() and any(work.iterdir()):
+            if not any((work / n).exists() for n in ("report.json", "server.log", "monaibundle", "studies")):
+                raise CheckError(f"--work {work} is a non-empty folder this check did not make; not deleting it")
             shutil.rmtree(work)
         work.mkdir(parents=True)
-        r = subprocess.run([str(exe), "apps", "--download", "--name", "monaibundle", "--output", str(work)],
-                           env=env, capture_output=True, text=True, cwd=work)
+        r = subprocess.run(
+            [str(exe), "apps", "--download", "--name", "monaibundle", "--output", str(work)],
+            env=env,
+            capture_output=True,
+            text=True,
+            cwd=work,
+        )
         app = work / "monaibundle"
-        require("monailabel apps --download --name monaibundle", r.returncode == 0 and (app / "main.py").is_file(),
-                (r.stdout + r.stderr).strip().splitlines()[-1] if (r.stdout + r.stderr).strip() else "")
+        require(
+            "monailabel apps --download --name monaibundle",
+            r.returncode == 0 and (app / "main.py").is_file(),
+            (r.stdout + r.stderr).strip().splitlines()[-1] if (r.stdout + r.stderr).strip() else "",
+        )
         dst = app / "model" / model
         shutil.copytree(bundle, dst, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         step("bundle copied into the app's model folder", (dst / "models" / "model.pt").is_file(), str(dst))
@@ -334,19 +373,28 @@ def main() -> int:
         ids, labelled = build_studies(a.images, a.labels, studies, not a.no_lps)
         step("datastore folder", True, f"{len(ids)} images ({ids}), {len(labelled)} with labels/final")
 
-        # 3. server
-        cmd = [str(exe), "start_server", "--app", str(app), "--studies", str(studies),
-               "--host", "127.0.0.1", "--port", str(a.port),
-               "--conf", "models", model, "--conf", "zoo_source", "github", "--conf", "sam2", "false",
-               "--conf", "preload", "false"]
+        # 3. server (never talk to someone else's server on the same port)
+        free = port_free(a.port)
+        require(f"port {a.port} is free on 127.0.0.1", free, "" if free else "in use: pass another --port")
+        conf = {"models": model, "zoo_source": "github", "sam2": "false", "preload": "false"}
+        cmd = [str(exe), "start_server", "--app", str(app), "--studies", str(studies)]
+        cmd += ["--host", "127.0.0.1", "--port", str(a.port)]
+        cmd += [x for k, v in conf.items() for x in ("--conf", k, v)]
         print("server command:", " ".join(cmd), flush=True)
         log = work / "server.log"
         t0 = time.time()
         with open(log, "w") as fp:
-            proc = subprocess.Popen(cmd, env=env, cwd=work, stdout=fp, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
+            proc = subprocess.Popen(
+                cmd,
+                env=env,
+                cwd=work,
+                stdout=fp,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         client = Client(a.port, timeout=a.infer_timeout)
-        info = wait_ready(client, proc, log, a.start_timeout)
+        info = wait_ready(client, proc, a.start_timeout)
         timings["server_start_s"] = time.time() - t0
         step("server ready (GET /info/ 200)", True, f"PID {proc.pid}, {timings['server_start_s']:.1f} s")
 
@@ -354,18 +402,23 @@ def main() -> int:
         m = info.get("models", {}).get(model)
         require(f"/info/ lists model {model}", m is not None, f"models {list(info.get('models', {}))}")
         print(f"  /info/ model: type {m.get('type')}, labels {m.get('labels')}, dimension {m.get('dimension')}")
-        step(f"/info/ labels of {model} match metadata.json", set(m.get("labels", {}).values()) == label_ids - {0},
-             str(m.get("labels")))
+        step(
+            f"/info/ labels of {model} match metadata.json",
+            set(m.get("labels", {}).values()) == label_ids - {0},
+            str(m.get("labels")),
+        )
         has_trainer = model in info.get("trainers", {})
         step(f"/info/ lists trainer {model}", has_trainer, f"trainers {list(info.get('trainers', {}))}")
         status, ds = client.get_json("/datastore/?output=all")
         objs = (ds or {}).get("objects", {})
-        step("/datastore/ lists the images", status == 200 and set(ids) <= set(objs),
-             f"HTTP {status}, {sorted(objs)}")
+        step("/datastore/ lists the images", status == 200 and set(ids) <= set(objs), f"HTTP {status}, {sorted(objs)}")
         status, dl = client.get_json("/datastore/?output=train")
         pairs = {case_id(Path(d["image"])) for d in (dl or []) if d.get("label")}
-        step("/datastore/?output=train has the image+label pairs", status == 200 and pairs == set(labelled),
-             f"{sorted(pairs)}")
+        step(
+            "/datastore/?output=train has the image+label pairs",
+            status == 200 and pairs == set(labelled),
+            f"{sorted(pairs)}",
+        )
 
         # 5. inference
         infer_params = {"device": a.device}
@@ -382,13 +435,16 @@ def main() -> int:
             print("train request:", json.dumps(body), flush=True)
             t0 = time.time()
             status, task = client.post_json(f"/train/{model}", body)
-            require(f"POST /train/{model}", status == 200 and isinstance(task, dict),
-                    f"HTTP {status}: {json.dumps(task)[:300]}")
+            require(
+                f"POST /train/{model}",
+                status == 200 and isinstance(task, dict),
+                f"HTTP {status}: {json.dumps(task)[:300]}",
+            )
             task_id, last = task.get("id"), None
             while time.time() - t0 < a.train_timeout:
                 time.sleep(5)
                 if proc.poll() is not None:
-                    raise CheckFailed(f"server died during training (code {proc.returncode})")
+                    raise CheckError(f"server died during training (code {proc.returncode})")
                 status, t = client.get_json("/train/", timeout=30)
                 if status == 200 and t and t.get("id") == task_id:
                     last = t
@@ -400,18 +456,25 @@ def main() -> int:
             if not ok:
                 if st not in ("DONE", "ERROR", "STOPPED"):
                     client.request("DELETE", "/train/")
-                print("  last train log lines:\n    " + "\n    ".join((last or {}).get("details", [])),
-                      file=sys.stderr)
+                print("  last train log lines:\n    " + "\n    ".join((last or {}).get("details", [])), file=sys.stderr)
             after = file_state(model_pt)
-            step("training wrote a new models/model.pt", after is not None and after != before,
-                 f"before {before}, after {after}")
+            hint = "" if after != before or not ok else " (no validation ran? train.yaml's val_interval > max_epochs)"
+            step(
+                "training wrote a new models/model.pt",
+                after is not None and after != before,
+                f"before {before}, after {after}{hint}",
+            )
+            if ok and body.get("pretrained"):
+                restored = "Restored all variables from " + str(model_pt)
+                step("training started from the bundle's models/model.pt", restored in log.read_text(errors="replace"))
             if ok:
-                timings["infer_after_train_s"] = infer(client, model, ids[0], studies, out_dir, label_ids,
-                                                       infer_params, "infer-after-train")
+                timings["infer_after_train_s"] = infer(
+                    client, model, ids[0], studies, out_dir, label_ids, infer_params, "infer-after-train"
+                )
         elif not a.no_train:
             step("train step", False, "no trainer registered")
-    except CheckFailed as e:
-        if not any(not ok for _, ok, _ in RESULTS):
+    except CheckError as e:
+        if str(e) not in [n for n, ok, _ in RESULTS if not ok]:  # not already reported by require()
             step(str(e), False)
     except Exception as e:  # an unexpected error of the check itself
         step(f"unexpected {type(e).__name__}", False, str(e))
@@ -426,12 +489,16 @@ def main() -> int:
             print("---- server.log (tail) ----\n" + log_tail(work / "server.log", 80), file=sys.stderr)
 
     timings["total_s"] = time.time() - t_all
+    work.mkdir(parents=True, exist_ok=True)
     failed = [n for n, ok, _ in RESULTS if not ok]
-    (work / "report.json").write_text(json.dumps({"passed": not failed, "failed": failed, "timings": timings,
-                                                  "steps": RESULTS}, indent=1))
+    (work / "report.json").write_text(
+        json.dumps({"passed": not failed, "failed": failed, "timings": timings, "steps": RESULTS}, indent=1)
+    )
     print("timings:", json.dumps({k: round(v, 1) for k, v in timings.items()}))
-    print(f"MONAI Label server check: {'PASSED' if not failed else 'FAILED'} "
-          f"({len(RESULTS) - len(failed)}/{len(RESULTS)} steps){'; failed: ' + '; '.join(failed) if failed else ''}")
+    print(
+        f"MONAI Label server check: {'PASSED' if not failed else 'FAILED'} "
+        f"({len(RESULTS) - len(failed)}/{len(RESULTS)} steps){'; failed: ' + '; '.join(failed) if failed else ''}"
+    )
     return 0 if not failed else 1
 
 

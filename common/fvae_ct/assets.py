@@ -26,8 +26,20 @@ from tqdm.auto import tqdm
 
 from .errors import WeightsError
 
-__all__ = ["Asset", "ASSETS", "DICOM_SERIES", "resolve", "search_path", "cache_dir", "sha256", "sample_ct",
-           "sample_dir", "bundle_weights", "weights_file", "load_checkpoint"]
+__all__ = [
+    "Asset",
+    "ASSETS",
+    "DICOM_SERIES",
+    "resolve",
+    "search_path",
+    "cache_dir",
+    "sha256",
+    "sample_ct",
+    "sample_dir",
+    "bundle_weights",
+    "weights_file",
+    "load_checkpoint",
+]
 
 _TAESD_COMMIT = "5cccb12dc72074a4be35680c3b108548a7c69978"
 _TOTALSEG_COMMIT = "0e65a448d557382b1e925276212b3bec7f5aff83"
@@ -58,60 +70,101 @@ class Asset:
 
 ASSETS: dict[str, Asset] = {
     "taef2_encoder": Asset(
-        "weights/taef2_encoder.pth", _TAESD_URL + "taef2_encoder.pth",
-        "10a4e1021e89d7551eaf161352da8dbd0b1aa83872ae28b150c1df1ce2f147b6", "MIT (madebyollin/taesd)"),
+        "weights/taef2_encoder.pth",
+        _TAESD_URL + "taef2_encoder.pth",
+        "10a4e1021e89d7551eaf161352da8dbd0b1aa83872ae28b150c1df1ce2f147b6",
+        "MIT (madebyollin/taesd)",
+    ),
     "taef2_decoder": Asset(
-        "weights/taef2_decoder.pth", _TAESD_URL + "taef2_decoder.pth",
-        "0a44a31e1ae59eb9dbf9359d24942fd3ef5928162c1800d97a28c61d51be0ab5", "MIT (madebyollin/taesd)"),
+        "weights/taef2_decoder.pth",
+        _TAESD_URL + "taef2_decoder.pth",
+        "0a44a31e1ae59eb9dbf9359d24942fd3ef5928162c1800d97a28c61d51be0ab5",
+        "MIT (madebyollin/taesd)",
+    ),
     "totalseg_ct_sm_3mm": Asset(
-        "ct/totalseg_ct_sm_3mm.nii.gz", _TOTALSEG_URL + "example_ct_sm.nii.gz", "e50c00b2914e2cac0aaee8e7f3b5f57d44d9f21bfd5c0577271c54c0cb49e9fb", "Apache-2.0 (TotalSegmentator)"),
+        "ct/totalseg_ct_sm_3mm.nii.gz",
+        _TOTALSEG_URL + "example_ct_sm.nii.gz",
+        "e50c00b2914e2cac0aaee8e7f3b5f57d44d9f21bfd5c0577271c54c0cb49e9fb",
+        "Apache-2.0 (TotalSegmentator)",
+    ),
     "totalseg_ct_sm_3mm_seg": Asset(
-        "ct/totalseg_ct_sm_3mm_seg.nii.gz", _TOTALSEG_URL + "example_seg.nii.gz", "8be652475a4aaae83103a66bfb3345314b1fc06742807a06cf5005f7a7913a2d", "Apache-2.0 (TotalSegmentator)"),
+        "ct/totalseg_ct_sm_3mm_seg.nii.gz",
+        _TOTALSEG_URL + "example_seg.nii.gz",
+        "8be652475a4aaae83103a66bfb3345314b1fc06742807a06cf5005f7a7913a2d",
+        "Apache-2.0 (TotalSegmentator)",
+    ),
     "totalseg_ct_3mm": Asset(
-        "ct/totalseg_ct_3mm.nii.gz", _TOTALSEG_URL + "example_ct.nii.gz", "dbd3ae6d614d1d7ef3a46925c30c70038ed52da6b37fdd6afdc7b9b71387e3e1", "Apache-2.0 (TotalSegmentator)"),
+        "ct/totalseg_ct_3mm.nii.gz",
+        _TOTALSEG_URL + "example_ct.nii.gz",
+        "dbd3ae6d614d1d7ef3a46925c30c70038ed52da6b37fdd6afdc7b9b71387e3e1",
+        "Apache-2.0 (TotalSegmentator)",
+    ),
     "chest_ct_1p5mm": Asset(
-        "ct/chest_ct_1p5mm.nii.gz", _TOTALSEG_URL + "pulmonary_report/models/ct_cropped.nii.gz", "4da078fe43c9aa4d358903ac95105cea4fbe93b029474e4701bdde4db72126eb",
-        "Apache-2.0 (TotalSegmentator)"),
+        "ct/chest_ct_1p5mm.nii.gz",
+        _TOTALSEG_URL + "pulmonary_report/models/ct_cropped.nii.gz",
+        "4da078fe43c9aa4d358903ac95105cea4fbe93b029474e4701bdde4db72126eb",
+        "Apache-2.0 (TotalSegmentator)",
+    ),
     "aorta_ct_1p5mm": Asset(
-        "ct/aorta_ct_1p5mm.nii.gz", _TOTALSEG_URL + "aorta_report/test_result/models/ct_cropped.nii.gz", "f776ecfa1326e7e21a8c30e5530f517c16f16a59a68fc06e8119cefc7c3b87a0",
-        "Apache-2.0 (TotalSegmentator)"),
+        "ct/aorta_ct_1p5mm.nii.gz",
+        _TOTALSEG_URL + "aorta_report/test_result/models/ct_cropped.nii.gz",
+        "f776ecfa1326e7e21a8c30e5530f517c16f16a59a68fc06e8119cefc7c3b87a0",
+        "Apache-2.0 (TotalSegmentator)",
+    ),
     "dicom_series_512_seg": Asset(
-        "ct/dicom_series_512_seg.nii.gz", _TOTALSEG_URL + "example_seg_dicom.nii.gz", "98af7f6536c316ff9084054f20956cd3e28af376b81d582d269fbea2744878fc",
-        "Apache-2.0 (TotalSegmentator)"),
+        "ct/dicom_series_512_seg.nii.gz",
+        _TOTALSEG_URL + "example_seg_dicom.nii.gz",
+        "98af7f6536c316ff9084054f20956cd3e28af376b81d582d269fbea2744878fc",
+        "Apache-2.0 (TotalSegmentator)",
+    ),
 }
 #: the sample DICOM series (20 axial slices, 512x512): upstream file name -> SHA-256
-DICOM_SERIES = {f"CT.1.3.12.2.1107.5.1.4.60064.300000221208081134280000{16573 + i}.dcm": h for i, h in enumerate((
-    "4c5633409fa4d3edf6871e5684e9e1b10325b4d0949997582f43b23a684d0dc4",
-    "9148f91127145497f4d6c6f0780f9452504cd7fe5088ec8f2bf2b21800c731ff",
-    "3edaccec892e0821440cbefe3d5465923bb5146c316cbaf58f578d962f120484",
-    "9b68685f0c5f9bfcfc2c397f4fadf431da288d7422ca72e7d9031d4e039418cd",
-    "c8d2c0dc05e414d47d3652c658d8fecc20c3cf7ce106c10d84ad033d39700bcc",
-    "0ee2c1d58e06cedd91483ca35c04da3c26fea0dbe88aaf1eaa950b57f38357d6",
-    "c76cf0818d4215b92883d109b8a0b62ae0a4d81637eed98738f9c62b6f49bb72",
-    "106e20514fd3ca66895e14dbfba96c01c1195e4ed890c035d4368dd71f3ee116",
-    "5804e6c4a50f4d5b20040ac82a1c6d79cba5f7267d71f10b0a1b49eda1bc13ff",
-    "bef219a16b22949224de4581a2d288863b2585d29556ac24021f03307378cb39",
-    "9de5a49e880417d5330fe299115fdb95831a98234216a31c5c0e9a0be9a6dcd3",
-    "fa00c8d81ec8aa0d0cfc4e05343782c3a75a4c60df8cccf9ff5db42ac454e61d",
-    "ebba0900b0f728db0c94c769db3e5ca38a0cd916386a727541eb3e56350770e5",
-    "f084ec95cfba25efb7cbe86e8b4966b051904037e8385f58fe398c5475693b89",
-    "20a9b88a30ea8a824ac65cb19c1ebf80964b41ff476497706ff2a286e5f27a25",
-    "2a515d3b60f3ff733aac1fc5414206c331e3ed2ccef8c2e0c30b844c538e3ed8",
-    "5880669f1bc36b09cad4bdf487992ec415da0afa014e927efc282e612f467574",
-    "7af4dd5b5766a87368939116b91f90d989820e7b2237fb9bcd10d47db0960875",
-    "671306f4462ae881976c18c6a2d8a1567279fb0166ef0e9e8a41271fac9c1cbb",
-    "fdb76ad5272f074e07cc81509604fd163f2f8a9903d34b16ba6f078250373c51",
-))}
+DICOM_SERIES = {
+    f"CT.1.3.12.2.1107.5.1.4.60064.300000221208081134280000{16573 + i}.dcm": h
+    for i, h in enumerate(
+        (
+            "4c5633409fa4d3edf6871e5684e9e1b10325b4d0949997582f43b23a684d0dc4",
+            "9148f91127145497f4d6c6f0780f9452504cd7fe5088ec8f2bf2b21800c731ff",
+            "3edaccec892e0821440cbefe3d5465923bb5146c316cbaf58f578d962f120484",
+            "9b68685f0c5f9bfcfc2c397f4fadf431da288d7422ca72e7d9031d4e039418cd",
+            "c8d2c0dc05e414d47d3652c658d8fecc20c3cf7ce106c10d84ad033d39700bcc",
+            "0ee2c1d58e06cedd91483ca35c04da3c26fea0dbe88aaf1eaa950b57f38357d6",
+            "c76cf0818d4215b92883d109b8a0b62ae0a4d81637eed98738f9c62b6f49bb72",
+            "106e20514fd3ca66895e14dbfba96c01c1195e4ed890c035d4368dd71f3ee116",
+            "5804e6c4a50f4d5b20040ac82a1c6d79cba5f7267d71f10b0a1b49eda1bc13ff",
+            "bef219a16b22949224de4581a2d288863b2585d29556ac24021f03307378cb39",
+            "9de5a49e880417d5330fe299115fdb95831a98234216a31c5c0e9a0be9a6dcd3",
+            "fa00c8d81ec8aa0d0cfc4e05343782c3a75a4c60df8cccf9ff5db42ac454e61d",
+            "ebba0900b0f728db0c94c769db3e5ca38a0cd916386a727541eb3e56350770e5",
+            "f084ec95cfba25efb7cbe86e8b4966b051904037e8385f58fe398c5475693b89",
+            "20a9b88a30ea8a824ac65cb19c1ebf80964b41ff476497706ff2a286e5f27a25",
+            "2a515d3b60f3ff733aac1fc5414206c331e3ed2ccef8c2e0c30b844c538e3ed8",
+            "5880669f1bc36b09cad4bdf487992ec415da0afa014e927efc282e612f467574",
+            "7af4dd5b5766a87368939116b91f90d989820e7b2237fb9bcd10d47db0960875",
+            "671306f4462ae881976c18c6a2d8a1567279fb0166ef0e9e8a41271fac9c1cbb",
+            "fdb76ad5272f074e07cc81509604fd163f2f8a9903d34b16ba6f078250373c51",
+        )
+    )
+}
 for _f, _h in DICOM_SERIES.items():
-    ASSETS[f"dicom_series_512/{_f}"] = Asset(f"ct/dicom_series_512/{_f}", f"{_TOTALSEG_URL}example_ct_dicom/{_f}", _h,
-                                             "Apache-2.0 (TotalSegmentator)")
+    ASSETS[f"dicom_series_512/{_f}"] = Asset(
+        f"ct/dicom_series_512/{_f}", f"{_TOTALSEG_URL}example_ct_dicom/{_f}", _h, "Apache-2.0 (TotalSegmentator)"
+    )
 for _z, _d in ((4, 64), (8, 64), (16, 64), (16, 96)):
     _f = f"ivvae_z{_z}_dim{_d}"
-    ASSETS[_f] = Asset(f"weights/ivvae/{_f}.pth", f"https://modelscope.cn/models/wpy1999/iv-vae/resolve/master/{_f}.pth",
-                       "", "MIT (ali-vilab/iv-vae)")
+    ASSETS[_f] = Asset(
+        f"weights/ivvae/{_f}.pth",
+        f"https://modelscope.cn/models/wpy1999/iv-vae/resolve/master/{_f}.pth",
+        "",
+        "MIT (ali-vilab/iv-vae)",
+    )
 for _d in (4, 16):
-    ASSETS[f"leanvae_dim{_d}"] = Asset(f"weights/leanvae/LeanVAE-dim{_d}.ckpt",
-                                       f"{LEANVAE_PAGE}/resolve/main/LeanVAE-dim{_d}.ckpt", "", "MIT (Yumic/LeanVAE)")
+    ASSETS[f"leanvae_dim{_d}"] = Asset(
+        f"weights/leanvae/LeanVAE-dim{_d}.ckpt",
+        f"{LEANVAE_PAGE}/resolve/main/LeanVAE-dim{_d}.ckpt",
+        "",
+        "MIT (Yumic/LeanVAE)",
+    )
 
 
 def search_path() -> list[Path]:

@@ -1,19 +1,17 @@
 """The ``fvae`` command (python-fire). Subcommands run the same bundle configs as ``python -m monai.bundle run``.
 
-    fvae recon INPUT -o OUT --vae taef2 [--working_spacing 1.0] [--tile_size 256] ...
-    fvae analyze INPUT -o OUT --labels LABELS --vae taef2
-    fvae make-lesion-set OUT --n_cases 6
-    fvae ablate-seg --datalist OUT/dataset.json --arms none,union -o ablation [--max_epochs 50 ...]
-    fvae evaluate-gen --gen_dir G --real_dir R --masks_dir M --output_dir OUT
-    fvae compare-vaes INPUT --vaes taef2,wan2.1 --output_dir OUT
-    fvae list-vaes
+fvae recon INPUT -o OUT --vae taef2 [--working_spacing 1.0] [--tile_size 256] ...
+fvae analyze INPUT -o OUT --labels LABELS --vae taef2
+fvae make-lesion-set OUT --n_cases 6
+fvae ablate-seg --datalist OUT/dataset.json --arms none,union -o ablation [--max_epochs 50 ...]
+fvae evaluate-gen --gen_dir G --real_dir R --masks_dir M --output_dir OUT
+fvae compare-vaes INPUT --vaes taef2,wan2.1 --output_dir OUT
+fvae list-vaes
 """
 
 from __future__ import annotations
 
-import os
 import sys
-from pathlib import Path
 
 __all__ = ["main"]
 
@@ -36,12 +34,26 @@ def _run_cli(command: str, config, bundle: str = "fvae_recon", **overrides) -> N
 class CLI:
     """fvae-ct: frozen natural-image/video foundation VAEs for 3D CT."""
 
-    def recon(self, input: str | None = None, output_dir: str | None = None, vae: str = "taef2",
-              vae_weights: str | None = None, vae_dtype: str | None = None, vae_kwargs: dict | None = None,
-              device: str | None = None, hu_window=None,
-              working_spacing: float | None = None, skip_existing: bool = False, figures: bool = True,
-              tile_size: int | None = None, tile_overlap: int | None = None, depth_window: int | None = None,
-              depth_overlap: int | None = None, slice_batch: int | None = None, blend: str | None = None) -> None:
+    def recon(
+        self,
+        input: str | None = None,
+        output_dir: str | None = None,
+        vae: str = "taef2",
+        vae_weights: str | None = None,
+        vae_dtype: str | None = None,
+        vae_kwargs: dict | None = None,
+        device: str | None = None,
+        hu_window=None,
+        working_spacing: float | None = None,
+        skip_existing: bool = False,
+        figures: bool = True,
+        tile_size: int | None = None,
+        tile_overlap: int | None = None,
+        depth_window: int | None = None,
+        depth_overlap: int | None = None,
+        slice_batch: int | None = None,
+        blend: str | None = None,
+    ) -> None:
         """Reconstruct CT through a frozen VAE and score it (the fvae_recon bundle's inference.yaml).
 
         INPUT: a NIfTI file, a DICOM series folder, a folder of those, or a datalist JSON (default: the
@@ -50,16 +62,42 @@ class CLI:
         """
         if output_dir is None:
             sys.exit("fvae recon: give an output folder with -o / --output_dir")
-        _run_cli("recon", "inference.yaml", input=input, output_dir=output_dir, vae=vae, vae_weights=vae_weights,
-                 vae_dtype=vae_dtype, vae_kwargs=vae_kwargs, device=device, hu_window=hu_window,
-                 working_spacing=working_spacing, skip_existing=skip_existing, figures=figures, tile_size=tile_size,
-                 tile_overlap=tile_overlap, depth_window=depth_window, depth_overlap=depth_overlap,
-                 slice_batch=slice_batch, blend=blend)
+        _run_cli(
+            "recon",
+            "inference.yaml",
+            input=input,
+            output_dir=output_dir,
+            vae=vae,
+            vae_weights=vae_weights,
+            vae_dtype=vae_dtype,
+            vae_kwargs=vae_kwargs,
+            device=device,
+            hu_window=hu_window,
+            working_spacing=working_spacing,
+            skip_existing=skip_existing,
+            figures=figures,
+            tile_size=tile_size,
+            tile_overlap=tile_overlap,
+            depth_window=depth_window,
+            depth_overlap=depth_overlap,
+            slice_batch=slice_batch,
+            blend=blend,
+        )
 
-    def analyze(self, input: str | None = None, output_dir: str | None = None, labels: str | None = None,
-                vae: str = "taef2", vae_weights: str | None = None, methods=None, hu_window=None,
-                working_spacing: float | None = None, hf_cutoff: float | None = None, device: str | None = None,
-                figures: bool = True) -> None:
+    def analyze(
+        self,
+        input: str | None = None,
+        output_dir: str | None = None,
+        labels: str | None = None,
+        vae: str = "taef2",
+        vae_weights: str | None = None,
+        methods=None,
+        hu_window=None,
+        working_spacing: float | None = None,
+        hf_cutoff: float | None = None,
+        device: str | None = None,
+        figures: bool = True,
+    ) -> None:
         """Is the VAE a boundary-preserving denoiser? The VAE and classical denoisers scored side by side.
 
         Writes analysis.csv, analysis.json and <case>_analysis.png into OUTPUT_DIR (-o). LABELS: a label
@@ -67,12 +105,32 @@ class CLI:
         """
         if output_dir is None:
             sys.exit("fvae analyze: give an output folder with -o / --output_dir")
-        _run_cli("analyze", ["inference.yaml", "analysis.yaml"], input=input, output_dir=output_dir, labels=labels,
-                 vae=vae, vae_weights=vae_weights, methods=methods, hu_window=hu_window,
-                 working_spacing=working_spacing, hf_cutoff=hf_cutoff, device=device, figures=figures)
+        _run_cli(
+            "analyze",
+            ["inference.yaml", "analysis.yaml"],
+            input=input,
+            output_dir=output_dir,
+            labels=labels,
+            vae=vae,
+            vae_weights=vae_weights,
+            methods=methods,
+            hu_window=hu_window,
+            working_spacing=working_spacing,
+            hf_cutoff=hf_cutoff,
+            device=device,
+            figures=figures,
+        )
 
-    def ablate_seg(self, datalist: str, arms: str = "none,union", output_dir: str | None = None,
-                   recon_dir: str | None = None, seed: int = 0, n_boot: int = 10000, **overrides) -> None:
+    def ablate_seg(
+        self,
+        datalist: str,
+        arms: str = "none,union",
+        output_dir: str | None = None,
+        recon_dir: str | None = None,
+        seed: int = 0,
+        n_boot: int = 10000,
+        **overrides,
+    ) -> None:
         """Train + evaluate the fvae_aug_seg bundle per arm (none, union, prob, online) on the same split,
         seeds and budget; write ablation.csv / .md with mean Dice and NSD, the paired difference to the first
         arm and its bootstrap 95 % CI. Extra --key value pairs override the bundle config (e.g. --max_epochs)."""
@@ -85,8 +143,9 @@ class CLI:
             arms = ",".join(arms)
         ablate_seg(datalist, arms, output_dir, recon_dir, seed, n_boot, **overrides)
 
-    def make_lesion_set(self, output_dir: str, n_cases: int = 6, ct: str | None = None, seg: str | None = None,
-                        seed: int = 0) -> None:
+    def make_lesion_set(
+        self, output_dir: str, n_cases: int = 6, ct: str | None = None, seg: str | None = None, seed: int = 0
+    ) -> None:
         """Write a small MSD-style set: a real CT (default: the TotalSegmentator sample) with one synthetic
         lesion per case (labels 1 organ, 2 lesion) and dataset.json. For the CPU ablation demo and tests."""
         from .assets import resolve
@@ -96,18 +155,43 @@ class CLI:
         seg = seg or str(resolve("totalseg_ct_sm_3mm_seg", download=True))
         print(make_lesion_set(output_dir, ct, seg, n_cases=n_cases, seed=seed))
 
-    def evaluate_gen(self, gen_dir: str, real_dir: str, output_dir: str | None = None, masks_dir: str | None = None,
-                     real_labels_dir: str | None = None, segmenter: str | None = None, classes=None,
-                     nsd_tolerance_mm: float | None = None) -> None:
+    def evaluate_gen(
+        self,
+        gen_dir: str,
+        real_dir: str,
+        output_dir: str | None = None,
+        masks_dir: str | None = None,
+        real_labels_dir: str | None = None,
+        segmenter: str | None = None,
+        classes=None,
+        nsd_tolerance_mm: float | None = None,
+    ) -> None:
         """Generated vs. real CT (the fvae_ldm bundle's evaluate.yaml): FVD, organ median HU, mask adherence."""
         if output_dir is None:
             sys.exit("fvae evaluate-gen: give an output folder with --output_dir")
-        _run_cli("evaluate-gen", "evaluate.yaml", bundle="fvae_ldm", gen_dir=gen_dir, real_dir=real_dir,
-                 output_dir=output_dir, masks_dir=masks_dir, real_labels_dir=real_labels_dir, segmenter=segmenter,
-                 classes=classes, nsd_tolerance_mm=nsd_tolerance_mm)
+        _run_cli(
+            "evaluate-gen",
+            "evaluate.yaml",
+            bundle="fvae_ldm",
+            gen_dir=gen_dir,
+            real_dir=real_dir,
+            output_dir=output_dir,
+            masks_dir=masks_dir,
+            real_labels_dir=real_labels_dir,
+            segmenter=segmenter,
+            classes=classes,
+            nsd_tolerance_mm=nsd_tolerance_mm,
+        )
 
-    def compare_vaes(self, input: str, vaes: str = "taef2,identity", output_dir: str | None = None,
-                     weights: dict | None = None, labels: str | None = None, **overrides) -> None:
+    def compare_vaes(
+        self,
+        input: str,
+        vaes: str = "taef2,identity",
+        output_dir: str | None = None,
+        weights: dict | None = None,
+        labels: str | None = None,
+        **overrides,
+    ) -> None:
         """Reconstruct INPUT with every VAE of --vaes (comma-separated) through the recon bundle; one table
         (PSNR, SSIM, MSE, seconds, peak memory, noise ratio, boundary shift, edge sharpness, HF error) in
         compare.csv / compare.md. --weights '{"wan2.1": "/path/to/diffusers/folder"}' gives weights per VAE."""
@@ -130,8 +214,10 @@ class CLI:
         from .vae import list_vaes
 
         for v in list_vaes():
-            print(f"{v['name']}\n  kind:    {v['kind']}\n  weights: {v['weights']}\n  source:  {v['source']}\n"
-                  f"  licence: {v['licence']}")
+            print(
+                f"{v['name']}\n  kind:    {v['kind']}\n  weights: {v['weights']}\n  source:  {v['source']}\n"
+                f"  licence: {v['licence']}"
+            )
 
 
 def main() -> None:

@@ -13,7 +13,10 @@ class InputError(FvaeError, ValueError):
     def __init__(self, path, problem: str):
         self.path = str(path)
         self.problem = problem
-        super().__init__(f"{self.path}: {problem}")
+        super().__init__(path, problem)
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.problem}"
 
 
 class WeightsError(FvaeError, RuntimeError):

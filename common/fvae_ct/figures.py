@@ -33,15 +33,22 @@ def _views(v: np.ndarray, sp: np.ndarray):
     """(axial, coronal, sagittal) 2D display arrays through the centre of RAS ``v`` and their aspect ratios."""
     i, j, k = (s // 2 for s in v.shape)
     return [
-        (v[::-1, ::-1, k].T, sp[1] / sp[0]),   # rows: anterior->posterior, cols: right->left
-        (v[::-1, j, ::-1].T, sp[2] / sp[0]),   # rows: superior->inferior, cols: right->left
-        (v[i, ::-1, ::-1].T, sp[2] / sp[1]),   # rows: superior->inferior, cols: anterior->posterior
+        (v[::-1, ::-1, k].T, sp[1] / sp[0]),  # rows: anterior->posterior, cols: right->left
+        (v[::-1, j, ::-1].T, sp[2] / sp[0]),  # rows: superior->inferior, cols: right->left
+        (v[i, ::-1, ::-1].T, sp[2] / sp[1]),  # rows: superior->inferior, cols: anterior->posterior
     ]
 
 
-def three_view(hu_in: np.ndarray, hu_out: np.ndarray | None, affine: np.ndarray, path: str | os.PathLike,
-               title: str = "", window=(-1000.0, 1000.0), metrics: dict | None = None,
-               labels: np.ndarray | None = None) -> Path:
+def three_view(
+    hu_in: np.ndarray,
+    hu_out: np.ndarray | None,
+    affine: np.ndarray,
+    path: str | os.PathLike,
+    title: str = "",
+    window=(-1000.0, 1000.0),
+    metrics: dict | None = None,
+    labels: np.ndarray | None = None,
+) -> Path:
     """Write a PNG, columns axial / coronal / sagittal: rows original / reconstruction / |error| (HU, with colour
     bars); with ``hu_out=None`` one row of ``hu_in`` (a generated volume), ``labels`` drawn as contours."""
     a, sp = to_ras(np.asarray(hu_in, dtype=np.float32), affine)
@@ -70,7 +77,8 @@ def three_view(hu_in: np.ndarray, hu_out: np.ndarray | None, affine: np.ndarray,
         fig.colorbar(im, ax=axes[r, :].tolist(), shrink=0.85, label="HU" if r < 2 else "|error| HU")
     if metrics:
         title = (title + "  " if title else "") + "  ".join(
-            f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float)))
+            f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float))
+        )
     fig.suptitle(title, fontsize=10)
     path = Path(path)
     _atomic(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))

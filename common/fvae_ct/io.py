@@ -22,8 +22,18 @@ from monai.transforms import LoadImage
 
 from .errors import InputError
 
-__all__ = ["Case", "discover_cases", "load_ct", "save_nifti_atomic", "write_text_atomic", "is_dicom_dir",
-           "axial_axis", "spacing_of", "case_name", "load_labels"]
+__all__ = [
+    "Case",
+    "discover_cases",
+    "load_ct",
+    "save_nifti_atomic",
+    "write_text_atomic",
+    "is_dicom_dir",
+    "axial_axis",
+    "spacing_of",
+    "case_name",
+    "load_labels",
+]
 
 log = logging.getLogger("fvae_ct")
 
@@ -79,8 +89,10 @@ def _from_datalist(path: Path) -> list[Case]:
     if isinstance(data, dict):
         key = next((k for k in ("testing", "test", "validation", "training", "data") if k in data), None)
         if key is None:
-            raise InputError(path, "datalist JSON needs a list of {'image': ...} under 'testing', 'validation', "
-                                   "'training' or 'data'")
+            raise InputError(
+                path,
+                "datalist JSON needs a list of {'image': ...} under 'testing', 'validation', " "'training' or 'data'",
+            )
         items = load_decathlon_datalist(str(path), is_segmentation=False, data_list_key=key, base_dir=str(base))
     elif isinstance(data, list):
         items = [{"image": str(base / (d["image"] if isinstance(d, dict) else d))} for d in data]
@@ -110,7 +122,9 @@ def discover_cases(input_path: str | os.PathLike) -> list[Case]:
         entries = sorted(p.iterdir())
         cases = [Case(case_name(e), str(e)) for e in entries if (e.is_file() and _is_nifti(e)) or is_dicom_dir(e)]
         if not cases:
-            raise InputError(p, "folder holds no NIfTI files (.nii/.nii.gz), no DICOM files and no DICOM series folders")
+            raise InputError(
+                p, "folder holds no NIfTI files (.nii/.nii.gz), no DICOM files and no DICOM series folders"
+            )
     return unique_names(cases)
 
 
@@ -172,9 +186,11 @@ def load_ct(path: str | os.PathLike, check_hu: bool = True) -> MetaTensor:
         lo, hi = float(img.min()), float(img.max())
         q01 = float(torch.quantile(img.flatten()[:: max(1, img.numel() // 1_000_000)], 0.01))
         if hi - lo < 100 or q01 > -300:
-            msg = (f"{p}: intensities in [{lo:.4g}, {hi:.4g}] (1st percentile {q01:.4g}) do not look like CT in HU "
-                   "(no air near -1000 HU). An MR or a normalised image? It is processed as if it were HU and the "
-                   "results will not mean much.")
+            msg = (
+                f"{p}: intensities in [{lo:.4g}, {hi:.4g}] (1st percentile {q01:.4g}) do not look like CT in HU "
+                "(no air near -1000 HU). An MR or a normalised image? It is processed as if it were HU and the "
+                "results will not mean much."
+            )
             log.warning(msg)
             warnings.warn(msg, stacklevel=2)
     out = img[None]
@@ -242,8 +258,13 @@ def _atomic(path: Path, write) -> None:
             os.unlink(tmp)
 
 
-def save_nifti_atomic(data: np.ndarray, affine: np.ndarray, path: str | os.PathLike,
-                      like: str | os.PathLike | None = None, forbid: tuple[str, ...] = ()) -> Path:
+def save_nifti_atomic(
+    data: np.ndarray,
+    affine: np.ndarray,
+    path: str | os.PathLike,
+    like: str | os.PathLike | None = None,
+    forbid: tuple[str, ...] = (),
+) -> Path:
     """Write ``data`` (X, Y, Z) as NIfTI via a temporary file + rename, never over a path in ``forbid``.
 
     ``like``: a NIfTI whose header (codes, units, description) is reused, with the data type of ``data``.
@@ -257,10 +278,14 @@ def save_nifti_atomic(data: np.ndarray, affine: np.ndarray, path: str | os.PathL
         header.set_data_dtype(data.dtype)
         header.set_slope_inter(1.0, 0.0)
     img = nib.Nifti1Image(data, np.asarray(affine, dtype=np.float64), header=header)
-    img.set_sform(np.asarray(affine, dtype=np.float64), code=int(header["sform_code"]) if header is not None and
-                  int(header["sform_code"]) > 0 else 1)
-    img.set_qform(np.asarray(affine, dtype=np.float64), code=int(header["qform_code"]) if header is not None and
-                  int(header["qform_code"]) > 0 else 1)
+    img.set_sform(
+        np.asarray(affine, dtype=np.float64),
+        code=int(header["sform_code"]) if header is not None and int(header["sform_code"]) > 0 else 1,
+    )
+    img.set_qform(
+        np.asarray(affine, dtype=np.float64),
+        code=int(header["qform_code"]) if header is not None and int(header["qform_code"]) > 0 else 1,
+    )
     _atomic(path, lambda tmp: nib.save(img, tmp))
     return path
 

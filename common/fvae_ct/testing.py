@@ -44,5 +44,9 @@ def probe(t: torch.Tensor, n: int = 64) -> dict:
     """Shape, mean, std and ``n`` evenly spaced values of ``t`` (what the output fixtures record)."""
     flat = t.detach().double().flatten()
     idx = torch.linspace(0, flat.numel() - 1, n).round().long()
-    return {"shape": list(t.shape), "mean": flat.mean().item(), "std": flat.std().item(),
-            "values": [float(f"{v:.7g}") for v in flat[idx].tolist()]}
+    return {
+        "shape": list(t.shape),
+        "mean": flat.mean().item(),
+        "std": flat.std().item(),
+        "values": [float(f"{v:.7g}") for v in flat[idx].tolist()],
+    }

@@ -56,7 +56,8 @@ class TilingConfig:
             raise ValueError(f"tile_overlap ({self.tile_overlap}) must be smaller than tile_size ({self.tile_size})")
         if self.depth_window is not None and self.depth_overlap >= self.depth_window:
             raise ValueError(
-                f"depth_overlap ({self.depth_overlap}) must be smaller than depth_window ({self.depth_window})")
+                f"depth_overlap ({self.depth_overlap}) must be smaller than depth_window ({self.depth_window})"
+            )
         if self.blend not in ("cosine", "gaussian", "constant"):
             raise ValueError(f"blend must be 'cosine', 'gaussian' or 'constant', got {self.blend!r}")
 

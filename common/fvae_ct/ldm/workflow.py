@@ -22,12 +22,20 @@ from tqdm.auto import tqdm
 from ..errors import InputError
 from ..figures import three_view
 from ..io import _atomic, case_name, load_ct, load_labels, save_nifti_atomic, write_text_atomic
-from .diffusion import FrozenTextEncoder, SamplingInferer, onehot_mask_latent
 from ..transforms import from_slices, recon_preprocessing, to_slices, unit_to_hu
+from .diffusion import FrozenTextEncoder, SamplingInferer, onehot_mask_latent
 
-__all__ = ["read_report", "prepare_latents", "LatentCacheDataset", "collate_latents", "GenerateWorkflow", "load_denoiser",
-           "evaluate_generated",
-           "build_denoiser"]
+__all__ = [
+    "read_report",
+    "prepare_latents",
+    "LatentCacheDataset",
+    "cached_latents",
+    "collate_latents",
+    "GenerateWorkflow",
+    "load_denoiser",
+    "evaluate_generated",
+    "build_denoiser",
+]
 
 log = logging.getLogger("fvae_ct")
 
@@ -49,8 +57,15 @@ def _slices_of_labels(path: str, affine, shape) -> torch.Tensor:
     return torch.from_numpy(to_slices(load_labels(path, affine, shape), affine)[0])
 
 
-def prepare_latents(datalist: str, vae, cache_dir: str, classes: Sequence[int], mask_encoding: str = "onehot",
-                    text_encoder: str | None = None, hu_window=(-1000.0, 1000.0)) -> dict:
+def prepare_latents(
+    datalist: str,
+    vae,
+    cache_dir: str,
+    classes: Sequence[int],
+    mask_encoding: str = "onehot",
+    text_encoder: str | None = None,
+    hu_window=(-1000.0, 1000.0),
+) -> dict:
     """Encode every case of ``datalist`` (JSON list of ``{"image", "label", "report"}``) into the cache.
 
     ``mask_encoding``: ``onehot`` (``classes`` area-downsampled to the latent grid) or ``vae`` (the label
@@ -91,12 +106,28 @@ def prepare_latents(datalist: str, vae, cache_dir: str, classes: Sequence[int], 
         n += z.numel()
     mean = total / n
     std = math.sqrt(max(total_sq / n - mean**2, 1e-12))
-    stats = {"scale_factor": 1.0 / std, "latent_mean": mean, "latent_std": std, "vae": vae.name,
-             "latent_channels": vae.latent_channels, "mask_encoding": mask_encoding, "classes": list(classes),
-             "mask_channels": (len(classes) if mask_encoding == "onehot" else vae.latent_channels),
-             "text_dim": enc.dim if enc is not None else None, "cases": len(items)}
+    stats = {
+        "scale_factor": 1.0 / std,
+        "latent_mean": mean,
+        "latent_std": std,
+        "vae": vae.name,
+        "latent_channels": vae.latent_channels,
+        "mask_encoding": mask_encoding,
+        "classes": list(classes),
+        "mask_channels": (len(classes) if mask_encoding == "onehot" else vae.latent_channels),
+        "text_dim": enc.dim if enc is not None else None,
+        "cases": len(items),
+    }
     write_text_atomic(out / "latent_stats.json", json.dumps(stats, indent=2))
     return stats
+
+
+def cached_latents(cache_dir: str) -> list[str]:
+    """The cached cases (``<case>.pt`` written by :func:`prepare_latents`) of a latent cache folder, sorted."""
+    files = sorted(str(p) for p in Path(cache_dir).glob("*.pt"))
+    if not files:
+        raise InputError(cache_dir, "no cached latents: run the bundle's prepare.yaml first")
+    return files
 
 
 class LatentCacheDataset(torch.utils.data.Dataset):
@@ -104,12 +135,20 @@ class LatentCacheDataset(torch.utils.data.Dataset):
 
     ``depth``: latent slices per sample (volumes are cropped at a random start, or padded by replication);
     H, W are padded by replication to a multiple of ``multiple`` (the UNet's downsampling).
-    ``samples_per_epoch``: items per epoch (cases are drawn in turn).
+    ``samples_per_epoch``: items per epoch (cases are drawn in turn). ``data``: the case files (default: every
+    ``*.pt`` of ``cache_dir``, see :func:`cached_latents`).
     """
 
-    def __init__(self, cache_dir: str, depth: int = 8, multiple: int = 4, samples_per_epoch: int | None = None,
-                 seed: int = 0):
-        self.files = sorted(Path(cache_dir).glob("*.pt"))
+    def __init__(
+        self,
+        cache_dir: str | None = None,
+        depth: int = 8,
+        multiple: int = 4,
+        samples_per_epoch: int | None = None,
+        seed: int = 0,
+        data: list[str] | None = None,
+    ):
+        self.files = [Path(f) for f in data] if data is not None else [Path(f) for f in cached_latents(cache_dir)]
         if not self.files:
             raise InputError(cache_dir, "no cached latents: run the bundle's prepare.yaml first")
         self.cache = [torch.load(f, weights_only=True) for f in self.files]
@@ -148,19 +187,35 @@ def collate_latents(items: list[dict]) -> dict:
     return out
 
 
-def build_denoiser(latent_channels: int, mask_channels: int, text_dim: int | None, channels=(64, 128, 256),
-                   attention_levels=(False, True, True), num_res_blocks: int = 2, num_head_channels: int = 32,
-                   norm_num_groups: int = 32, mode: str = "attention", levels=(1, 2)):
+def build_denoiser(
+    latent_channels: int,
+    mask_channels: int,
+    text_dim: int | None,
+    channels=(64, 128, 256),
+    attention_levels=(False, True, True),
+    num_res_blocks: int = 2,
+    num_head_channels: int = 32,
+    norm_num_groups: int = 32,
+    mode: str = "attention",
+    levels=(1, 2),
+):
     """The pseudo-3D denoiser: MONAI 2D ``DiffusionModelUNet`` on latent slices + 3D consistency blocks."""
     from monai.networks.nets import DiffusionModelUNet
 
     from ..networks import PseudoThreeDUNet
 
-    unet = DiffusionModelUNet(spatial_dims=2, in_channels=latent_channels + mask_channels,
-                              out_channels=latent_channels, channels=tuple(channels),
-                              attention_levels=tuple(attention_levels), num_res_blocks=num_res_blocks,
-                              num_head_channels=num_head_channels, norm_num_groups=norm_num_groups,
-                              with_conditioning=text_dim is not None, cross_attention_dim=text_dim)
+    unet = DiffusionModelUNet(
+        spatial_dims=2,
+        in_channels=latent_channels + mask_channels,
+        out_channels=latent_channels,
+        channels=tuple(channels),
+        attention_levels=tuple(attention_levels),
+        num_res_blocks=num_res_blocks,
+        num_head_channels=num_head_channels,
+        norm_num_groups=norm_num_groups,
+        with_conditioning=text_dim is not None,
+        cross_attention_dim=text_dim,
+    )
     return PseudoThreeDUNet(unet, levels=levels, mode=mode)
 
 
@@ -174,10 +229,23 @@ class GenerateWorkflow:
             window when the volume is longer, blended).
     """
 
-    def __init__(self, network, vae, stats: dict, output_dir: str, inferer: SamplingInferer | None = None,
-                 scheduler: str = "ddpm", steps: int = 20, guidance: float = 2.0, seed: int = 0,
-                 depth_window: int | None = 16, depth_overlap: int = 4, text_encoder: str | None = None,
-                 hu_window=(-1000.0, 1000.0), multiple: int = 4):
+    def __init__(
+        self,
+        network,
+        vae,
+        stats: dict,
+        output_dir: str,
+        inferer: SamplingInferer | None = None,
+        scheduler: str = "ddpm",
+        steps: int = 20,
+        guidance: float = 2.0,
+        seed: int = 0,
+        depth_window: int | None = 16,
+        depth_overlap: int = 4,
+        text_encoder: str | None = None,
+        hu_window=(-1000.0, 1000.0),
+        multiple: int = 4,
+    ):
         self.network, self.vae, self.stats = network.eval(), vae, stats
         self.output_dir = Path(output_dir)
         self.inferer = inferer or SamplingInferer(scheduler, steps, guidance, seed, depth_window, depth_overlap)
@@ -193,8 +261,13 @@ class GenerateWorkflow:
         lab = _slices_of_labels(str(mask), affine, shape)  # [D, H, W]
         d, h, w = lab.shape
         latent_shape = self.vae.latent_shape((d, h, w))
-        cond = onehot_mask_latent(lab, self.stats["classes"], self.vae.spatial_factor, self.vae.depth_factor,
-                                  latent_shape)[None] if self.stats["mask_encoding"] == "onehot" else None
+        cond = (
+            onehot_mask_latent(
+                lab, self.stats["classes"], self.vae.spatial_factor, self.vae.depth_factor, latent_shape
+            )[None]
+            if self.stats["mask_encoding"] == "onehot"
+            else None
+        )
         if self.stats["mask_encoding"] == "vae":
             lo, hi = self.vae.input_range
             u = (lab.float() / max(float(lab.max()), 1.0)) * (hi - lo) + lo
@@ -206,10 +279,13 @@ class GenerateWorkflow:
         if self.text_encoder is not None:
             ctx, cmask = self.text_encoder.encode([read_report(report)])
         dev = next(self.network.parameters()).device
-        z = self.inferer((1, self.stats["latent_channels"], latent_shape[0], latent_shape[1] + ph, latent_shape[2] + pw),
-                         self.network, mask=cond.to(dev) if cond is not None else None,
-                         context=ctx.to(dev) if ctx is not None else None,
-                         context_mask=cmask.to(dev) if cmask is not None else None)
+        z = self.inferer(
+            (1, self.stats["latent_channels"], latent_shape[0], latent_shape[1] + ph, latent_shape[2] + pw),
+            self.network,
+            mask=cond.to(dev) if cond is not None else None,
+            context=ctx.to(dev) if ctx is not None else None,
+            context_mask=cmask.to(dev) if cmask is not None else None,
+        )
         z = z[:, :, :, : latent_shape[1], : latent_shape[2]] / self.stats["scale_factor"]
         x = self.vae.decode(z)[:, :, :d, :h, :w].cpu()  # VAE range, slice layout
         lo, hi = self.vae.input_range
@@ -217,8 +293,15 @@ class GenerateWorkflow:
         vol = from_slices(hu.numpy(), affine).astype(np.int16)  # the mask's voxel order
         name = name or case_name(mask).replace("_seg", "") + "_generated"
         out = save_nifti_atomic(vol, affine, self.output_dir / f"{name}.nii.gz", forbid=(str(mask),))
-        three_view(vol, None, affine, self.output_dir / f"{name}.png", title=f"{name} (generated from the mask)",
-                   window=self.hu_window, labels=np.asarray(mask_img.dataobj))
+        three_view(
+            vol,
+            None,
+            affine,
+            self.output_dir / f"{name}.png",
+            title=f"{name} (generated from the mask)",
+            window=self.hu_window,
+            labels=np.asarray(mask_img.dataobj),
+        )
         return out
 
 
@@ -244,9 +327,17 @@ def _match(folder: Path | None, stem: str) -> Path | None:
     return None
 
 
-def evaluate_generated(gen_dir: str, real_dir: str, output_dir: str, masks_dir: str | None = None,
-                       real_labels_dir: str | None = None, classes: Sequence[int] = (1, 2, 3, 5, 6, 7),
-                       segmenter=None, tolerance_mm: float = 2.0, window=(-1000.0, 1000.0)) -> dict:
+def evaluate_generated(
+    gen_dir: str,
+    real_dir: str,
+    output_dir: str,
+    masks_dir: str | None = None,
+    real_labels_dir: str | None = None,
+    classes: Sequence[int] = (1, 2, 3, 5, 6, 7),
+    segmenter=None,
+    tolerance_mm: float = 2.0,
+    window=(-1000.0, 1000.0),
+) -> dict:
     """Generated vs. real CT: FVD (I3D), per-organ median HU, and mask adherence when a segmenter is given.
 
     Generated files ``<case>_generated.nii.gz`` (or any NIfTI) in ``gen_dir`` are matched to their
@@ -268,8 +359,14 @@ def evaluate_generated(gen_dir: str, real_dir: str, output_dir: str, masks_dir: 
     out.mkdir(parents=True, exist_ok=True)
     if isinstance(segmenter, str):
         segmenter = BundleSegmenter(segmenter)
-    nifti = lambda d: sorted(p for p in Path(d).iterdir() if p.name.endswith((".nii.gz", ".nii"))  # noqa: E731
-                             and not p.name.split(".nii")[0].endswith(("_seg", "_label")))
+
+    def nifti(d):
+        return sorted(
+            p
+            for p in Path(d).iterdir()
+            if p.name.endswith((".nii.gz", ".nii")) and not p.name.split(".nii")[0].endswith(("_seg", "_label"))
+        )
+
     gens, reals = nifti(gen_dir), nifti(real_dir)
     if len(gens) < 2 or len(reals) < 2:
         raise InputError(gen_dir if len(gens) < 2 else real_dir, "FVD needs at least two volumes in each folder")
@@ -307,10 +404,14 @@ def evaluate_generated(gen_dir: str, real_dir: str, output_dir: str, masks_dir: 
             lab = load_labels(str(lpath), img.affine, img.shape[:3])
             for c, v in organ_median_hu(np.asarray(img.dataobj).astype(np.float32), lab, classes).items():
                 real_hu[c].append(v)
-    summary = {"fvd": fvd_value, "n_generated": len(gens), "n_real": len(reals), "clip_protocol":
-               "HU window [-1000, 1000] -> [-1, 1]; 16 evenly spaced upright axial slices; 224 x 224; grey -> RGB",
-               "organ_median_hu_generated": {c: float(np.nanmean(v)) if v else None for c, v in gen_hu.items()},
-               "organ_median_hu_real": {c: float(np.nanmean(v)) if v else None for c, v in real_hu.items()}}
+    summary = {
+        "fvd": fvd_value,
+        "n_generated": len(gens),
+        "n_real": len(reals),
+        "clip_protocol": "HU window [-1000, 1000] -> [-1, 1]; 16 evenly spaced upright axial slices; 224 x 224; grey -> RGB",
+        "organ_median_hu_generated": {c: float(np.nanmean(v)) if v else None for c, v in gen_hu.items()},
+        "organ_median_hu_real": {c: float(np.nanmean(v)) if v else None for c, v in real_hu.items()},
+    }
     for k in ("dice_mean", "nsd_mean"):
         vals = [r[k] for r in rows if k in r]
         if vals:
@@ -332,8 +433,10 @@ def evaluate_generated(gen_dir: str, real_dir: str, output_dir: str, masks_dir: 
     ax.set_xlabel("label id")
     ax.set_ylabel("median HU")
     ax.legend()
-    ax.set_title(f"FVD {fvd_value:.1f} ({len(gens)} generated vs {len(reals)} real)"
-                 + (f", mask Dice {summary['dice_mean']:.3f}" if "dice_mean" in summary else ""))
+    ax.set_title(
+        f"FVD {fvd_value:.1f} ({len(gens)} generated vs {len(reals)} real)"
+        + (f", mask Dice {summary['dice_mean']:.3f}" if "dice_mean" in summary else "")
+    )
     _atomic(out / "generation.png", lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
     plt.close(fig)
     print(json.dumps(summary, indent=2))

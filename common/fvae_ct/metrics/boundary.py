@@ -23,9 +23,20 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage as ndi
 
-__all__ = ["error_spectrum", "boundary_shift", "edge_sharpness", "noise_ratio", "error_near_far",
-           "homogeneous_regions", "homogeneous_mask", "reference",
-           "body_mask", "boundary_mask", "edge_mask", "analyze"]
+__all__ = [
+    "error_spectrum",
+    "boundary_shift",
+    "edge_sharpness",
+    "noise_ratio",
+    "error_near_far",
+    "homogeneous_regions",
+    "homogeneous_mask",
+    "reference",
+    "body_mask",
+    "boundary_mask",
+    "edge_mask",
+    "analyze",
+]
 
 
 def _f(a) -> np.ndarray:
@@ -238,8 +249,7 @@ def homogeneous_regions(x, spacing, labels=None, body=None) -> tuple[np.ndarray,
     return m, comp[m]
 
 
-def noise_ratio(x, y, spacing, labels=None, regions=None, soft_tissue=(-150.0, 250.0),
-                min_voxels: int = 100) -> float:
+def noise_ratio(x, y, spacing, labels=None, regions=None, soft_tissue=(-150.0, 250.0), min_voxels: int = 100) -> float:
     """HU noise in homogeneous soft-tissue regions of ``y`` relative to ``x`` (1 = unchanged, < 1 = denoised).
 
     Noise is the fluctuation around the local mean: each voxel minus the gaussian-weighted mean (sigma 2
@@ -278,8 +288,7 @@ def noise_ratio(x, y, spacing, labels=None, regions=None, soft_tissue=(-150.0, 2
     return float(num / den) if den else float("nan")
 
 
-def error_near_far(x, y, spacing, labels=None, within_mm: float = 1.0, ref: dict | None = None
-                   ) -> tuple[float, float]:
+def error_near_far(x, y, spacing, labels=None, within_mm: float = 1.0, ref: dict | None = None) -> tuple[float, float]:
     """Mean |y - x| (HU) within ``within_mm`` of boundaries, and elsewhere inside the body."""
     x, y = _f(x), _f(y)
     ref = ref or reference(x, spacing, labels)

@@ -45,8 +45,16 @@ def _same_pad(x: torch.Tensor, kernel, stride, value: float = 0.0) -> torch.Tens
 class Unit3D(nn.Module):
     """Conv3d ('SAME') -> batch norm without scale (eps 1e-3) -> ReLU, as in the Kinetics I3D."""
 
-    def __init__(self, c_in: int, c_out: int, kernel=(1, 1, 1), stride=(1, 1, 1), bn: bool = True,
-                 relu: bool = True, bias: bool = False):
+    def __init__(
+        self,
+        c_in: int,
+        c_out: int,
+        kernel=(1, 1, 1),
+        stride=(1, 1, 1),
+        bn: bool = True,
+        relu: bool = True,
+        bias: bool = False,
+    ):
         super().__init__()
         self.kernel, self.stride = tuple(kernel), tuple(stride)
         self.conv = nn.Conv3d(c_in, c_out, self.kernel, self.stride, bias=bias)
@@ -80,15 +88,20 @@ class Inception(nn.Module):
         self.b3 = Unit3D(c_in, c[5])
 
     def forward(self, x):
-        return torch.cat([self.b0(x), self.b1b(self.b1a(x)), self.b2b(self.b2a(x)),
-                          self.b3(_max_pool(x, (3, 3, 3), (1, 1, 1)))], 1)
+        return torch.cat(
+            [self.b0(x), self.b1b(self.b1a(x)), self.b2b(self.b2a(x)), self.b3(_max_pool(x, (3, 3, 3), (1, 1, 1)))], 1
+        )
 
 
 _MIXED = {  # name: (input channels, branch widths)
-    "Mixed_3b": (192, (64, 96, 128, 16, 32, 32)), "Mixed_3c": (256, (128, 128, 192, 32, 96, 64)),
-    "Mixed_4b": (480, (192, 96, 208, 16, 48, 64)), "Mixed_4c": (512, (160, 112, 224, 24, 64, 64)),
-    "Mixed_4d": (512, (128, 128, 256, 24, 64, 64)), "Mixed_4e": (512, (112, 144, 288, 32, 64, 64)),
-    "Mixed_4f": (528, (256, 160, 320, 32, 128, 128)), "Mixed_5b": (832, (256, 160, 320, 32, 128, 128)),
+    "Mixed_3b": (192, (64, 96, 128, 16, 32, 32)),
+    "Mixed_3c": (256, (128, 128, 192, 32, 96, 64)),
+    "Mixed_4b": (480, (192, 96, 208, 16, 48, 64)),
+    "Mixed_4c": (512, (160, 112, 224, 24, 64, 64)),
+    "Mixed_4d": (512, (128, 128, 256, 24, 64, 64)),
+    "Mixed_4e": (512, (112, 144, 288, 32, 64, 64)),
+    "Mixed_4f": (528, (256, 160, 320, 32, 128, 128)),
+    "Mixed_5b": (832, (256, 160, 320, 32, 128, 128)),
     "Mixed_5c": (832, (384, 192, 384, 48, 128, 128)),
 }
 
@@ -138,9 +151,14 @@ def i3d_weights_path() -> Path:
 class _NumpyOnly(pickle.Unpickler):
     """Unpickles dicts of numpy arrays and nothing else."""
 
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
-               ("numpy._core.multiarray", "scalar")}
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+    }
 
     def find_class(self, module, name):
         if (module, name) in self.ALLOWED:
@@ -176,8 +194,14 @@ def load_i3d(path: str | Path | None = None, device: str | torch.device = "cpu")
     sd = {}
     for name in ("Conv3d_1a_7x7", "Conv3d_2b_1x1", "Conv3d_2c_3x3"):
         sd.update(_unit_state(name, p[name], s[name]))
-    branches = {"b0": "Branch_0/Conv3d_0a_1x1", "b1a": "Branch_1/Conv3d_0a_1x1", "b1b": "Branch_1/Conv3d_0b_3x3",
-                "b2a": "Branch_2/Conv3d_0a_1x1", "b2b": "Branch_2/Conv3d_0b_3x3", "b3": "Branch_3/Conv3d_0b_1x1"}
+    branches = {
+        "b0": "Branch_0/Conv3d_0a_1x1",
+        "b1a": "Branch_1/Conv3d_0a_1x1",
+        "b1b": "Branch_1/Conv3d_0b_3x3",
+        "b2a": "Branch_2/Conv3d_0a_1x1",
+        "b2b": "Branch_2/Conv3d_0b_3x3",
+        "b3": "Branch_3/Conv3d_0b_1x1",
+    }
     for name in _MIXED:
         for ours, theirs in branches.items():
             sd.update(_unit_state(f"mixed.{name}.{ours}", p[name][theirs], s[name][theirs]))
@@ -189,8 +213,9 @@ def load_i3d(path: str | Path | None = None, device: str | torch.device = "cpu")
     return model.eval().to(device)
 
 
-def ct_to_clip(hu_slices: np.ndarray | torch.Tensor, window=(-1000.0, 1000.0), frames: int = 16,
-               size: int = 224) -> torch.Tensor:
+def ct_to_clip(
+    hu_slices: np.ndarray | torch.Tensor, window=(-1000.0, 1000.0), frames: int = 16, size: int = 224
+) -> torch.Tensor:
     """CT ``[D, H, W]`` in HU (upright axial slices) -> clip ``[3, frames, size, size]`` in [-1, 1]."""
     v = torch.as_tensor(np.asarray(hu_slices), dtype=torch.float32)
     lo, hi = window

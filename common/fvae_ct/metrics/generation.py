@@ -22,22 +22,35 @@ import numpy as np
 import torch
 from monai.metrics import compute_dice, compute_roc_auc, compute_surface_dice
 
-__all__ = ["mask_adherence", "organ_median_hu", "BundleSegmenter", "ImageTextScorer", "CTClipScorer",
-           "ctclip_preprocess", "disease_auc"]
+__all__ = [
+    "mask_adherence",
+    "organ_median_hu",
+    "BundleSegmenter",
+    "ImageTextScorer",
+    "CTClipScorer",
+    "ctclip_preprocess",
+    "disease_auc",
+]
 
 
 def _onehot(lab: np.ndarray, classes: Sequence[int]) -> torch.Tensor:
     return torch.stack([torch.from_numpy(np.asarray(lab) == c) for c in classes]).float()[None]
 
 
-def mask_adherence(labels_pred: np.ndarray, mask: np.ndarray, spacing, classes: Sequence[int],
-                   tolerance_mm: float | Sequence[float] = 2.0) -> dict[str, float]:
+def mask_adherence(
+    labels_pred: np.ndarray,
+    mask: np.ndarray,
+    spacing,
+    classes: Sequence[int],
+    tolerance_mm: float | Sequence[float] = 2.0,
+) -> dict[str, float]:
     """Dice and NSD per class of a segmentation of the generated volume against its conditioning mask."""
     tol = [float(tolerance_mm)] * len(classes) if np.isscalar(tolerance_mm) else list(map(float, tolerance_mm))
     p, m = _onehot(labels_pred, classes), _onehot(mask, classes)
     dice = compute_dice(p, m, include_background=True, ignore_empty=False)[0]
-    nsd = compute_surface_dice(p, m, class_thresholds=tol, include_background=True,
-                               spacing=[float(s) for s in spacing])[0]
+    nsd = compute_surface_dice(
+        p, m, class_thresholds=tol, include_background=True, spacing=[float(s) for s in spacing]
+    )[0]
     out = {}
     for i, c in enumerate(classes):
         out[f"dice_{c}"], out[f"nsd_{c}"] = float(dice[i]), float(nsd[i])
@@ -57,8 +70,14 @@ class BundleSegmenter:
     ``overrides`` go to the config (network size, patch size ...).
     """
 
-    def __init__(self, bundle_root: str, config: str = "configs/inference.yaml", output_dir: str | None = None,
-                 overrides: dict | None = None, output_postfix: str = "seg"):
+    def __init__(
+        self,
+        bundle_root: str,
+        config: str = "configs/inference.yaml",
+        output_dir: str | None = None,
+        overrides: dict | None = None,
+        output_postfix: str = "seg",
+    ):
         self.root = Path(bundle_root)
         self.config = self.root / config if not Path(config).is_absolute() else Path(config)
         if not self.config.is_file():
@@ -70,8 +89,15 @@ class BundleSegmenter:
     def __call__(self, image: str) -> np.ndarray:
         from monai.bundle import ConfigWorkflow
 
-        wf = ConfigWorkflow(config_file=str(self.config), workflow_type="infer", bundle_root=str(self.root),
-                            input=str(image), output_dir=str(self.output_dir), logging_file=False, **self.overrides)
+        wf = ConfigWorkflow(
+            config_file=str(self.config),
+            workflow_type="infer",
+            bundle_root=str(self.root),
+            input=str(image),
+            output_dir=str(self.output_dir),
+            logging_file=False,
+            **self.overrides,
+        )
         wf.initialize()
         wf.run()
         wf.finalize()
@@ -92,8 +118,9 @@ def ctclip_preprocess(hu: np.ndarray, affine: np.ndarray) -> torch.Tensor:
     from monai.data import MetaTensor
     from monai.transforms import Orientation, ResizeWithPadOrCrop, Spacing
 
-    x = MetaTensor(torch.as_tensor(np.clip(np.asarray(hu, np.float32), -1000, 1000) / 1000.0)[None],
-                   affine=torch.as_tensor(affine))
+    x = MetaTensor(
+        torch.as_tensor(np.clip(np.asarray(hu, np.float32), -1000, 1000) / 1000.0)[None], affine=torch.as_tensor(affine)
+    )
     x = Orientation(axcodes="RAS")(x)
     x = Spacing(pixdim=(0.75, 0.75, 1.5), mode="bilinear")(x)
     x = ResizeWithPadOrCrop((480, 480, 240), value=-1.0)(x)
@@ -112,7 +139,9 @@ class CTClipScorer(ImageTextScorer):
         if not Path(repo).is_dir():
             raise FileNotFoundError(f"{repo}: CT-CLIP code not found; clone the official repository and give its path")
         if not Path(weights).is_file():
-            raise FileNotFoundError(f"{weights}: CT-CLIP weights not found (CT-RATE: models/CT-CLIP-Related/CT-CLIP_v2.pt)")
+            raise FileNotFoundError(
+                f"{weights}: CT-CLIP weights not found (CT-RATE: models/CT-CLIP-Related/CT-CLIP_v2.pt)"
+            )
         sys.path.insert(0, str(repo))
         module, _, name = factory.rpartition(".")
         self.model = getattr(importlib.import_module(module), name)(weights=weights, **kwargs).to(device).eval()

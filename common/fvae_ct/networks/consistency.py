@@ -91,8 +91,7 @@ class PseudoThreeDUNet(nn.Module):
             ``"both"``, or ``"none"`` (no 3D part: the 2D stage / the ablation).
     """
 
-    def __init__(self, unet: nn.Module, levels: Sequence[int] = (1, 2), mode: str = "attention",
-                 num_heads: int = 4):
+    def __init__(self, unet: nn.Module, levels: Sequence[int] = (1, 2), mode: str = "attention", num_heads: int = 4):
         super().__init__()
         if mode not in ("attention", "conv", "both", "none"):
             raise ValueError(f"mode must be attention, conv, both or none, got {mode!r}")
@@ -107,8 +106,11 @@ class PseudoThreeDUNet(nn.Module):
         for lvl in self.levels:
             if not 0 <= lvl < n:
                 raise ValueError(f"level {lvl} out of range for a UNet with {n} levels")
-        names = {**{f"down{lvl}": chans[lvl] for lvl in self.levels}, "mid": chans[-1],
-                 **{f"up{lvl}": chans[lvl] for lvl in self.levels}}
+        names = {
+            **{f"down{lvl}": chans[lvl] for lvl in self.levels},
+            "mid": chans[-1],
+            **{f"up{lvl}": chans[lvl] for lvl in self.levels},
+        }
         for name, ch in names.items():
             parts = []
             if mode in ("conv", "both"):
@@ -129,8 +131,13 @@ class PseudoThreeDUNet(nn.Module):
         """Parameters of the 3D blocks only (stage 3d trains these, the 2D UNet stays frozen)."""
         return self.blocks3d.parameters()
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None,
-                context_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        timesteps: torch.Tensor,
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """``context_mask [B, T]`` (1 = token, 0 = padding, padding on the right): samples with the same number
         of tokens run together with the padding cut off, so padded tokens are never attended to."""
         if context is not None and context_mask is not None and not bool(context_mask.all()):

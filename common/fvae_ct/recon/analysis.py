@@ -27,24 +27,45 @@ import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from .denoisers import DENOISERS, gaussian, match_gaussian_sigma  # noqa: E402
 from ..io import Case, _atomic, load_ct, load_labels, write_text_atomic  # noqa: E402
 from ..metrics.boundary import analyze, noise_ratio, reference  # noqa: E402
 from ..metrics.recon import recon_metrics  # noqa: E402
-from .workflow import BatchFailure, ReconWorkflow  # noqa: E402
 from ..transforms import to_slices  # noqa: E402
+from .denoisers import DENOISERS, gaussian, match_gaussian_sigma  # noqa: E402
+from .workflow import BatchFailure, ReconWorkflow  # noqa: E402
 
 __all__ = ["AnalysisWorkflow", "DEFAULT_METHODS", "COLUMNS"]
 
 log = logging.getLogger("fvae_ct")
 DEFAULT_METHODS = ("vae", "gaussian_matched", "gaussian_psnr_matched", "gaussian_1vox", "median3", "bilateral", "nlm")
 _MATCHED = ("gaussian_matched", "gaussian_psnr_matched")
-COLUMNS = ("case", "method", "psnr", "ssim2d", "ssim3d", "noise_ratio", "boundary_shift_mean_mm",
-           "boundary_shift_p95_mm", "edge_sharpness", "hf_error_fraction", "error_near_boundary_hu",
-           "error_far_hu", "param", "seconds")
-_SHORT = {"psnr": "PSNR", "ssim2d": "SSIM2d", "noise_ratio": "noise", "boundary_shift_mean_mm": "shift mm",
-          "boundary_shift_p95_mm": "shift p95", "edge_sharpness": "sharp", "hf_error_fraction": "HF err",
-          "error_near_boundary_hu": "err near", "error_far_hu": "err far"}
+COLUMNS = (
+    "case",
+    "method",
+    "psnr",
+    "ssim2d",
+    "ssim3d",
+    "noise_ratio",
+    "boundary_shift_mean_mm",
+    "boundary_shift_p95_mm",
+    "edge_sharpness",
+    "hf_error_fraction",
+    "error_near_boundary_hu",
+    "error_far_hu",
+    "param",
+    "seconds",
+)
+_SHORT = {
+    "psnr": "PSNR",
+    "ssim2d": "SSIM2d",
+    "noise_ratio": "noise",
+    "boundary_shift_mean_mm": "shift mm",
+    "boundary_shift_p95_mm": "shift p95",
+    "edge_sharpness": "sharp",
+    "hf_error_fraction": "HF err",
+    "error_near_boundary_hu": "err near",
+    "error_far_hu": "err far",
+}
 
 
 def _label_for(case: Case, labels: str | None) -> str | None:
@@ -74,8 +95,15 @@ class AnalysisWorkflow:
         cutoff: frequency (cycles/voxel) above which error energy counts as high-frequency.
     """
 
-    def __init__(self, recon: ReconWorkflow, labels: str | None = None, methods=DEFAULT_METHODS,
-                 cutoff: float = 0.25, figures: bool = True, progress: bool = True):
+    def __init__(
+        self,
+        recon: ReconWorkflow,
+        labels: str | None = None,
+        methods=DEFAULT_METHODS,
+        cutoff: float = 0.25,
+        figures: bool = True,
+        progress: bool = True,
+    ):
         unknown = [m for m in methods if m not in ("vae", *_MATCHED) and m not in DENOISERS]
         if unknown:
             raise ValueError(f"unknown methods {unknown}; valid: vae, {', '.join(_MATCHED)}, {', '.join(DENOISERS)}")
@@ -105,8 +133,9 @@ class AnalysisWorkflow:
             log.warning("%s: no label map found in %s; label-free analysis", case.name, self.labels)
         ref = reference(x, spacing, lab)  # what every method is compared against, computed once
         rows, outputs, spectra = [], {}, {}
-        for method in tqdm(self.methods, desc=f"analysis {case.name}", unit="method", disable=not self.progress,
-                           leave=False):
+        for method in tqdm(
+            self.methods, desc=f"analysis {case.name}", unit="method", disable=not self.progress, leave=False
+        ):
             t0 = time.perf_counter()
             param = ""
             if method == "vae":
@@ -124,9 +153,17 @@ class AnalysisWorkflow:
                 name = method
                 if not np.isfinite(sigma):
                     log.warning("%s: no gaussian reaches the VAE's %s (%.3f)", case.name, what, target)
-                    rows.append({"case": case.name, "method": name, **{k: float("nan") for k in _SHORT},
-                                 "ssim3d": float("nan"), "param": f"no match: VAE {what} {target:.3f}",
-                                 "seconds": time.perf_counter() - t0, "labels": lab_path or ""})
+                    rows.append(
+                        {
+                            "case": case.name,
+                            "method": name,
+                            **{k: float("nan") for k in _SHORT},
+                            "ssim3d": float("nan"),
+                            "param": f"no match: VAE {what} {target:.3f}",
+                            "seconds": time.perf_counter() - t0,
+                            "labels": lab_path or "",
+                        }
+                    )
                     continue
                 y = np.round(gaussian(x, sigma))
                 param = f"sigma={sigma:.3f} vox"
@@ -139,8 +176,17 @@ class AnalysisWorkflow:
             a = analyze(x, y, spacing, lab, self.cutoff, ref)
             spectra[name] = a.pop("_spectrum")
             a.pop("_per_organ")
-            rows.append({"case": case.name, "method": name, **{k: m[k] for k in ("psnr", "ssim2d", "ssim3d")},
-                         **a, "param": param, "seconds": seconds, "labels": lab_path or ""})
+            rows.append(
+                {
+                    "case": case.name,
+                    "method": name,
+                    **{k: m[k] for k in ("psnr", "ssim2d", "ssim3d")},
+                    **a,
+                    "param": param,
+                    "seconds": seconds,
+                    "labels": lab_path or "",
+                }
+            )
             outputs[name] = y
         if self.figures:
             self.figure(case.name, x, outputs, spectra, rows, lab is not None)
@@ -164,24 +210,39 @@ class AnalysisWorkflow:
         for r in rows:
             w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
         write_text_atomic(self.output_dir / "analysis.csv", buf.getvalue())
-        write_text_atomic(self.output_dir / "analysis.json", json.dumps(
-            {"vae": self.recon.network.name, "hu_window": list(self.recon.hu_window), "cutoff": self.cutoff,
-             "rows": rows, "failures": failures}, indent=2, default=float))
+        write_text_atomic(
+            self.output_dir / "analysis.json",
+            json.dumps(
+                {
+                    "vae": self.recon.network.name,
+                    "hu_window": list(self.recon.hu_window),
+                    "cutoff": self.cutoff,
+                    "rows": rows,
+                    "failures": failures,
+                },
+                indent=2,
+                default=float,
+            ),
+        )
         print(self.table(rows))
         if failures:
-            raise BatchFailure(f"{len(failures)} of {len(cases)} case(s) failed:\n" + "\n".join(
-                f"  {f['case']} ({f['input']}): {f['error']}" for f in failures))
+            raise BatchFailure(
+                f"{len(failures)} of {len(cases)} case(s) failed:\n"
+                + "\n".join(f"  {f['case']} ({f['input']}): {f['error']}" for f in failures)
+            )
         return rows
 
     @staticmethod
     def table(rows: list[dict], markdown: bool = False) -> str:
         keys = list(_SHORT)
         if markdown:
-            out = ["| case | method | " + " | ".join(_SHORT[k] for k in keys) + " |",
-                   "|---|---|" + "---|" * len(keys)]
+            out = ["| case | method | " + " | ".join(_SHORT[k] for k in keys) + " |", "|---|---|" + "---|" * len(keys)]
             for r in rows:
-                out.append(f"| {r['case']} | {r['method']}{' (' + r['param'] + ')' if r['param'] else ''} | "
-                           + " | ".join(f"{r[k]:.3g}" for k in keys) + " |")
+                out.append(
+                    f"| {r['case']} | {r['method']}{' (' + r['param'] + ')' if r['param'] else ''} | "
+                    + " | ".join(f"{r[k]:.3g}" for k in keys)
+                    + " |"
+                )
             return "\n".join(out)
         head = f"{'method':<18}" + "".join(f"{_SHORT[k]:>10}" for k in keys)
         out = [head, "-" * len(head)]
@@ -230,20 +291,28 @@ class AnalysisWorkflow:
         keys = list(_SHORT)
         cell = [[f"{r[kk]:.3g}" for kk in keys] for r in rows]
         tab_rows = [r["method"] + (f"\n{r['param']}" if r["param"] else "") for r in rows]
-        tab = ax.table(cellText=cell, rowLabels=tab_rows, colLabels=[_SHORT[kk] for kk in keys],
-                       loc="center")
+        tab = ax.table(cellText=cell, rowLabels=tab_rows, colLabels=[_SHORT[kk] for kk in keys], loc="center")
         tab.auto_set_font_size(False)
         tab.set_fontsize(7)
         tab.scale(1.0, 1.4)
         ax = foot.add_subplot(1, 1, 1)
         ax.axis("off")
-        ax.text(0.0, 0.9, "noise: HU std in homogeneous regions vs original (lower = more denoising); shift: "
-                "surface distance of re-thresholded boundaries (mm); sharp: boundary gradient vs original; HF "
-                "err: error energy above %.2f cycles/voxel (white noise: %.2f); err near / far: mean |error| HU "
-                "within 1 mm of boundaries / elsewhere in the body.\nBoundaries: %s." % (
-                    self.cutoff, 1 - np.pi * self.cutoff**2,
-                    "labelled organs" if labelled else "3D gradient edges of the original (no labels given)"),
-                fontsize=8, va="top", wrap=True)
+        ax.text(
+            0.0,
+            0.9,
+            "noise: HU std in homogeneous regions vs original (lower = more denoising); shift: "
+            "surface distance of re-thresholded boundaries (mm); sharp: boundary gradient vs original; HF "
+            "err: error energy above %.2f cycles/voxel (white noise: %.2f); err near / far: mean |error| HU "
+            "within 1 mm of boundaries / elsewhere in the body.\nBoundaries: %s."
+            % (
+                self.cutoff,
+                1 - np.pi * self.cutoff**2,
+                "labelled organs" if labelled else "3D gradient edges of the original (no labels given)",
+            ),
+            fontsize=8,
+            va="top",
+            wrap=True,
+        )
         fig.suptitle(f"{name}: is {next(iter(outputs), 'the VAE')} a boundary-preserving denoiser?")
         path = self.output_dir / f"{name}_analysis.png"
         _atomic(path, lambda tmp: fig.savefig(tmp, dpi=80, format="png"))

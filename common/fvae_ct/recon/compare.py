@@ -20,8 +20,8 @@ import psutil
 from ..errors import user_error
 from ..io import discover_cases, load_ct, load_labels, write_text_atomic
 from ..metrics.boundary import analyze
-from .workflow import RECON_SUFFIX, BatchFailure
 from ..transforms import to_slices
+from .workflow import RECON_SUFFIX, BatchFailure
 
 __all__ = ["PeakRSS", "compare_vaes"]
 
@@ -56,8 +56,15 @@ class PeakRSS:
         return self.peak / 2**20
 
 
-def compare_vaes(input_path: str, vaes, output_dir: str, weights: dict | None = None, labels: str | None = None,
-                 hu_window=(-1000.0, 1000.0), **overrides) -> list[dict]:
+def compare_vaes(
+    input_path: str,
+    vaes,
+    output_dir: str,
+    weights: dict | None = None,
+    labels: str | None = None,
+    hu_window=(-1000.0, 1000.0),
+    **overrides,
+) -> list[dict]:
     """Reconstruct ``input_path`` with every VAE of ``vaes`` and write ``compare.csv`` / ``compare.md``."""
     from ..bundle import run_bundle
 
@@ -70,8 +77,17 @@ def compare_vaes(input_path: str, vaes, output_dir: str, weights: dict | None = 
         t0 = time.perf_counter()
         try:
             with PeakRSS() as mem:
-                run_bundle("fvae_recon", "inference.yaml", input=str(input_path), output_dir=str(sub), vae=vae,
-                           vae_weights=weights.get(vae), hu_window=list(hu_window), figures=False, **overrides)
+                run_bundle(
+                    "fvae_recon",
+                    "inference.yaml",
+                    input=str(input_path),
+                    output_dir=str(sub),
+                    vae=vae,
+                    vae_weights=weights.get(vae),
+                    hu_window=list(hu_window),
+                    figures=False,
+                    **overrides,
+                )
         except Exception as e:  # noqa: BLE001 - a VAE that cannot run is reported; the others go on
             cause = user_error(e)
             if cause is None:
@@ -80,8 +96,12 @@ def compare_vaes(input_path: str, vaes, output_dir: str, weights: dict | None = 
             failed.append(f"{vae}: {cause}")
             continue
         summary = json.loads((sub / "summary.json").read_text())
-        row = {"vae": vae, **{k: summary["metrics"][k]["mean"] for k in ("psnr", "ssim3d", "ssim2d", "mse_hu")},
-               "seconds": time.perf_counter() - t0, "peak_rss_mib": mem.peak_mib}
+        row = {
+            "vae": vae,
+            **{k: summary["metrics"][k]["mean"] for k in ("psnr", "ssim3d", "ssim2d", "mse_hu")},
+            "seconds": time.perf_counter() - t0,
+            "peak_rss_mib": mem.peak_mib,
+        }
         figs = []
         for case in discover_cases(input_path):
             img = nib.load(str(sub / f"{case.name}{RECON_SUFFIX}"))
@@ -93,25 +113,37 @@ def compare_vaes(input_path: str, vaes, output_dir: str, weights: dict | None = 
             if labels is not None:
                 lab = to_slices(load_labels(labels, aff, img.shape), aff)[0]
             a = analyze(x, y, sp, lab)
-            figs.append([a[k] for k in ("noise_ratio", "boundary_shift_mean_mm", "edge_sharpness",
-                                        "hf_error_fraction")])
-        for k, v in zip(("noise_ratio", "boundary_shift_mean_mm", "edge_sharpness", "hf_error_fraction"),
-                        np.nanmean(np.array(figs, dtype=np.float64), 0)):
+            figs.append(
+                [a[k] for k in ("noise_ratio", "boundary_shift_mean_mm", "edge_sharpness", "hf_error_fraction")]
+            )
+        for k, v in zip(
+            ("noise_ratio", "boundary_shift_mean_mm", "edge_sharpness", "hf_error_fraction"),
+            np.nanmean(np.array(figs, dtype=np.float64), 0),
+        ):
             row[k] = float(v)
         rows.append(row)
     if rows:
         _write_tables(rows, out)
     if failed:
-        raise BatchFailure(f"{len(failed)} of {len(vaes)} VAEs failed (the table has the others):\n  " +
-                           "\n  ".join(failed))
+        raise BatchFailure(
+            f"{len(failed)} of {len(vaes)} VAEs failed (the table has the others):\n  " + "\n  ".join(failed)
+        )
     return rows
 
 
 def _write_tables(rows: list[dict], out: Path) -> None:
     cols = list(rows[0])
-    write_text_atomic(out / "compare.csv", "\n".join([",".join(cols)] + [
-        ",".join(f"{r[c]:.6g}" if isinstance(r[c], float) else str(r[c]) for c in cols) for r in rows]) + "\n")
+    write_text_atomic(
+        out / "compare.csv",
+        "\n".join(
+            [",".join(cols)]
+            + [",".join(f"{r[c]:.6g}" if isinstance(r[c], float) else str(r[c]) for c in cols) for r in rows]
+        )
+        + "\n",
+    )
     md = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    md += ["| " + " | ".join(f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |" for r in rows]
+    md += [
+        "| " + " | ".join(f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |" for r in rows
+    ]
     write_text_atomic(out / "compare.md", "\n".join(md) + "\n")
     print("\n".join(md))

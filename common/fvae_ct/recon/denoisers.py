@@ -61,8 +61,12 @@ def _bilateral(x, spacing, window):
 
     lo, hi = window
 
-    return _per_slice(x, lambda s: denoise_bilateral(s, sigma_color=100.0 / (hi - lo), sigma_spatial=1.0,
-                                                     win_size=5, mode="edge"), lo, hi)
+    return _per_slice(
+        x,
+        lambda s: denoise_bilateral(s, sigma_color=100.0 / (hi - lo), sigma_spatial=1.0, win_size=5, mode="edge"),
+        lo,
+        hi,
+    )
 
 
 def noise_sigma(s: np.ndarray) -> float:
@@ -85,8 +89,15 @@ def _nlm(x, spacing, window):
     return _per_slice(x, f, lo, hi)
 
 
-def match_gaussian_sigma(x: np.ndarray, target: float, score: Callable[[np.ndarray], float],
-                         lo: float = 0.05, hi: float = 3.0, grid: int = 12, iters: int = 8) -> float:
+def match_gaussian_sigma(
+    x: np.ndarray,
+    target: float,
+    score: Callable[[np.ndarray], float],
+    lo: float = 0.05,
+    hi: float = 3.0,
+    grid: int = 12,
+    iters: int = 8,
+) -> float:
     """The smallest gaussian sigma (voxels) at which ``score(gaussian(x, sigma))`` falls to ``target``.
 
     ``score`` falls with sigma (a noise ratio, a PSNR) at least until the target is reached; a coarse scan

@@ -27,8 +27,16 @@ from tqdm.auto import tqdm
 
 from ..errors import FvaeError
 from ..figures import three_view
-from ..io import (Case, axial_axis, discover_cases, load_ct, save_nifti_atomic, spacing_of, unique_names,
-                 write_text_atomic)
+from ..io import (
+    Case,
+    axial_axis,
+    discover_cases,
+    load_ct,
+    save_nifti_atomic,
+    spacing_of,
+    unique_names,
+    write_text_atomic,
+)
 from ..metrics import PROTOCOL, recon_metrics
 from ..tiling import TilingConfig
 from ..transforms import DEFAULT_HU_WINDOW, recon_preprocessing
@@ -51,8 +59,16 @@ class VAEReconInferer(Inferer):
     ``x: [B, 1, D, H, W]`` in the VAE's input range -> same shape and range.
     """
 
-    def __init__(self, tile_size: int | None = None, tile_overlap: int = 96, depth_window: int | None = None,
-                 depth_overlap: int = 4, slice_batch: int = 4, blend: str = "cosine", progress: bool = False):
+    def __init__(
+        self,
+        tile_size: int | None = None,
+        tile_overlap: int = 96,
+        depth_window: int | None = None,
+        depth_overlap: int = 4,
+        slice_batch: int = 4,
+        blend: str = "cosine",
+        progress: bool = False,
+    ):
         super().__init__()
         self.tiling = TilingConfig(tile_size, tile_overlap, depth_window, depth_overlap, slice_batch, blend)
         self.progress = progress
@@ -81,14 +97,22 @@ class VAEReconstructd(MapTransform):
     ``MetaTensor [1, X, Y, Z]``; the output has the same shape, affine and meta.
     """
 
-    def __init__(self, keys, network: FrozenVAE, output_key: str = "image_recon", hu_window=DEFAULT_HU_WINDOW,
-                 working_spacing: float | None = None, inferer: VAEReconInferer | None = None):
+    def __init__(
+        self,
+        keys,
+        network: FrozenVAE,
+        output_key: str = "image_recon",
+        hu_window=DEFAULT_HU_WINDOW,
+        working_spacing: float | None = None,
+        inferer: VAEReconInferer | None = None,
+    ):
         super().__init__(keys)
         self.network = network
         self.output_key = output_key
         self.inferer = inferer or VAEReconInferer()
-        self.preprocessing = recon_preprocessing("image", hu_window, network.input_range, working_spacing,
-                                                 check_hu=False)
+        self.preprocessing = recon_preprocessing(
+            "image", hu_window, network.input_range, working_spacing, check_hu=False
+        )
 
     def __call__(self, data):
         d = dict(data)
@@ -116,10 +140,19 @@ class ReconWorkflow:
         device: torch device for the VAE.
     """
 
-    def __init__(self, network: FrozenVAE, output_dir: str, inferer: VAEReconInferer | None = None,
-                 hu_window=DEFAULT_HU_WINDOW, working_spacing: float | None = None, skip_existing: bool = False,
-                 figures: bool = True, check_hu: bool = True, device: str | torch.device | None = None,
-                 progress: bool = True):
+    def __init__(
+        self,
+        network: FrozenVAE,
+        output_dir: str,
+        inferer: VAEReconInferer | None = None,
+        hu_window=DEFAULT_HU_WINDOW,
+        working_spacing: float | None = None,
+        skip_existing: bool = False,
+        figures: bool = True,
+        check_hu: bool = True,
+        device: str | torch.device | None = None,
+        progress: bool = True,
+    ):
         self.network = network if device is None else network.to(device)
         self.output_dir = Path(output_dir)
         self.inferer = inferer or VAEReconInferer()
@@ -128,8 +161,9 @@ class ReconWorkflow:
         self.skip_existing = bool(skip_existing)
         self.figures = figures
         self.progress = progress
-        self.preprocessing = recon_preprocessing("image", self.hu_window, network.input_range,
-                                                 self.working_spacing, check_hu)
+        self.preprocessing = recon_preprocessing(
+            "image", self.hu_window, network.input_range, self.working_spacing, check_hu
+        )
 
     # ---- one case -------------------------------------------------------------------------------------
     def reconstruct_volume(self, image: MetaTensor) -> MetaTensor:
@@ -157,12 +191,25 @@ class ReconWorkflow:
         m = recon_metrics(np.moveaxis(hu_in, ax, 0), np.moveaxis(hu_out.astype(np.float32), ax, 0), self.hu_window)
         m["seconds"] = seconds
         if self.figures:
-            three_view(hu_in, hu_out, affine, self.output_dir / f"{case.name}_views.png",
-                       title=f"{case.name} - {self.network.name}", window=self.hu_window,
-                       metrics={k: m[k] for k in ("psnr", "ssim2d", "mae_hu")})
+            three_view(
+                hu_in,
+                hu_out,
+                affine,
+                self.output_dir / f"{case.name}_views.png",
+                title=f"{case.name} - {self.network.name}",
+                window=self.hu_window,
+                metrics={k: m[k] for k in ("psnr", "ssim2d", "mae_hu")},
+            )
         sp = spacing_of(affine)
-        return {"case": case.name, "status": status, **m, "shape": "x".join(map(str, hu_in.shape)),
-                "spacing_mm": "x".join(f"{s:.4g}" for s in sp), "input": case.path, "output": str(out_path)}
+        return {
+            "case": case.name,
+            "status": status,
+            **m,
+            "shape": "x".join(map(str, hu_in.shape)),
+            "spacing_mm": "x".join(f"{s:.4g}" for s in sp),
+            "input": case.path,
+            "output": str(out_path),
+        }
 
     # ---- a batch --------------------------------------------------------------------------------------
     def cases(self, input_path) -> list[Case]:
@@ -193,8 +240,10 @@ class ReconWorkflow:
         summary = self._write(rows, failures)
         print(self.table(rows, failures))
         if failures:
-            raise BatchFailure(f"{len(failures)} of {len(cases)} case(s) failed:\n" + "\n".join(
-                f"  {f['case']} ({f['input']}): {f['error']}" for f in failures))
+            raise BatchFailure(
+                f"{len(failures)} of {len(cases)} case(s) failed:\n"
+                + "\n".join(f"  {f['case']} ({f['input']}): {f['error']}" for f in failures)
+            )
         return summary
 
     def _write(self, rows: list[dict], failures: list[dict]) -> dict:
@@ -208,13 +257,20 @@ class ReconWorkflow:
         stats = {}
         for k in METRIC_KEYS:
             v = np.array([r[k] for r in rows if isinstance(r.get(k), float) and math.isfinite(r[k])])
-            stats[k] = {"mean": float(v.mean()) if v.size else None, "std": float(v.std()) if v.size else None,
-                        "n": int(v.size)}
+            stats[k] = {
+                "mean": float(v.mean()) if v.size else None,
+                "std": float(v.std()) if v.size else None,
+                "n": int(v.size),
+            }
         net = self.network
         summary = {
             "vae": net.name,
-            "vae_properties": {"latent_channels": net.latent_channels, "spatial_factor": net.spatial_factor,
-                               "depth_factor": net.depth_factor, "input_range": list(net.input_range)},
+            "vae_properties": {
+                "latent_channels": net.latent_channels,
+                "spatial_factor": net.spatial_factor,
+                "depth_factor": net.depth_factor,
+                "input_range": list(net.input_range),
+            },
             "hu_window": list(self.hu_window),
             "working_spacing_mm": self.working_spacing,
             "tiling": self.inferer.tiling.as_dict(),
@@ -233,12 +289,16 @@ class ReconWorkflow:
         head = f"{'case':<32} {'PSNR dB':>8} {'SSIM3d':>7} {'SSIM2d':>7} {'MSE HU2':>9} {'sec':>7}"
         lines = [head, "-" * len(head)]
         for r in rows:
-            lines.append(f"{r['case'][:32]:<32} {r['psnr']:8.2f} {r['ssim3d']:7.4f} {r['ssim2d']:7.4f} "
-                         f"{r['mse_hu']:9.1f} {r['seconds']:7.1f}")
+            lines.append(
+                f"{r['case'][:32]:<32} {r['psnr']:8.2f} {r['ssim3d']:7.4f} {r['ssim2d']:7.4f} "
+                f"{r['mse_hu']:9.1f} {r['seconds']:7.1f}"
+            )
         if len(rows) > 1:
             mean = {k: float(np.nanmean([r[k] for r in rows])) for k in ("psnr", "ssim3d", "ssim2d", "mse_hu")}
-            lines.append(f"{'mean':<32} {mean['psnr']:8.2f} {mean['ssim3d']:7.4f} {mean['ssim2d']:7.4f} "
-                         f"{mean['mse_hu']:9.1f}")
+            lines.append(
+                f"{'mean':<32} {mean['psnr']:8.2f} {mean['ssim3d']:7.4f} {mean['ssim2d']:7.4f} "
+                f"{mean['mse_hu']:9.1f}"
+            )
         for f in failures:
             lines.append(f"FAILED {f['case']}: {f['error']}")
         return "\n".join(lines)

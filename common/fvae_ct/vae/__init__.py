@@ -25,8 +25,21 @@ from .ivvae import IVVAE, IVVAE_VARIANTS
 from .leanvae import LEANVAE_CONFIGS, LeanVAE
 from .wan import WAN_HUB_IDS, WanVAE
 
-__all__ = ["FrozenVAE", "DiffusersVideoVAE", "ExternalVAE", "IdentityVAE", "IVVAE", "LeanVAE", "TAESDVAE", "WanVAE",
-           "VAESpec", "REGISTRY", "load", "list_vaes", "register"]
+__all__ = [
+    "FrozenVAE",
+    "DiffusersVideoVAE",
+    "ExternalVAE",
+    "IdentityVAE",
+    "IVVAE",
+    "LeanVAE",
+    "TAESDVAE",
+    "WanVAE",
+    "VAESpec",
+    "REGISTRY",
+    "load",
+    "list_vaes",
+    "register",
+]
 
 
 @dataclass(frozen=True)
@@ -57,8 +70,10 @@ def _taef2(weights=None, dtype=torch.float32, **kw) -> FrozenVAE:
         if len(parts) == 1 and parts[0].is_dir():
             parts = [parts[0] / "taef2_encoder.pth", parts[0] / "taef2_decoder.pth"]
         if len(parts) != 2:
-            raise WeightsError(f"{weights}: give the TAEF2 weights as 'encoder.pth,decoder.pth' or a folder holding "
-                               "taef2_encoder.pth and taef2_decoder.pth")
+            raise WeightsError(
+                f"{weights}: give the TAEF2 weights as 'encoder.pth,decoder.pth' or a folder holding "
+                "taef2_encoder.pth and taef2_decoder.pth"
+            )
         enc, dec = parts
     if dtype != torch.float32:
         raise ValueError("taef2 runs in float32 (it is tiny; reduced precision brings no speed on CPU)")
@@ -72,18 +87,36 @@ def _wan(name: str):
     return build
 
 
-register(VAESpec(
-    "taef2", "image AE, slice-wise, 32 latent ch, 8x", "taef2_encoder.pth + taef2_decoder.pth (2.7 MB each)",
-    f"$FVAE_ASSETS/weights, ~/.cache/fvae_ct, or {assets.ASSETS['taef2_encoder'].url.rsplit('/', 1)[0]}/",
-    "MIT (madebyollin/taesd)", _taef2))
-register(VAESpec(
-    "wan2.1", "causal video VAE, depth=time, 16 latent ch, 8x spatial, 4x depth",
-    "diffusers AutoencoderKLWan folder (vae/, about 0.5 GB fp32)",
-    f"hub id {WAN_HUB_IDS['wan2.1']} (subfolder vae) or a local copy", "Apache-2.0 (Wan-AI)", _wan("wan2.1")))
-register(VAESpec(
-    "wan2.2", "causal video VAE, depth=time, 48 latent ch, 16x spatial (2x2 patchify), 4x depth",
-    "diffusers AutoencoderKLWan folder (vae/, about 2.8 GB fp32)",
-    f"hub id {WAN_HUB_IDS['wan2.2']} (subfolder vae) or a local copy", "Apache-2.0 (Wan-AI)", _wan("wan2.2")))
+register(
+    VAESpec(
+        "taef2",
+        "image AE, slice-wise, 32 latent ch, 8x",
+        "taef2_encoder.pth + taef2_decoder.pth (2.7 MB each)",
+        f"$FVAE_ASSETS/weights, ~/.cache/fvae_ct, or {assets.ASSETS['taef2_encoder'].url.rsplit('/', 1)[0]}/",
+        "MIT (madebyollin/taesd)",
+        _taef2,
+    )
+)
+register(
+    VAESpec(
+        "wan2.1",
+        "causal video VAE, depth=time, 16 latent ch, 8x spatial, 4x depth",
+        "diffusers AutoencoderKLWan folder (vae/, about 0.5 GB fp32)",
+        f"hub id {WAN_HUB_IDS['wan2.1']} (subfolder vae) or a local copy",
+        "Apache-2.0 (Wan-AI)",
+        _wan("wan2.1"),
+    )
+)
+register(
+    VAESpec(
+        "wan2.2",
+        "causal video VAE, depth=time, 48 latent ch, 16x spatial (2x2 patchify), 4x depth",
+        "diffusers AutoencoderKLWan folder (vae/, about 2.8 GB fp32)",
+        f"hub id {WAN_HUB_IDS['wan2.2']} (subfolder vae) or a local copy",
+        "Apache-2.0 (Wan-AI)",
+        _wan("wan2.2"),
+    )
+)
 
 
 def _ivvae(z_dim: int | None, dim: int | None):
@@ -94,14 +127,28 @@ def _ivvae(z_dim: int | None, dim: int | None):
 
 
 _IVVAE_SRC = f"$FVAE_ASSETS/weights/ivvae/, ~/.cache/fvae_ct, or ModelScope wpy1999/iv-vae ({assets.IVVAE_PAGE})"
-register(VAESpec(
-    "ivvae", "IV-VAE causal video VAE (own implementation), depth=time, 8x spatial, 4x depth; variant read from "
-    "the checkpoint (default z16 dim64)", "ivvae_z{4,8,16}_dim{64,96}.pth (official, strict)", _IVVAE_SRC,
-    "MIT (ali-vilab/iv-vae)", _ivvae(None, None)))
+register(
+    VAESpec(
+        "ivvae",
+        "IV-VAE causal video VAE (own implementation), depth=time, 8x spatial, 4x depth; variant read from "
+        "the checkpoint (default z16 dim64)",
+        "ivvae_z{4,8,16}_dim{64,96}.pth (official, strict)",
+        _IVVAE_SRC,
+        "MIT (ali-vilab/iv-vae)",
+        _ivvae(None, None),
+    )
+)
 for (_z, _d), (_s, _t) in IVVAE_VARIANTS.items():
-    register(VAESpec(
-        f"ivvae_z{_z}_dim{_d}", f"IV-VAE, {_z} latent ch, width {_d}, latent = {_s} * (mean - {_t})",
-        f"ivvae_z{_z}_dim{_d}.pth", _IVVAE_SRC, "MIT (ali-vilab/iv-vae)", _ivvae(_z, _d)))
+    register(
+        VAESpec(
+            f"ivvae_z{_z}_dim{_d}",
+            f"IV-VAE, {_z} latent ch, width {_d}, latent = {_s} * (mean - {_t})",
+            f"ivvae_z{_z}_dim{_d}.pth",
+            _IVVAE_SRC,
+            "MIT (ali-vilab/iv-vae)",
+            _ivvae(_z, _d),
+        )
+    )
 
 
 def _leanvae(variant: str, name: str):
@@ -112,14 +159,28 @@ def _leanvae(variant: str, name: str):
 
 
 _LEAN_SRC = f"$FVAE_ASSETS/weights/leanvae/, ~/.cache/fvae_ct, or Hugging Face Yumic/LeanVAE ({assets.LEANVAE_PAGE})"
-register(VAESpec(
-    "leanvae", "LeanVAE causal video VAE (own implementation), depth=time, 8x spatial, 4x depth, input [-0.5, 0.5]; "
-    "architecture read from the checkpoint (default dim16)", "LeanVAE-dim{4,16}.ckpt (official, strict, 159 MB)",
-    _LEAN_SRC, "MIT (westlake-repl/LeanVAE code, Yumic/LeanVAE weights)", _leanvae("dim16", "leanvae")))
+register(
+    VAESpec(
+        "leanvae",
+        "LeanVAE causal video VAE (own implementation), depth=time, 8x spatial, 4x depth, input [-0.5, 0.5]; "
+        "architecture read from the checkpoint (default dim16)",
+        "LeanVAE-dim{4,16}.ckpt (official, strict, 159 MB)",
+        _LEAN_SRC,
+        "MIT (westlake-repl/LeanVAE code, Yumic/LeanVAE weights)",
+        _leanvae("dim16", "leanvae"),
+    )
+)
 for _v, _c in LEANVAE_CONFIGS.items():
-    register(VAESpec(
-        f"leanvae_{_v}", f"LeanVAE, {_c['latent_dim']} latent ch", f"LeanVAE-{_v}.ckpt", _LEAN_SRC,
-        "MIT (westlake-repl/LeanVAE code, Yumic/LeanVAE weights)", _leanvae(_v, f"leanvae_{_v}")))
+    register(
+        VAESpec(
+            f"leanvae_{_v}",
+            f"LeanVAE, {_c['latent_dim']} latent ch",
+            f"LeanVAE-{_v}.ckpt",
+            _LEAN_SRC,
+            "MIT (westlake-repl/LeanVAE code, Yumic/LeanVAE weights)",
+            _leanvae(_v, f"leanvae_{_v}"),
+        )
+    )
 
 
 def _video(name: str):
@@ -130,31 +191,60 @@ def _video(name: str):
 
 
 for _name, (_cls, _hub, _lic) in VIDEO_VAES.items():
-    register(VAESpec(_name, f"causal video VAE, depth=time (diffusers {_cls})", f"diffusers {_cls} folder (vae/)",
-                     f"hub id {_hub} (subfolder vae) or a local copy", _lic, _video(_name)))
+    register(
+        VAESpec(
+            _name,
+            f"causal video VAE, depth=time (diffusers {_cls})",
+            f"diffusers {_cls} folder (vae/)",
+            f"hub id {_hub} (subfolder vae) or a local copy",
+            _lic,
+            _video(_name),
+        )
+    )
 
 
 def _external(name: str):
     def build(weights=None, dtype=torch.float32, target=None, **kw) -> FrozenVAE:
         if target is None:
-            raise WeightsError(f"{name}: give target='package.module.Class' (and repo='<local clone>', kwargs={{...}}, "
-                               "latent_channels, spatial_factor, depth_factor, input_range, layout)")
+            raise WeightsError(
+                f"{name}: give target='package.module.Class' (and repo='<local clone>', kwargs={{...}}, "
+                "latent_channels, spatial_factor, depth_factor, input_range, layout)"
+            )
         return ExternalVAE(target, name=name, repo=weights if weights else kw.pop("repo", None), **kw)
 
     return build
 
 
-register(VAESpec(
-    "external", "any VAE class with encode/decode from your own code (dotted path + kwargs): WF-VAE, CV-VAE ...",
-    "whatever the class loads", "your local clone (weights=<repo path>, target=<module.Class>)",
-    "that of the code you point to", _external("external")))
-register(VAESpec(
-    "videovae_plus", "VideoVAE+ through the official code (not re-implemented: CC BY-NC-ND)",
-    "the official checkpoint, loaded by the official class", "a local clone of the official repository",
-    "CC BY-NC-ND 4.0 (VideoVAE+)", _external("videovae_plus")))
-register(VAESpec(
-    "identity", "control: encode = decode = identity (measures the pipeline alone)", "none", "built in",
-    "Apache-2.0 (fvae-ct)", lambda weights=None, dtype=torch.float32, **kw: IdentityVAE(**kw)))
+register(
+    VAESpec(
+        "external",
+        "any VAE class with encode/decode from your own code (dotted path + kwargs): WF-VAE, CV-VAE ...",
+        "whatever the class loads",
+        "your local clone (weights=<repo path>, target=<module.Class>)",
+        "that of the code you point to",
+        _external("external"),
+    )
+)
+register(
+    VAESpec(
+        "videovae_plus",
+        "VideoVAE+ through the official code (not re-implemented: CC BY-NC-ND)",
+        "the official checkpoint, loaded by the official class",
+        "a local clone of the official repository",
+        "CC BY-NC-ND 4.0 (VideoVAE+)",
+        _external("videovae_plus"),
+    )
+)
+register(
+    VAESpec(
+        "identity",
+        "control: encode = decode = identity (measures the pipeline alone)",
+        "none",
+        "built in",
+        "Apache-2.0 (fvae-ct)",
+        lambda weights=None, dtype=torch.float32, **kw: IdentityVAE(**kw),
+    )
+)
 
 
 def load(

@@ -155,12 +155,14 @@ class FrozenVAE(nn.Module, ABC):
         if self.depth_factor == 1:
             out = torch.empty_like(x)
             n = t.slice_batch
-            for i in tqdm(range(0, x.shape[2], n), desc=f"{self.name} slices", unit="batch", disable=not progress,
-                          leave=False):
+            for i in tqdm(
+                range(0, x.shape[2], n), desc=f"{self.name} slices", unit="batch", disable=not progress, leave=False
+            ):
                 out[:, :, i : i + n] = self._reconstruct_block(x[:, :, i : i + n], t)
             return out
-        return windowed_apply(lambda v: self._reconstruct_block(v, t), x, t.depth_window, t.depth_overlap,
-                              None, 0, t.blend, progress)
+        return windowed_apply(
+            lambda v: self._reconstruct_block(v, t), x, t.depth_window, t.depth_overlap, None, 0, t.blend, progress
+        )
 
     def _reconstruct_block(self, x: torch.Tensor, t: TilingConfig) -> torch.Tensor:
         """Reconstruct one depth block, tiled in x-y when ``t.tile_size`` is set."""
@@ -191,5 +193,7 @@ class FrozenVAE(nn.Module, ABC):
         return self.decode(z / self.scale_factor)
 
     def extra_repr(self) -> str:
-        return (f"name={self.name}, latent_channels={self.latent_channels}, spatial_factor={self.spatial_factor}, "
-                f"depth_factor={self.depth_factor}, input_range={self.input_range}")
+        return (
+            f"name={self.name}, latent_channels={self.latent_channels}, spatial_factor={self.spatial_factor}, "
+            f"depth_factor={self.depth_factor}, input_range={self.input_range}"
+        )

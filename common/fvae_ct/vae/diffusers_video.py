@@ -19,8 +19,11 @@ __all__ = ["DiffusersVideoVAE", "VIDEO_VAES"]
 #: name -> (diffusers class, default hub id with a ``vae`` subfolder, licence of the weights)
 VIDEO_VAES = {
     "cogvideox": ("AutoencoderKLCogVideoX", "THUDM/CogVideoX-2b", "Apache-2.0 (CogVideoX-2b)"),
-    "hunyuanvideo": ("AutoencoderKLHunyuanVideo", "hunyuanvideo-community/HunyuanVideo",
-                     "Tencent Hunyuan Community License"),
+    "hunyuanvideo": (
+        "AutoencoderKLHunyuanVideo",
+        "hunyuanvideo-community/HunyuanVideo",
+        "Tencent Hunyuan Community License",
+    ),
     "ltx-video": ("AutoencoderKLLTXVideo", "Lightricks/LTX-Video", "LTX-Video open weights licence (model card)"),
 }
 
@@ -30,8 +33,15 @@ class DiffusersVideoVAE(FrozenVAE):
 
     input_range = (-1.0, 1.0)
 
-    def __init__(self, name: str, model=None, weights: str | None = None, dtype: torch.dtype = torch.float32,
-                 tiling: TilingConfig | None = None, scale_factor: float = 1.0):
+    def __init__(
+        self,
+        name: str,
+        model=None,
+        weights: str | None = None,
+        dtype: torch.dtype = torch.float32,
+        tiling: TilingConfig | None = None,
+        scale_factor: float = 1.0,
+    ):
         super().__init__(tiling=tiling, scale_factor=scale_factor)
         import diffusers
 
@@ -44,18 +54,33 @@ class DiffusersVideoVAE(FrozenVAE):
         self.model = model if model.dtype == dtype else model.to(dtype)
         cfg, attrs, buffers = model.config, vars(model), dict(model.named_buffers())
         self.latent_channels = int(cfg.latent_channels)
-        self.spatial_factor = int(attrs.get("spatial_compression_ratio") or cfg.get("spatial_compression_ratio") or
-                                  2 ** (len(cfg.block_out_channels) - 1))
+        self.spatial_factor = int(
+            attrs.get("spatial_compression_ratio")
+            or cfg.get("spatial_compression_ratio")
+            or 2 ** (len(cfg.block_out_channels) - 1)
+        )
         self.depth_factor = int(attrs.get("temporal_compression_ratio") or cfg.get("temporal_compression_ratio"))
         mean = buffers.get("latents_mean", cfg.get("latents_mean"))
         std = buffers.get("latents_std", cfg.get("latents_std"))
         c = self.latent_channels
-        self.register_buffer("z_shift", (torch.as_tensor(mean, dtype=torch.float32) if mean is not None else
-                                         torch.full((c,), float(cfg.get("shift_factor") or 0.0)))
-                             .view(1, c, 1, 1, 1), persistent=False)
-        self.register_buffer("z_scale", (float(cfg.scaling_factor) / torch.as_tensor(std, dtype=torch.float32)
-                                         if std is not None else torch.full((c,), float(cfg.scaling_factor)))
-                             .view(1, c, 1, 1, 1), persistent=False)
+        self.register_buffer(
+            "z_shift",
+            (
+                torch.as_tensor(mean, dtype=torch.float32)
+                if mean is not None
+                else torch.full((c,), float(cfg.get("shift_factor") or 0.0))
+            ).view(1, c, 1, 1, 1),
+            persistent=False,
+        )
+        self.register_buffer(
+            "z_scale",
+            (
+                float(cfg.scaling_factor) / torch.as_tensor(std, dtype=torch.float32)
+                if std is not None
+                else torch.full((c,), float(cfg.scaling_factor))
+            ).view(1, c, 1, 1, 1),
+            persistent=False,
+        )
         self.freeze()
 
     def normalize(self, z: torch.Tensor) -> torch.Tensor:

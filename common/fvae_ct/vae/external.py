@@ -62,10 +62,22 @@ def _latent(out) -> torch.Tensor:
 class ExternalVAE(FrozenVAE):
     """A user-provided VAE class (dotted path + kwargs), frozen, behind :class:`FrozenVAE`."""
 
-    def __init__(self, target: str, kwargs: dict | None = None, repo: str | None = None, name: str = "external",
-                 layout: str = "video", latent_channels: int = 4, spatial_factor: int = 8, depth_factor: int = 4,
-                 input_range=(-1.0, 1.0), encode_fn: str = "encode", decode_fn: str = "decode",
-                 tiling: TilingConfig | None = None, scale_factor: float = 1.0):
+    def __init__(
+        self,
+        target: str,
+        kwargs: dict | None = None,
+        repo: str | None = None,
+        name: str = "external",
+        layout: str = "video",
+        latent_channels: int = 4,
+        spatial_factor: int = 8,
+        depth_factor: int = 4,
+        input_range=(-1.0, 1.0),
+        encode_fn: str = "encode",
+        decode_fn: str = "decode",
+        tiling: TilingConfig | None = None,
+        scale_factor: float = 1.0,
+    ):
         super().__init__(tiling=tiling, scale_factor=scale_factor)
         if layout not in ("video", "image"):
             raise ValueError(f"layout must be 'video' or 'image', got {layout!r}")

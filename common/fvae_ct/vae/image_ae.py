@@ -91,8 +91,9 @@ class TAESDVAE(FrozenVAE):
         b, c, d, h, w = v.shape
         flat = v.permute(0, 2, 1, 3, 4).reshape(b * d, c, h, w)
         n = self.tiling.slice_batch
-        out = torch.cat([fn(flat[i : i + n].contiguous(memory_format=self.memory_format))
-                         for i in range(0, flat.shape[0], n)])
+        out = torch.cat(
+            [fn(flat[i : i + n].contiguous(memory_format=self.memory_format)) for i in range(0, flat.shape[0], n)]
+        )
         return out.reshape(b, d, *out.shape[1:]).permute(0, 2, 1, 3, 4).contiguous()
 
     def _split(self):

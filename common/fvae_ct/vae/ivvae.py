@@ -56,8 +56,10 @@ class GroupCausalConv3d(nn.Conv3d):
     def __init__(self, cin: int, cout: int, kernel: int, padding: int = 0, group: int = 1):
         super().__init__(cin, cout, kernel, padding=0)
         if (kernel, padding) not in ((1, 0), (3, 1)):
-            raise ValueError(f"GroupCausalConv3d supports kernel 1 / padding 0 and kernel 3 / padding 1, got "
-                             f"{kernel} / {padding}")
+            raise ValueError(
+                f"GroupCausalConv3d supports kernel 1 / padding 0 and kernel 3 / padding 1, got "
+                f"{kernel} / {padding}"
+            )
         self.pad, self.group = padding, group
 
     def forward(self, x: torch.Tensor, prev: torch.Tensor | None = None) -> torch.Tensor:
@@ -114,7 +116,7 @@ class TwinRMSNorm(nn.Module):
 
     def __init__(self, width: int):
         super().__init__()
-        self.scale = width ** 0.5
+        self.scale = width**0.5
         self.gamma = nn.Parameter(torch.ones(2 * width, 1, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -144,7 +146,7 @@ class SpatialAttention(nn.Module):
 class _RMSNorm2d(nn.Module):
     def __init__(self, width: int):
         super().__init__()
-        self.scale = width ** 0.5
+        self.scale = width**0.5
         self.gamma = nn.Parameter(torch.ones(width, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -171,8 +173,15 @@ class TwinResBlock(nn.Module):
         def conv(a, b, k):
             return TwinConv(2 * a, b, k, k // 2, group) if group else JointConv2d(2 * a, 2 * b, k)
 
-        self.residual = nn.Sequential(TwinRMSNorm(cin), nn.SiLU(), conv(cin, cout, 3),
-                                      TwinRMSNorm(cout), nn.SiLU(), nn.Dropout(0.0), conv(cout, cout, 3))
+        self.residual = nn.Sequential(
+            TwinRMSNorm(cin),
+            nn.SiLU(),
+            conv(cin, cout, 3),
+            TwinRMSNorm(cout),
+            nn.SiLU(),
+            nn.Dropout(0.0),
+            conv(cout, cout, 3),
+        )
         self.shortcut = conv(cin, cout, 1) if cin != cout else nn.Identity()
 
     def forward(self, x: torch.Tensor, stream: CausalStream | None = None) -> torch.Tensor:
@@ -191,12 +200,18 @@ class Resample(nn.Module):
         super().__init__()
         self.width, self.mode = width, mode
         if mode.startswith("down"):
+
             def make():
                 return nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(width, width, 3, stride=2))
+
         else:
+
             def make():
-                return nn.Sequential(nn.Upsample(scale_factor=(2.0, 2.0), mode="nearest-exact"),
-                                     nn.Conv2d(width, width // 2, 3, padding=1))
+                return nn.Sequential(
+                    nn.Upsample(scale_factor=(2.0, 2.0), mode="nearest-exact"),
+                    nn.Conv2d(width, width // 2, 3, padding=1),
+                )
+
         self.resample_2d, self.resample_3d = make(), make()
         if mode == "down3d":
             self.time_conv = nn.Conv3d(width, width, (2, 1, 1), stride=(2, 1, 1))
@@ -252,10 +267,20 @@ class Encoder(nn.Module):
         d1, d2, d4 = dim, 2 * dim, 4 * dim
         self.conv1 = TwinConv(3, d1, 3, 1, group=4)
         self.downsamples = nn.Sequential(
-            TwinResBlock(d1, d1, 4), TwinResBlock(d1, d1, 4), Resample(d1, "down2d"),
-            TwinResBlock(d1, d2, 4), TwinResBlock(d2, d2, 4), Resample(d2, "down3d"),
-            TwinResBlock(d2, d4, 2), TwinResBlock(d4, d4, 2), Resample(d4, "down3d"), TwinAttention(d4),
-            TwinResBlock(d4, d4), TwinAttention(d4), TwinResBlock(d4, d4), TwinAttention(d4),
+            TwinResBlock(d1, d1, 4),
+            TwinResBlock(d1, d1, 4),
+            Resample(d1, "down2d"),
+            TwinResBlock(d1, d2, 4),
+            TwinResBlock(d2, d2, 4),
+            Resample(d2, "down3d"),
+            TwinResBlock(d2, d4, 2),
+            TwinResBlock(d4, d4, 2),
+            Resample(d4, "down3d"),
+            TwinAttention(d4),
+            TwinResBlock(d4, d4),
+            TwinAttention(d4),
+            TwinResBlock(d4, d4),
+            TwinAttention(d4),
         )
         self.middle = nn.Sequential(TwinResBlock(d4, d4), TwinAttention(d4), TwinResBlock(d4, d4))
         self.head = nn.Sequential(TwinRMSNorm(d4), nn.SiLU(), AtrousHead(d4, z))
@@ -275,11 +300,24 @@ class Decoder(nn.Module):
         self.conv1 = JointConv2d(2 * zh, 2 * d4, 3)
         self.middle = nn.Sequential(TwinResBlock(d4, d4), TwinAttention(d4), TwinResBlock(d4, d4))
         self.upsamples = nn.Sequential(
-            TwinResBlock(d4, d4), TwinAttention(d4), TwinResBlock(d4, d4), TwinAttention(d4),
-            TwinResBlock(d4, d4), TwinAttention(d4), Resample(d4, "up3d"),
-            TwinResBlock(d2, d4, 2), TwinResBlock(d4, d4, 2), TwinResBlock(d4, d4, 2), Resample(d4, "up3d"),
-            TwinResBlock(d2, d2, 4), TwinResBlock(d2, d2, 4), TwinResBlock(d2, d2, 4), Resample(d2, "up2d"),
-            TwinResBlock(d1, d1, 4), TwinResBlock(d1, d1, 4), TwinResBlock(d1, d1, 4),
+            TwinResBlock(d4, d4),
+            TwinAttention(d4),
+            TwinResBlock(d4, d4),
+            TwinAttention(d4),
+            TwinResBlock(d4, d4),
+            TwinAttention(d4),
+            Resample(d4, "up3d"),
+            TwinResBlock(d2, d4, 2),
+            TwinResBlock(d4, d4, 2),
+            TwinResBlock(d4, d4, 2),
+            Resample(d4, "up3d"),
+            TwinResBlock(d2, d2, 4),
+            TwinResBlock(d2, d2, 4),
+            TwinResBlock(d2, d2, 4),
+            Resample(d2, "up2d"),
+            TwinResBlock(d1, d1, 4),
+            TwinResBlock(d1, d1, 4),
+            TwinResBlock(d1, d1, 4),
         )
         self.head = nn.Sequential(TwinRMSNorm(d1), nn.SiLU(), TwinConv(2 * d1, 3, 3, 1, group=4))
 
@@ -352,17 +390,28 @@ class IVVAE(FrozenVAE):
     depth_factor = 4
     input_range = (-1.0, 1.0)
 
-    def __init__(self, z_dim: int | None = None, dim: int | None = None, weights=None, model: IVVAENet | None = None,
-                 latent_scale: float | None = None, latent_shift: float | None = None,
-                 dtype: torch.dtype = torch.float32, tiling: TilingConfig | None = None, scale_factor: float = 1.0,
-                 name: str | None = None):
+    def __init__(
+        self,
+        z_dim: int | None = None,
+        dim: int | None = None,
+        weights=None,
+        model: IVVAENet | None = None,
+        latent_scale: float | None = None,
+        latent_shift: float | None = None,
+        dtype: torch.dtype = torch.float32,
+        tiling: TilingConfig | None = None,
+        scale_factor: float = 1.0,
+        name: str | None = None,
+    ):
         super().__init__(tiling=tiling, scale_factor=scale_factor)
         if model is None:
             path = assets.weights_file(f"ivvae_z{z_dim or 16}_dim{dim or 64}", weights, assets.IVVAE_PAGE)
             state = _load_state(path)
             try:
-                found = (int(state["conv2.conv_2d.weight"].shape[1]),
-                         int(state["encoder.conv1.conv_2d.weight"].shape[0]))
+                found = (
+                    int(state["conv2.conv_2d.weight"].shape[1]),
+                    int(state["encoder.conv1.conv_2d.weight"].shape[0]),
+                )
             except KeyError as e:
                 raise WeightsError(f"{path}: not an IV-VAE checkpoint (no {e.args[0]})") from e
             if found != (z_dim or found[0], dim or found[1]):
@@ -375,8 +424,10 @@ class IVVAE(FrozenVAE):
         key = (model.z_dim, model.dim)
         if latent_scale is None or latent_shift is None:
             if key not in IVVAE_VARIANTS:
-                raise WeightsError(f"IV-VAE z{key[0]} dim{key[1]} has no published latent scale/shift: give "
-                                   "latent_scale and latent_shift")
+                raise WeightsError(
+                    f"IV-VAE z{key[0]} dim{key[1]} has no published latent scale/shift: give "
+                    "latent_scale and latent_shift"
+                )
             latent_scale = IVVAE_VARIANTS[key][0] if latent_scale is None else latent_scale
             latent_shift = IVVAE_VARIANTS[key][1] if latent_shift is None else latent_shift
         self.name = name or f"ivvae_z{key[0]}_dim{key[1]}"

@@ -39,8 +39,16 @@ __all__ = ["LeanVAENet", "LeanVAE", "LEANVAE_CONFIGS", "haar", "inverse_haar"]
 
 #: Released configurations (the official defaults; only the latent width differs).
 LEANVAE_CONFIGS = {
-    f"dim{d}": dict(embedding_dim=512, latent_dim=d, ista_iter_num=2, ista_layer_num=2, l_dim=128, h_dim=384,
-                    sep_num_layer=2, fusion_num_layer=4)
+    f"dim{d}": dict(
+        embedding_dim=512,
+        latent_dim=d,
+        ista_iter_num=2,
+        ista_layer_num=2,
+        l_dim=128,
+        h_dim=384,
+        sep_num_layer=2,
+        fusion_num_layer=4,
+    )
     for d in (4, 16)
 }
 
@@ -72,8 +80,8 @@ def inverse_haar(y: torch.Tensor, axes: tuple[int, ...], channels: int = 3) -> t
     return bands.squeeze(1)
 
 
-_IMAGE_AXES = (-1, -2)      # [B, C, H, W]: width, then height (the official band order)
-_VIDEO_AXES = (2, 3, 4)     # [B, C, T, H, W]: time, height, width
+_IMAGE_AXES = (-1, -2)  # [B, C, H, W]: width, then height (the official band order)
+_VIDEO_AXES = (2, 3, 4)  # [B, C, T, H, W]: time, height, width
 
 
 # ---- token layers (tokens ``[B, T, H, W, C]``) --------------------------------------------------------
@@ -101,8 +109,13 @@ class _GEGLU(nn.Module):
 
 def _mlp(dim: int) -> nn.Sequential:
     inner = int(4 * (2 / 3) * dim)
-    return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 2 * inner, bias=False), _GEGLU(), nn.Dropout(0.0),
-                         nn.Linear(inner, dim, bias=False))
+    return nn.Sequential(
+        nn.LayerNorm(dim),
+        nn.Linear(dim, 2 * inner, bias=False),
+        _GEGLU(),
+        nn.Dropout(0.0),
+        nn.Linear(inner, dim, bias=False),
+    )
 
 
 class TokenMixer(nn.Module):
@@ -207,7 +220,7 @@ class UnrolledISTA(nn.Module):
 
     def __init__(self, points_num: int, out_num: int, iter_num: int, layer_num: int):
         super().__init__()
-        self.phi = nn.Parameter(torch.randn(out_num, points_num) / points_num ** 0.5)
+        self.phi = nn.Parameter(torch.randn(out_num, points_num) / points_num**0.5)
         self.Q = nn.Parameter(self.phi.detach().t().clone())
         self.forward_l = nn.ModuleList([TokenMixer(layer_num, points_num, residual=False) for _ in range(iter_num)])
         self.backward_l = nn.ModuleList([TokenMixer(layer_num, points_num, residual=False) for _ in range(iter_num)])
@@ -231,8 +244,17 @@ class UnrolledISTA(nn.Module):
 class LeanVAENet(nn.Module):
     """The LeanVAE network (official parameter names). Arguments as in the official ``args``."""
 
-    def __init__(self, embedding_dim: int = 512, latent_dim: int = 16, ista_iter_num: int = 2, ista_layer_num: int = 2,
-                 l_dim: int = 128, h_dim: int = 384, sep_num_layer: int = 2, fusion_num_layer: int = 4):
+    def __init__(
+        self,
+        embedding_dim: int = 512,
+        latent_dim: int = 16,
+        ista_iter_num: int = 2,
+        ista_layer_num: int = 2,
+        l_dim: int = 128,
+        h_dim: int = 384,
+        sep_num_layer: int = 2,
+        fusion_num_layer: int = 4,
+    ):
         super().__init__()
         if embedding_dim != l_dim + h_dim:
             raise ValueError(f"LeanVAE needs embedding_dim = l_dim + h_dim, got {embedding_dim} != {l_dim} + {h_dim}")
@@ -283,9 +305,17 @@ def load_leanvae_checkpoint(path: str | os.PathLike) -> LeanVAENet:
         raise WeightsError(f"{path}: the checkpoint has no 'args' describing the architecture")
     state = ckpt["state_dict"]
     if any(k.startswith("autoencoder.") for k in state):
-        state = {k[len("autoencoder."):]: v for k, v in state.items() if k.startswith("autoencoder.")}
-    names = ("embedding_dim", "latent_dim", "ista_iter_num", "ista_layer_num", "l_dim", "h_dim", "sep_num_layer",
-             "fusion_num_layer")
+        state = {k[len("autoencoder.") :]: v for k, v in state.items() if k.startswith("autoencoder.")}
+    names = (
+        "embedding_dim",
+        "latent_dim",
+        "ista_iter_num",
+        "ista_layer_num",
+        "l_dim",
+        "h_dim",
+        "sep_num_layer",
+        "fusion_num_layer",
+    )
     missing = [k for k in names if k not in args]
     if missing:
         raise WeightsError(f"{path}: the checkpoint's args lack {missing}")
@@ -312,9 +342,17 @@ class LeanVAE(FrozenVAE):
     depth_factor = 4
     input_range = (-0.5, 0.5)
 
-    def __init__(self, variant: str = "dim16", weights=None, model: LeanVAENet | None = None, chunk: int | None = 4,
-                 dtype: torch.dtype = torch.float32, tiling: TilingConfig | None = None, scale_factor: float = 1.0,
-                 name: str | None = None):
+    def __init__(
+        self,
+        variant: str = "dim16",
+        weights=None,
+        model: LeanVAENet | None = None,
+        chunk: int | None = 4,
+        dtype: torch.dtype = torch.float32,
+        tiling: TilingConfig | None = None,
+        scale_factor: float = 1.0,
+        name: str | None = None,
+    ):
         super().__init__(tiling=tiling, scale_factor=scale_factor)
         if model is None:
             model = load_leanvae_checkpoint(assets.weights_file(f"leanvae_{variant}", weights, assets.LEANVAE_PAGE))

@@ -51,8 +51,10 @@ class TAESDBlock(nn.Module):
         else:
             self.pool = None
         self.conv = nn.Sequential(
-            _conv3x3(n_in, n_out), nn.ReLU(inplace=True),
-            _conv3x3(n_out, n_out), nn.ReLU(inplace=True),
+            _conv3x3(n_in, n_out),
+            nn.ReLU(inplace=True),
+            _conv3x3(n_out, n_out),
+            nn.ReLU(inplace=True),
             _conv3x3(n_out, n_out),
         )
         self.skip = nn.Conv2d(n_in, n_out, 1, bias=False) if n_in != n_out else nn.Identity()
@@ -80,10 +82,20 @@ class TAESDEncoder(nn.Sequential):
             return TAESDBlock(w, w, pool_width=pool_width)
 
         super().__init__(
-            _conv3x3(3, w), TAESDBlock(w, w),
-            _conv3x3(w, w, stride=2, bias=False), TAESDBlock(w, w), TAESDBlock(w, w), TAESDBlock(w, w),
-            _conv3x3(w, w, stride=2, bias=False), TAESDBlock(w, w), TAESDBlock(w, w), TAESDBlock(w, w),
-            _conv3x3(w, w, stride=2, bias=False), deep(), deep(), deep(),
+            _conv3x3(3, w),
+            TAESDBlock(w, w),
+            _conv3x3(w, w, stride=2, bias=False),
+            TAESDBlock(w, w),
+            TAESDBlock(w, w),
+            TAESDBlock(w, w),
+            _conv3x3(w, w, stride=2, bias=False),
+            TAESDBlock(w, w),
+            TAESDBlock(w, w),
+            TAESDBlock(w, w),
+            _conv3x3(w, w, stride=2, bias=False),
+            deep(),
+            deep(),
+            deep(),
             _conv3x3(w, latent_channels),
         )
 
@@ -98,9 +110,24 @@ class TAESDDecoder(nn.Sequential):
             return TAESDBlock(w, w, pool_width=pool_width)
 
         super().__init__(
-            SoftClamp(3.0), _conv3x3(latent_channels, w), nn.ReLU(inplace=True),
-            deep(), deep(), deep(), nn.Upsample(scale_factor=2), _conv3x3(w, w, bias=False),
-            TAESDBlock(w, w), TAESDBlock(w, w), TAESDBlock(w, w), nn.Upsample(scale_factor=2), _conv3x3(w, w, bias=False),
-            TAESDBlock(w, w), TAESDBlock(w, w), TAESDBlock(w, w), nn.Upsample(scale_factor=2), _conv3x3(w, w, bias=False),
-            TAESDBlock(w, w), _conv3x3(w, 3),
+            SoftClamp(3.0),
+            _conv3x3(latent_channels, w),
+            nn.ReLU(inplace=True),
+            deep(),
+            deep(),
+            deep(),
+            nn.Upsample(scale_factor=2),
+            _conv3x3(w, w, bias=False),
+            TAESDBlock(w, w),
+            TAESDBlock(w, w),
+            TAESDBlock(w, w),
+            nn.Upsample(scale_factor=2),
+            _conv3x3(w, w, bias=False),
+            TAESDBlock(w, w),
+            TAESDBlock(w, w),
+            TAESDBlock(w, w),
+            nn.Upsample(scale_factor=2),
+            _conv3x3(w, w, bias=False),
+            TAESDBlock(w, w),
+            _conv3x3(w, 3),
         )

@@ -42,7 +42,7 @@ def _from_pretrained(cls, weights: str | os.PathLike, dtype: torch.dtype):
         kwargs["subfolder"] = "vae"
     try:
         return cls.from_pretrained(str(weights), **kwargs)
-    except (OSError, ValueError, EnvironmentError) as e:
+    except (OSError, ValueError) as e:
         raise WeightsError(
             f"{weights}: cannot load {cls.__name__} ({type(e).__name__}: {e}). Give a local diffusers folder "
             "(with config.json + diffusion_pytorch_model.safetensors, or a vae/ subfolder) or a hub id "
@@ -88,17 +88,23 @@ class WanVAE(FrozenVAE):
         self.spatial_factor = int(2 ** (len(cfg.dim_mult) - 1)) * patch
         self.depth_factor = int(2 ** sum(bool(t) for t in cfg.temperal_downsample))
         if self.depth_factor != 4:
-            raise ValueError(f"{name}: diffusers' Wan encoder runs 1 + 4k frame chunks; temporal factor "
-                             f"{self.depth_factor} is not supported")
+            raise ValueError(
+                f"{name}: diffusers' Wan encoder runs 1 + 4k frame chunks; temporal factor "
+                f"{self.depth_factor} is not supported"
+            )
         self.dtype = dtype
         self.decode_dtype = decode_dtype
-        self.register_buffer("latents_mean", torch.tensor(cfg.latents_mean, dtype=torch.float32).view(1, -1, 1, 1, 1),
-                             persistent=False)
-        self.register_buffer("latents_std", torch.tensor(cfg.latents_std, dtype=torch.float32).view(1, -1, 1, 1, 1),
-                             persistent=False)
+        self.register_buffer(
+            "latents_mean", torch.tensor(cfg.latents_mean, dtype=torch.float32).view(1, -1, 1, 1, 1), persistent=False
+        )
+        self.register_buffer(
+            "latents_std", torch.tensor(cfg.latents_std, dtype=torch.float32).view(1, -1, 1, 1, 1), persistent=False
+        )
         if self.latents_mean.shape[1] != self.latent_channels or self.latents_std.shape[1] != self.latent_channels:
-            raise WeightsError(f"{name}: latents_mean/std have {self.latents_mean.shape[1]} entries for "
-                               f"z_dim {self.latent_channels}")
+            raise WeightsError(
+                f"{name}: latents_mean/std have {self.latents_mean.shape[1]} entries for "
+                f"z_dim {self.latent_channels}"
+            )
         self.freeze()
 
     def normalize(self, z: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,180 @@
+"""A site downloads ONE bundle and runs it without this repository (``make bundle-check``; slow: marker ``download``).
+
+For each bundle: ``tools/build_bundles.py`` builds the archive; a local HTTP server on 127.0.0.1 serves ``dist/``
+and a mirror of the upstream files named in ``large_files.yml`` (the real files from ``FVAE_ASSETS``, at the
+upstream paths, so only the host differs); in a fresh virtual environment holding exactly the packages that the
+bundle's ``metadata.json`` lists (installed the way the model-zoo CI installs them) and NOT fvae-ct (checked first),
+MONAI's own ``download`` (url source) fetches the archive, ``download_large_files`` fetches and hash-checks the
+weights and sample data into the bundle, and the bundle's configs run with no ``FVAE_ASSETS`` and an empty cache.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import http.server
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import yaml
+from conftest import ROOT, assets_dir
+
+pytestmark = pytest.mark.download
+BUNDLES = ("fvae_recon", "fvae_aug_seg", "fvae_ldm")
+VENVS = Path(os.environ.get("FVAE_BUNDLE_VENVS", ROOT / ".venv-bundles"))
+
+
+def requirements(bundle: str) -> list[str]:
+    """The pip lines the model-zoo CI makes from a bundle's metadata (ci/get_bundle_requirements.py)."""
+    m = json.loads((ROOT / "bundles" / bundle / "configs" / "metadata.json").read_text())
+    lines = [f"monai=={m['monai_version']}", f"torch=={m['pytorch_version']}", f"numpy=={m['numpy_version']}"]
+    return lines + [f"{k}=={v}" for k, v in m["required_packages_version"].items()]
+
+
+def bundle_venv(bundle: str) -> Path:
+    """A virtual environment with exactly the bundle's listed requirements (reused while they are unchanged)."""
+    reqs = requirements(bundle)
+    key = hashlib.sha256("\n".join(reqs).encode()).hexdigest()[:12]
+    venv = VENVS / f"{bundle}-{key}"
+    py = venv / "bin" / "python"
+    if not (venv / ".installed").is_file():
+        for old in VENVS.glob(f"{bundle}-*"):  # environments of earlier requirement lists
+            shutil.rmtree(old, ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        (venv / "requirements.txt").write_text("\n".join(reqs) + "\n")
+        r = subprocess.run([str(py), "-m", "pip", "install", "-q", "-r", str(venv / "requirements.txt")],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-3000:]
+        (venv / ".installed").touch()
+    return py
+
+
+def clean_env(tmp: Path) -> dict:
+    """The environment of a site without this repository: no FVAE_ASSETS, an empty cache, no PYTHONPATH."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FVAE_") and k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env.update(FVAE_CACHE=str(tmp / "empty_cache"), PYTHONUNBUFFERED="1", MPLBACKEND="Agg", HF_HUB_OFFLINE="1")
+    return env
+
+
+def sh(cmd: list, cwd: Path, env: dict, timeout: int = 1200) -> subprocess.CompletedProcess:
+    r = subprocess.run([str(c) for c in cmd], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, f"{cmd}\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}"
+    return r
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """127.0.0.1 HTTP server: /dist/<bundle>_v<version>.zip and /mirror/<upstream path> of every large file."""
+    from fvae_ct.assets import ASSETS
+
+    assets = assets_dir()
+    root = tmp_path_factory.mktemp("www")
+    subprocess.run([sys.executable, str(ROOT / "tools" / "build_bundles.py"), "--out", str(root / "dist")], check=True)
+    for a in ASSETS.values():
+        if a.url.startswith("https://github.com/") and (assets / a.relpath).is_file():
+            dest = root / "mirror" / a.url[len("https://github.com/"):]
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.symlink_to(assets / a.relpath)
+    handler = functools.partial(_QuietHandler, directory=str(root))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+def download(bundle: str, url: str, tmp: Path) -> tuple[Path, Path, dict]:
+    """Fresh venv without fvae-ct; MONAI downloads the bundle and its large files. Returns (python, bundle, env)."""
+    py = bundle_venv(bundle)
+    env = clean_env(tmp)
+    r = subprocess.run([str(py), "-c", "import fvae_ct"], cwd=tmp, env=env, capture_output=True, text=True)
+    assert r.returncode != 0 and "No module named 'fvae_ct'" in r.stderr  # the project is NOT installed there
+    version = json.loads((ROOT / "bundles" / bundle / "configs" / "metadata.json").read_text())["version"]
+    sh([py, "-m", "monai.bundle", "download", "--name", bundle, "--bundle_dir", tmp / "sites",
+        "--url", f"{url}/dist/{bundle}_v{version}.zip"], tmp, env)
+    b = tmp / "sites" / bundle
+    assert (b / "fvae_ct" / "__init__.py").is_file() and not (b / "fvae_ct" / "cli.py").exists()
+    # the mirror holds the upstream files at the upstream paths: only the host changes
+    lf = b / "large_files.yml"
+    lf.write_text(lf.read_text().replace("https://github.com/", f"{url}/mirror/"))
+    sh([py, "-m", "monai.bundle", "download_large_files", "--bundle_path", b], tmp, env)
+    for item in yaml.safe_load(lf.read_text())["large_files"]:
+        data = (b / item["path"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == item["hash_val"], item["path"]
+    return py, b, env
+
+
+def run_bundle(py: Path, b: Path, env: dict, configs: list[str], *args, cwd: Path | None = None):
+    cfg = configs[0] if len(configs) == 1 else "[" + ",".join(f"'{c}'" for c in configs) + "]"
+    return sh([py, "-m", "monai.bundle", "run", "--config_file", cfg, "--meta_file", "configs/metadata.json",
+               "--logging_file", "configs/logging.conf", *args], cwd or b, env)
+
+
+def test_recon_bundle_alone(server, tmp_path):
+    py, b, env = download("fvae_recon", server, tmp_path)
+    # run from another folder, as a script would: MONAI puts the bundle folder on sys.path for the vendored code
+    out = tmp_path / "out"
+    sh([py, "-m", "monai.bundle", "run", "--config_file", b / "configs" / "inference.yaml", "--bundle_root", b,
+        "--output_dir", out], tmp_path, env)
+    row = (out / "metrics.csv").read_text().splitlines()
+    vals = dict(zip(row[0].split(","), row[1].split(",")))
+    assert vals["case"] == "dicom_series_512" and float(vals["psnr"]) >= 39.3, vals  # the sample, real TAEF2
+    img = nib.load(str(out / "dicom_series_512_recon.nii.gz"))
+    assert img.shape == (512, 512, 20) and img.get_data_dtype() == np.int16
+    assert not (tmp_path / "empty_cache").exists()  # everything came from the bundle folder
+
+
+def test_aug_seg_bundle_alone(server, tmp_path):
+    py, b, env = download("fvae_aug_seg", server, tmp_path)
+    from fvae_ct.aug_seg.lesions import make_lesion_set
+
+    ds = make_lesion_set(tmp_path / "lesions", b / "sample_data" / "totalseg_ct_sm_3mm.nii.gz",
+                         b / "sample_data" / "totalseg_ct_sm_3mm_seg.nii.gz", n_cases=3, seed=0)
+    # train with the precomputed view: the recons are made on first use by the vendored TAEF2 from models/
+    run_bundle(py, b, env, ["configs/train.yaml"], "--datalist", ds, "--recon_mode", "precomputed",
+               "--max_epochs", "2", "--val_interval", "2", "--num_workers", "0", "--patch_size", "[48,48,16]",
+               "--init_filters", "8", "--blocks_down", "[1,1,1]", "--blocks_up", "[1,1]")
+    assert len(list((b / "recon").glob("lesion_*_recon.nii.gz"))) == 2  # the training cases; validation needs none
+    import torch
+
+    sd = torch.load(b / "models" / "model.pt", weights_only=True)
+    assert sd["convInit.conv.weight"].shape[0] == 8  # flat state_dict of the tiny network
+    # default inference: the bundle's sample CT, the network rebuilt from models/model.json (no overrides)
+    run_bundle(py, b, env, ["configs/inference.yaml"])
+    out, ref = nib.load(str(b / "eval" / "totalseg_ct_sm_3mm_seg.nii.gz")), nib.load(
+        str(b / "sample_data" / "totalseg_ct_sm_3mm.nii.gz"))
+    assert out.shape == ref.shape and np.allclose(out.affine, ref.affine, atol=1e-4)
+    assert set(np.unique(np.asarray(out.dataobj)).tolist()) <= {0, 1, 2}
+
+
+def test_ldm_bundle_alone(server, tmp_path):
+    py, b, env = download("fvae_ldm", server, tmp_path)
+    sd = b / "sample_data"
+    (b / "datalist.json").write_text(json.dumps([{"image": str(sd / "totalseg_ct_sm_3mm.nii.gz"),
+                                                  "label": str(sd / "totalseg_ct_sm_3mm_seg.nii.gz"),
+                                                  "report": "Abdominal CT. No focal lesion."}]))
+    tiny = ["--unet_channels", "[16,32]", "--attention_levels", "[false,true]", "--num_res_blocks", "1",
+            "--num_head_channels", "8", "--norm_num_groups", "8", "--consistency_levels", "[0,1]"]
+    run_bundle(py, b, env, ["configs/prepare.yaml"])
+    stats = json.loads((b / "latents" / "latent_stats.json").read_text())
+    assert stats["latent_channels"] == 32 and stats["text_dim"] == 384  # TAEF2 + MiniLM from the pip package
+    for stage in ("2d", "3d"):
+        run_bundle(py, b, env, ["configs/train.yaml"], "--stage", stage, "--samples_per_epoch", "4",
+                   "--batch_size", "2", "--max_epochs", "1", "--train_depth", "6", *tiny)
+        assert (b / "models" / f"model_{stage}.pt").is_file()
+    run_bundle(py, b, env, ["configs/inference.yaml"], "--steps", "2", "--depth_window", "12", *tiny)
+    out, ref = nib.load(str(b / "generated" / "totalseg_ct_sm_3mm_generated.nii.gz")), nib.load(
+        str(sd / "totalseg_ct_sm_3mm_seg.nii.gz"))
+    assert out.shape == ref.shape and np.array_equal(out.affine, ref.affine) and out.get_data_dtype() == np.int16

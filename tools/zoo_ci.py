@@ -1,0 +1,170 @@
+"""Run the MONAI model-zoo's own CI scripts, unchanged, on our bundle archives, outside this repository.
+
+    python tools/zoo_ci.py --zoo <model-zoo checkout or bare git dir> [--work outputs/zoo_ci] [--bundles ...]
+
+What a bundle pull request to Project-MONAI/model-zoo goes through, reproduced in a scratch copy of the zoo:
+1. the zoo tree is exported into ``<work>/zoo`` and each archive from ``make bundles`` is unpacked into ``models/``
+   (what the PR would add);
+2. ``ci/bundle_custom_data.py`` gets the exclusion-list entries CONTRIBUTING allows (the PR would add them too):
+   see :data:`EXCLUSIONS`;
+3. the files the zoo would download are placed where its downloader finds them with a matching SHA-256 (this
+   machine has no internet): the schema ``models/meta_schema_20240725.json`` and every ``large_files.yml`` entry
+   (from ``$FVAE_ASSETS``, found by upstream URL);
+4. in a virtual environment with the bundle's requirements (made by the zoo's ``ci/get_bundle_requirements.py``)
+   plus ``jsonschema`` and the zoo's format tools, the zoo's scripts run unchanged: ``ci/get_bundle_requirements.py``,
+   ``ci/prepare_schema.py``, ``ci/verify_bundle.py -m min`` (the CPU pre-merge) and ``ci/verify_bundle.py`` in full
+   mode (the GPU pre-merge's checks: properties, ``verify_net_in_out``, TorchScript export; on the CPU here), then
+   black / isort / flake8 with the zoo's ``setup.cfg`` / ``pyproject.toml`` on the bundle's code (``runtests.sh
+   --codeformat`` minus pytype, whose install is not practical here).
+fvae_aug_seg publishes no trained weights; for the full-mode TorchScript check a tiny model is trained first with
+the bundle's own train.yaml (models/model.pt + model.json), as a site would after training.
+
+Writes ``<work>/zoo_ci.md`` (commands and results) and exits non-zero when a check failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+import zipfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLES = ("fvae_recon", "fvae_aug_seg", "fvae_ldm")
+#: bundle -> exclusion lists of ci/bundle_custom_data.py, each as CONTRIBUTING allows it
+EXCLUSIONS = {
+    "fvae_recon": ["exclude_verify_preferred_files_list", "exclude_verify_torchscript_list"],
+    "fvae_aug_seg": ["exclude_verify_preferred_files_list"],
+    "fvae_ldm": ["exclude_verify_preferred_files_list", "exclude_verify_shape_list", "exclude_verify_torchscript_list"],
+}
+TOOLS = ["jsonschema", "black==26.10.1", "isort==9.0.2", "flake8==7.5.0", "flake8-bugbear", "flake8-comprehensions",
+         "flake8-executable", "pep8-naming"]
+
+
+def sh(cmd: list, cwd: Path, env: dict | None = None, log: list | None = None, check: bool = True) -> tuple[int, str]:
+    t = time.time()
+    r = subprocess.run([str(c) for c in cmd], cwd=cwd, env=env, capture_output=True, text=True)
+    out = (r.stdout + r.stderr).strip()
+    if log is not None:
+        log.append((" ".join(str(c) for c in cmd), r.returncode, time.time() - t, out))
+    if check and r.returncode != 0:
+        print(out[-3000:], file=sys.stderr)
+    print(f"[{'ok' if r.returncode == 0 else 'FAILED'}] {' '.join(str(c) for c in cmd)} ({time.time() - t:.0f} s)")
+    return r.returncode, out
+
+
+def export_zoo(zoo: Path, dest: Path) -> None:
+    if (zoo / "ci").is_dir():
+        shutil.copytree(zoo, dest, ignore=shutil.ignore_patterns(".git"))
+        return
+    archive = dest.parent / "zoo.tar"
+    with open(archive, "wb") as f:
+        subprocess.run(["git", "--git-dir", str(zoo), "archive", "HEAD"], stdout=f, check=True)
+    dest.mkdir(parents=True)
+    with tarfile.open(archive) as t:
+        t.extractall(dest, filter="data")
+    archive.unlink()
+
+
+def place_large_files(bundle_dir: Path) -> None:
+    """Put every large_files.yml entry where the zoo's downloader finds it (hash-checked there)."""
+    import yaml
+
+    from fvae_ct.assets import ASSETS, search_path
+
+    by_url = {a.url: a for a in ASSETS.values()}
+    for item in yaml.safe_load((bundle_dir / "large_files.yml").read_text())["large_files"]:
+        asset = by_url[item["url"]]
+        src = next(p / asset.relpath for p in search_path() if (p / asset.relpath).is_file())
+        (bundle_dir / item["path"]).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, bundle_dir / item["path"])
+
+
+def train_tiny_segmenter(bundle_dir: Path, work: Path) -> None:
+    """models/model.pt + model.json from the bundle's own train.yaml (tiny SegResNet, 2 epochs, CPU)."""
+    from fvae_ct.aug_seg.lesions import make_lesion_set
+
+    ds = make_lesion_set(work / "lesions", bundle_dir / "sample_data" / "totalseg_ct_sm_3mm.nii.gz",
+                         bundle_dir / "sample_data" / "totalseg_ct_sm_3mm_seg.nii.gz", n_cases=3, seed=0)
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/train.yaml", "--datalist", ds,
+           "--bundle_root", bundle_dir, "--output_dir", work / "tiny_train", "--max_epochs", "2", "--val_interval", "2",
+           "--num_workers", "0", "--patch_size", "[48,48,16]", "--init_filters", "8", "--blocks_down", "[1,1,1]",
+           "--blocks_up", "[1,1]"]
+    code, _ = sh(cmd, bundle_dir)
+    if code:
+        raise SystemExit("training the tiny segmenter failed")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--zoo", required=True, help="Project-MONAI/model-zoo checkout or bare git directory")
+    ap.add_argument("--work", default=str(REPO / "outputs" / "zoo_ci"))
+    ap.add_argument("--bundles", default=",".join(BUNDLES))
+    ap.add_argument("--venv", default=str(REPO / ".venv-zoo"))
+    a = ap.parse_args()
+    bundles = [b for b in a.bundles.split(",") if b]
+    work = Path(a.work).resolve()
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    zoo = work / "zoo"
+    export_zoo(Path(a.zoo), zoo)
+    commit = subprocess.run(["git", "--git-dir", a.zoo, "log", "-1", "--format=%H %cs"], capture_output=True,
+                            text=True).stdout.strip() if not (Path(a.zoo) / "ci").is_dir() else "(checkout)"
+
+    subprocess.run([sys.executable, str(REPO / "tools" / "build_bundles.py"), "--out", str(work / "dist")], check=True)
+    for b in bundles:
+        version = json.loads((REPO / "bundles" / b / "configs" / "metadata.json").read_text())["version"]
+        with zipfile.ZipFile(work / "dist" / f"{b}_v{version}.zip") as z:
+            z.extractall(zoo / "models")
+        place_large_files(zoo / "models" / b)
+    with open(zoo / "ci" / "bundle_custom_data.py", "a") as f:
+        f.write("\n# fvae-ct bundles (as their pull request adds them; see each bundle's docs/README.md)\n")
+        for b in bundles:
+            for lst in EXCLUSIONS[b]:
+                f.write(f"{lst}.append({b!r})\n")
+    schema = next(Path(p) / "monai" / "meta_schema_20240725.json" for p in os.environ["FVAE_ASSETS"].split(":"))
+    shutil.copyfile(schema, zoo / "models" / "meta_schema_20240725.json")
+    if "fvae_aug_seg" in bundles:
+        train_tiny_segmenter(zoo / "models" / "fvae_aug_seg", work)
+
+    venv = Path(a.venv)
+    py = venv / "bin" / "python"
+    if not py.is_file():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FVAE_") and k != "PYTHONPATH"}
+    env.update(ALLOW_MONAI_RC="true", PATH=f"{venv / 'bin'}:{env['PATH']}", MPLBACKEND="Agg",
+               FVAE_CACHE=str(work / "empty_cache"))
+    log: list = []
+    failed = 0
+    sh([py, "-m", "pip", "install", "-q", *TOOLS], zoo, env)
+    for b in bundles:
+        code, req = sh([py, "ci/get_bundle_requirements.py", "--b", b], zoo, env, log)
+        failed += code != 0
+        req_file = req.strip().splitlines()[-1]
+        failed += sh([py, "-m", "pip", "install", "-q", "--pre", "-r", req_file], zoo, env, log)[0] != 0
+        failed += sh([py, "ci/prepare_schema.py", "--l", b], zoo, env, log)[0] != 0
+        failed += sh([py, "ci/verify_bundle.py", "-b", b, "-m", "min"], zoo, env, log)[0] != 0
+        failed += sh([py, "ci/verify_bundle.py", "-b", b], zoo, env, log)[0] != 0
+        for tool in (["black", "--check"], ["isort", "--check"], ["flake8"]):
+            failed += sh([py, "-m", *tool, f"models/{b}"], zoo, env, log)[0] != 0
+
+    lines = [f"Model-zoo snapshot {commit}; `python tools/zoo_ci.py --zoo <zoo>` ({time.strftime('%Y-%m-%d')}), "
+             f"Python {sys.version.split()[0]}, CPU only.", "", "| command (run in the zoo root) | result |", "|---|---|"]
+    for cmd, code, secs, out in log:
+        cmd = cmd.replace(str(py), "python")
+        last = [ln for ln in out.splitlines() if ln.strip()][-1:] or [""]
+        res = "passed" if code == 0 else "FAILED"
+        lines.append(f"| `{cmd}` | {res} ({secs:.0f} s): {last[0][:150].replace('|', '/')} |")
+    (work / "zoo_ci.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

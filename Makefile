@@ -55,7 +55,6 @@ bench-video: $(STAMP)
 	$(PY) bench/bench_video_vaes.py --out outputs/bench_video_lean --models leanvae_dim16 --slices 5,17,33
 
 TINY := --patch_size "[48,48,16]" --init_filters 8 --blocks_down "[1,1,1]" --blocks_up "[1,1]" --num_workers 0
-TINY_NET := '{"init_filters": 8, "blocks_down": [1, 1, 1], "blocks_up": [1, 1], "patch_size": [48, 48, 16]}'
 
 # CPU demo of the segmentation ablation: real CT with synthetic lesions, arms none vs union
 ablation-demo: $(STAMP)
@@ -64,18 +63,24 @@ ablation-demo: $(STAMP)
 	    --output_dir outputs/ablation --val_fraction 0.5 --max_epochs 30 --val_interval 10 \
 	    --learning_rate 0.003 $(TINY)
 
-# MONAI Label's bundle infer task on the fvae_aug_seg bundle (separate venv: monailabel needs torch 2.14.1
-# + torchvision 0.29.1, about 8 GB)
-MLVENV := .venv-monailabel
+# A real MONAI Label 0.8.5 server (monaibundle app, 127.0.0.1, offline) serving the PACKAGED fvae_aug_seg archive:
+# HTTP info / datastore / infer (shape, affine, label ids) / a tiny train, then the server is stopped. Separate venv:
+# monailabel needs torch 2.14.1 + torchvision 0.29.1 (about 8 GB) and pydicom 2 (its DICOM code breaks on pydicom 3)
+MLVENV  := .venv-monailabel
+MLCHECK := outputs/mlcheck
 monailabel-check: $(STAMP)
-	test -x $(MLVENV)/bin/python || ($(PYTHON) -m venv $(MLVENV) && $(MLVENV)/bin/pip install -q \
-	    torch==2.14.1 torchvision==0.29.1 monailabel==0.8.5 nibabel pyyaml)
-	$(VENV)/bin/fvae make-lesion-set outputs/mlcheck/lesions --n_cases 4
-	$(PY) -m monai.bundle run --config_file bundles/fvae_aug_seg/configs/train.yaml \
-	    --datalist outputs/mlcheck/lesions/dataset.json --bundle_root outputs/mlcheck/run \
+	test -f $(MLVENV)/.installed || ($(PYTHON) -m venv $(MLVENV) && $(MLVENV)/bin/pip install -q \
+	    torch==2.14.1 torchvision==0.29.1 monailabel==0.8.5 pydicom==2.4.4 dicomweb-client==0.59.1 "pynetdicom<3" \
+	    nibabel && touch $(MLVENV)/.installed)
+	rm -rf $(MLCHECK)
+	$(VENV)/bin/fvae make-lesion-set $(MLCHECK)/lesions --n_cases 4
+	$(PY) tools/build_bundles.py --out $(MLCHECK)/dist --bundles fvae_aug_seg --unpack $(MLCHECK)/bundle
+	$(PY) -m monai.bundle run --config_file $(MLCHECK)/bundle/fvae_aug_seg/configs/train.yaml \
+	    --datalist $(MLCHECK)/lesions/dataset.json --bundle_root $(MLCHECK)/run \
 	    --max_epochs 4 --val_interval 2 --learning_rate 0.003 $(TINY)
-	$(MLVENV)/bin/python tools/check_monailabel.py --model outputs/mlcheck/run/models/model.pt \
-	    --image outputs/mlcheck/lesions/imagesTr/lesion_000.nii.gz --out outputs/mlcheck --network $(TINY_NET)
+	cp $(MLCHECK)/run/models/model.pt $(MLCHECK)/run/models/model.json $(MLCHECK)/bundle/fvae_aug_seg/models/
+	$(MLVENV)/bin/python tools/check_monailabel.py --bundle $(MLCHECK)/bundle/fvae_aug_seg \
+	    --images $(MLCHECK)/lesions/imagesTr --labels $(MLCHECK)/lesions/labelsTr --work $(MLCHECK)/server --port 8123
 
 clean:
 	rm -rf outputs .pytest_cache dist .venv-bundles

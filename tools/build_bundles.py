@@ -10,7 +10,7 @@ configs serve both, unedited.
 
 The archives are reproducible: sorted entries, fixed timestamps, no caches.
 
-    python tools/build_bundles.py [--out dist] [--bundles fvae_recon,fvae_ldm]
+    python tools/build_bundles.py [--out dist] [--bundles fvae_recon,fvae_ldm] [--unpack DIR]
 """
 
 from __future__ import annotations
@@ -73,10 +73,36 @@ def build(bundle: str, out: Path) -> Path:
     return dest
 
 
+def unpack(archive: Path, dest: Path, large_files: bool = True) -> Path:
+    """Unpack an archive into ``dest`` (-> ``dest/<bundle>``) and, with ``large_files``, put every file its
+    ``large_files.yml`` names where MONAI's ``download_large_files`` would, taken from ``$FVAE_ASSETS`` (looked up
+    by upstream URL; this machine cannot download). Returns the bundle folder."""
+    import shutil
+
+    import yaml
+
+    with zipfile.ZipFile(archive) as z:
+        z.extractall(dest)
+        bundle = dest / z.namelist()[0].split("/")[0]
+    if large_files:
+        from fvae_ct.assets import ASSETS, search_path
+
+        by_url = {a.url: a for a in ASSETS.values()}
+        for item in yaml.safe_load((bundle / "large_files.yml").read_text())["large_files"]:
+            asset = by_url[item["url"]]
+            src = next((p / asset.relpath for p in search_path() if (p / asset.relpath).is_file()), None)
+            if src is None:
+                raise SystemExit(f"{asset.relpath}: not in FVAE_ASSETS; set it to the shared assets folder")
+            (bundle / item["path"]).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, bundle / item["path"])
+    return bundle
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(REPO / "dist"))
     ap.add_argument("--bundles", default=",".join(NEEDS))
+    ap.add_argument("--unpack", metavar="DIR", help="also unpack each archive into DIR, with its large files")
     a = ap.parse_args(argv)
     for b in [b for b in a.bundles.split(",") if b]:
         dest = build(b, Path(a.out))
@@ -84,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
             names = z.namelist()
         code = sum(n.endswith(".py") for n in names)
         print(f"{dest}: {len(names)} files ({code} vendored .py), {dest.stat().st_size / 1024:.0f} KiB")
+        if a.unpack:
+            print(f"  unpacked: {unpack(dest, Path(a.unpack))}")
     return 0
 
 

@@ -25,15 +25,15 @@ Writes ``<work>/zoo_ci.md`` (commands and results) and exits non-zero when a che
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
 import sys
 import tarfile
 import time
-import zipfile
 from pathlib import Path
+
+from build_bundles import build, unpack  # noqa: E402 (tools/ is this script's folder)
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLES = ("fvae_recon", "fvae_aug_seg", "fvae_ldm")
@@ -72,20 +72,6 @@ def export_zoo(zoo: Path, dest: Path) -> None:
     archive.unlink()
 
 
-def place_large_files(bundle_dir: Path) -> None:
-    """Put every large_files.yml entry where the zoo's downloader finds it (hash-checked there)."""
-    import yaml
-
-    from fvae_ct.assets import ASSETS, search_path
-
-    by_url = {a.url: a for a in ASSETS.values()}
-    for item in yaml.safe_load((bundle_dir / "large_files.yml").read_text())["large_files"]:
-        asset = by_url[item["url"]]
-        src = next(p / asset.relpath for p in search_path() if (p / asset.relpath).is_file())
-        (bundle_dir / item["path"]).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src, bundle_dir / item["path"])
-
-
 def train_tiny_segmenter(bundle_dir: Path, work: Path) -> None:
     """models/model.pt + model.json from the bundle's own train.yaml (tiny SegResNet, 2 epochs, CPU)."""
     from fvae_ct.aug_seg.lesions import make_lesion_set
@@ -117,12 +103,8 @@ def main() -> int:
     commit = subprocess.run(["git", "--git-dir", a.zoo, "log", "-1", "--format=%H %cs"], capture_output=True,
                             text=True).stdout.strip() if not (Path(a.zoo) / "ci").is_dir() else "(checkout)"
 
-    subprocess.run([sys.executable, str(REPO / "tools" / "build_bundles.py"), "--out", str(work / "dist")], check=True)
     for b in bundles:
-        version = json.loads((REPO / "bundles" / b / "configs" / "metadata.json").read_text())["version"]
-        with zipfile.ZipFile(work / "dist" / f"{b}_v{version}.zip") as z:
-            z.extractall(zoo / "models")
-        place_large_files(zoo / "models" / b)
+        unpack(build(b, work / "dist"), zoo / "models")
     with open(zoo / "ci" / "bundle_custom_data.py", "a") as f:
         f.write("\n# fvae-ct bundles (as their pull request adds them; see each bundle's docs/README.md)\n")
         for b in bundles:
@@ -142,11 +124,14 @@ def main() -> int:
                FVAE_CACHE=str(work / "empty_cache"))
     log: list = []
     failed = 0
+    # the pre-merge script's first step (the zoo's requirements.txt: monai), torch held at the bundles' 2.13.0 (CPU
+    # here); then jsonschema for verify_metadata and the format tools of requirements-dev.txt
+    (work / "torch.txt").write_text("torch==2.13.0\n")
+    sh([py, "-m", "pip", "install", "-q", "-r", "requirements.txt", "-c", work / "torch.txt"], zoo, env, log)
     sh([py, "-m", "pip", "install", "-q", *TOOLS], zoo, env)
     for b in bundles:
-        code, req = sh([py, "ci/get_bundle_requirements.py", "--b", b], zoo, env, log)
-        failed += code != 0
-        req_file = req.strip().splitlines()[-1]
+        failed += sh([py, "ci/get_bundle_requirements.py", "--b", b], zoo, env, log)[0] != 0
+        req_file = f"requirements_{b}.txt"  # the name that script writes (and prints on stdout)
         failed += sh([py, "-m", "pip", "install", "-q", "--pre", "-r", req_file], zoo, env, log)[0] != 0
         failed += sh([py, "ci/prepare_schema.py", "--l", b], zoo, env, log)[0] != 0
         failed += sh([py, "ci/verify_bundle.py", "-b", b, "-m", "min"], zoo, env, log)[0] != 0

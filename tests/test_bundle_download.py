@@ -165,7 +165,7 @@ def test_ldm_bundle_alone(server, tmp_path):
     (b / "datalist.json").write_text(json.dumps([{"image": str(sd / "totalseg_ct_sm_3mm.nii.gz"),
                                                   "label": str(sd / "totalseg_ct_sm_3mm_seg.nii.gz"),
                                                   "report": "Abdominal CT. No focal lesion."}]))
-    tiny = ["--unet_channels", "[16,32]", "--attention_levels", "[false,true]", "--num_res_blocks", "1",
+    tiny = ["--unet_channels", "[16,32]", "--attention_levels", "[False,True]", "--num_res_blocks", "1",
             "--num_head_channels", "8", "--norm_num_groups", "8", "--consistency_levels", "[0,1]"]
     run_bundle(py, b, env, ["configs/prepare.yaml"])
     stats = json.loads((b / "latents" / "latent_stats.json").read_text())

@@ -120,7 +120,7 @@ def test_offline_text_encoder_embeds_and_masks():
 
 
 # ---- the bundle end to end on real CT ----------------------------------------------------------------------
-LTINY = ["--unet_channels", "[16,32]", "--attention_levels", "[false,true]", "--num_res_blocks", "1",
+LTINY = ["--unet_channels", "[16,32]", "--attention_levels", "[False,True]", "--num_res_blocks", "1",
          "--num_head_channels", "8", "--norm_num_groups", "8", "--consistency_levels", "[0,1]"]
 
 

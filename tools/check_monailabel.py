@@ -14,8 +14,10 @@ Does what a MONAI Label user does, all on 127.0.0.1 and offline:
 4. GET /info/ (the model is an infer model and a trainer), GET /datastore/ (all images, training pairs);
 5. POST /infer/<model>?image=<id> for the first image and its LPS copy: the returned label map must have the
    image's shape and exactly its affine, label ids within the bundle's ids (metadata.json channel_def);
-6. POST /train/<model> with a tiny budget, polls GET /train/ until the task ends; it must end DONE and
-   rewrite models/model.pt; then infers once more (the server reloads the new weights);
+6. POST /train/<model> with a tiny budget, once per reconstruction view (`recon_mode` none, online, precomputed,
+   set through the bundle's `displayable_configs`), polls GET /train/ until the task ends; it must end DONE and
+   rewrite models/model.pt (precomputed: the reconstructions are made on first use in <bundle>/recon); then
+   infers once more (the server reloads the new weights);
 7. stops the server (SIGTERM to its process group, SIGKILL after a grace period) in a `finally`.
 
 Prints one PASSED/FAILED line per step and exits non-zero on any failure. Needs only the standard library,
@@ -291,6 +293,61 @@ def file_state(p: Path):
     return (p.stat().st_mtime_ns, p.stat().st_size) if p.is_file() else None
 
 
+def train_once(a, client, proc, model: str, dst: Path, log: Path, mode: str, timings: dict) -> None:
+    """POST /train/<model> with recon_mode ``mode``; it must end DONE, start from the bundle's model.pt and write a
+    new one; ``precomputed`` must leave the cached reconstructions in <bundle>/recon."""
+    model_pt = dst / "models" / "model.pt"
+    before = file_state(model_pt)
+    recons_before = set((dst / "recon").glob("*_recon.nii.gz"))
+    body = {"device": a.device, "max_epochs": 1, "val_split": 0.5, "multi_gpu": False, "pretrained": True}
+    body.update(json.loads(a.train_params))
+    body["recon_mode"] = mode
+    print("train request:", json.dumps(body), flush=True)
+    t0 = time.time()
+    status, task = client.post_json(f"/train/{model}", body)
+    require(
+        f"POST /train/{model} (recon_mode {mode})",
+        status == 200 and isinstance(task, dict),
+        f"HTTP {status}: {json.dumps(task)[:300]}",
+    )
+    task_id, last = task.get("id"), None
+    while time.time() - t0 < a.train_timeout:
+        time.sleep(5)
+        if proc.poll() is not None:
+            raise CheckError(f"server died during training (code {proc.returncode})")
+        status, t = client.get_json("/train/", timeout=30)
+        if status == 200 and t and t.get("id") == task_id:
+            last = t
+            if t.get("status") in ("DONE", "ERROR", "STOPPED"):
+                break
+    timings[f"train_{mode}_s"] = time.time() - t0
+    st = (last or {}).get("status")
+    ok = step(
+        f"training task (recon_mode {mode}) finished DONE", st == "DONE", f"status {st} after {time.time() - t0:.1f} s"
+    )
+    if not ok:
+        if st not in ("DONE", "ERROR", "STOPPED"):
+            client.request("DELETE", "/train/")
+        print("  last train log lines:\n    " + "\n    ".join((last or {}).get("details", [])), file=sys.stderr)
+    after = file_state(model_pt)
+    hint = "" if after != before or not ok else " (no validation ran? train.yaml's val_interval > max_epochs)"
+    step(
+        f"training (recon_mode {mode}) wrote a new models/model.pt",
+        after is not None and after != before,
+        f"before {before}, after {after}{hint}",
+    )
+    if ok and body.get("pretrained"):
+        restored = "Restored all variables from " + str(model_pt)
+        step("training started from the bundle's models/model.pt", restored in log.read_text(errors="replace"))
+    recons = set((dst / "recon").glob("*_recon.nii.gz")) - recons_before
+    if mode == "precomputed":
+        step("precomputed view: reconstructions made on first use in <bundle>/recon", len(recons) > 0, f"{len(recons)}")
+    else:
+        step(f"recon_mode {mode}: no reconstruction files written", not recons, f"{len(recons)}")
+    if not ok:
+        raise CheckError(f"training with recon_mode {mode} failed")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundle", required=True, type=Path, help="unpacked bundle folder (configs/, models/model.pt)")
@@ -308,6 +365,9 @@ def main() -> int:
         help="JSON merged into the POST /train/<model> body",
     )
     ap.add_argument("--no-train", action="store_true", help="skip the train step")
+    ap.add_argument(
+        "--recon-modes", default="none,online,precomputed", help="one tiny training per recon_mode (comma-separated)"
+    )
     ap.add_argument("--no-lps", action="store_true", help="no LPS-stored copy of the first image")
     ap.add_argument("--start-timeout", type=float, default=600)
     ap.add_argument("--train-timeout", type=float, default=1800)
@@ -426,50 +486,12 @@ def main() -> int:
         for cid in [ids[0]] + ([ids[-1]] if not a.no_lps else []):
             timings[f"infer_{cid}_s"] = infer(client, model, cid, studies, out_dir, label_ids, infer_params, "infer")
 
-        # 6. training
+        # 6. training, once per reconstruction view (train.yaml's displayable_configs: the request sets recon_mode)
         if not a.no_train and has_trainer:
-            model_pt = dst / "models" / "model.pt"
-            before = file_state(model_pt)
-            body = {"device": a.device, "max_epochs": 1, "val_split": 0.5, "multi_gpu": False, "pretrained": True}
-            body.update(json.loads(a.train_params))
-            print("train request:", json.dumps(body), flush=True)
-            t0 = time.time()
-            status, task = client.post_json(f"/train/{model}", body)
-            require(
-                f"POST /train/{model}",
-                status == 200 and isinstance(task, dict),
-                f"HTTP {status}: {json.dumps(task)[:300]}",
-            )
-            task_id, last = task.get("id"), None
-            while time.time() - t0 < a.train_timeout:
-                time.sleep(5)
-                if proc.poll() is not None:
-                    raise CheckError(f"server died during training (code {proc.returncode})")
-                status, t = client.get_json("/train/", timeout=30)
-                if status == 200 and t and t.get("id") == task_id:
-                    last = t
-                    if t.get("status") in ("DONE", "ERROR", "STOPPED"):
-                        break
-            timings["train_s"] = time.time() - t0
-            st = (last or {}).get("status")
-            ok = step("training task finished DONE", st == "DONE", f"status {st} after {timings['train_s']:.1f} s")
-            if not ok:
-                if st not in ("DONE", "ERROR", "STOPPED"):
-                    client.request("DELETE", "/train/")
-                print("  last train log lines:\n    " + "\n    ".join((last or {}).get("details", [])), file=sys.stderr)
-            after = file_state(model_pt)
-            hint = "" if after != before or not ok else " (no validation ran? train.yaml's val_interval > max_epochs)"
-            step(
-                "training wrote a new models/model.pt",
-                after is not None and after != before,
-                f"before {before}, after {after}{hint}",
-            )
-            if ok and body.get("pretrained"):
-                restored = "Restored all variables from " + str(model_pt)
-                step("training started from the bundle's models/model.pt", restored in log.read_text(errors="replace"))
-            if ok:
-                timings["infer_after_train_s"] = infer(
-                    client, model, ids[0], studies, out_dir, label_ids, infer_params, "infer-after-train"
+            for mode in [m for m in a.recon_modes.split(",") if m]:
+                train_once(a, client, proc, model, dst, log, mode, timings)
+                timings[f"infer_after_train_{mode}_s"] = infer(
+                    client, model, ids[0], studies, out_dir, label_ids, infer_params, f"infer-after-train-{mode}"
                 )
         elif not a.no_train:
             step("train step", False, "no trainer registered")

@@ -43,8 +43,27 @@ EXCLUSIONS = {
     "fvae_aug_seg": ["exclude_verify_preferred_files_list"],
     "fvae_ldm": ["exclude_verify_preferred_files_list", "exclude_verify_shape_list", "exclude_verify_torchscript_list"],
 }
-TOOLS = ["jsonschema", "black==26.10.1", "isort==9.0.2", "flake8==7.5.0", "flake8-bugbear", "flake8-comprehensions",
-         "flake8-executable", "pep8-naming"]
+#: what the zoo's scripts and the format tools print about each check (kept in the summary table)
+KEY_LINES = (
+    "verified",
+    "successfully",
+    "skip",
+    "does not support",
+    "would be left unchanged",
+    "prepared schema",
+    "version range",
+    "requirements_",
+)
+TOOLS = [
+    "jsonschema",
+    "black==26.10.1",
+    "isort==9.0.2",
+    "flake8==7.5.0",
+    "flake8-bugbear",
+    "flake8-comprehensions",
+    "flake8-executable",
+    "pep8-naming",
+]
 
 
 def sh(cmd: list, cwd: Path, env: dict | None = None, log: list | None = None, check: bool = True) -> tuple[int, str]:
@@ -76,12 +95,41 @@ def train_tiny_segmenter(bundle_dir: Path, work: Path) -> None:
     """models/model.pt + model.json from the bundle's own train.yaml (tiny SegResNet, 2 epochs, CPU)."""
     from fvae_ct.aug_seg.lesions import make_lesion_set
 
-    ds = make_lesion_set(work / "lesions", bundle_dir / "sample_data" / "totalseg_ct_sm_3mm.nii.gz",
-                         bundle_dir / "sample_data" / "totalseg_ct_sm_3mm_seg.nii.gz", n_cases=3, seed=0)
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/train.yaml", "--datalist", ds,
-           "--bundle_root", bundle_dir, "--output_dir", work / "tiny_train", "--max_epochs", "2", "--val_interval", "2",
-           "--num_workers", "0", "--patch_size", "[48,48,16]", "--init_filters", "8", "--blocks_down", "[1,1,1]",
-           "--blocks_up", "[1,1]"]
+    ds = make_lesion_set(
+        work / "lesions",
+        bundle_dir / "sample_data" / "totalseg_ct_sm_3mm.nii.gz",
+        bundle_dir / "sample_data" / "totalseg_ct_sm_3mm_seg.nii.gz",
+        n_cases=3,
+        seed=0,
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        "configs/train.yaml",
+        "--datalist",
+        ds,
+        "--bundle_root",
+        bundle_dir,
+        "--output_dir",
+        work / "tiny_train",
+        "--max_epochs",
+        "2",
+        "--val_interval",
+        "2",
+        "--num_workers",
+        "0",
+        "--patch_size",
+        "[48,48,16]",
+        "--init_filters",
+        "8",
+        "--blocks_down",
+        "[1,1,1]",
+        "--blocks_up",
+        "[1,1]",
+    ]
     code, _ = sh(cmd, bundle_dir)
     if code:
         raise SystemExit("training the tiny segmenter failed")
@@ -100,8 +148,13 @@ def main() -> int:
     work.mkdir(parents=True)
     zoo = work / "zoo"
     export_zoo(Path(a.zoo), zoo)
-    commit = subprocess.run(["git", "--git-dir", a.zoo, "log", "-1", "--format=%H %cs"], capture_output=True,
-                            text=True).stdout.strip() if not (Path(a.zoo) / "ci").is_dir() else "(checkout)"
+    commit = (
+        subprocess.run(
+            ["git", "--git-dir", a.zoo, "log", "-1", "--format=%H %cs"], capture_output=True, text=True
+        ).stdout.strip()
+        if not (Path(a.zoo) / "ci").is_dir()
+        else "(checkout)"
+    )
 
     for b in bundles:
         unpack(build(b, work / "dist"), zoo / "models")
@@ -120,8 +173,12 @@ def main() -> int:
     if not py.is_file():
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith("FVAE_") and k != "PYTHONPATH"}
-    env.update(ALLOW_MONAI_RC="true", PATH=f"{venv / 'bin'}:{env['PATH']}", MPLBACKEND="Agg",
-               FVAE_CACHE=str(work / "empty_cache"))
+    env.update(
+        ALLOW_MONAI_RC="true",
+        PATH=f"{venv / 'bin'}:{env['PATH']}",
+        MPLBACKEND="Agg",
+        FVAE_CACHE=str(work / "empty_cache"),
+    )
     log: list = []
     failed = 0
     # the pre-merge script's first step (the zoo's requirements.txt: monai), torch held at the bundles' 2.13.0 (CPU
@@ -139,13 +196,26 @@ def main() -> int:
         for tool in (["black", "--check"], ["isort", "--check"], ["flake8"]):
             failed += sh([py, "-m", *tool, f"models/{b}"], zoo, env, log)[0] != 0
 
-    lines = [f"Model-zoo snapshot {commit}; `python tools/zoo_ci.py --zoo <zoo>` ({time.strftime('%Y-%m-%d')}), "
-             f"Python {sys.version.split()[0]}, CPU only.", "", "| command (run in the zoo root) | result |", "|---|---|"]
+    lines = [
+        f"Model-zoo snapshot {commit}; `python tools/zoo_ci.py --zoo <zoo>` ({time.strftime('%Y-%m-%d')}), "
+        f"Python {sys.version.split()[0]}, CPU only.",
+        "",
+        "| command (run in the zoo root) | result |",
+        "|---|---|",
+    ]
     for cmd, code, secs, out in log:
         cmd = cmd.replace(str(py), "python")
-        last = [ln for ln in out.splitlines() if ln.strip()][-1:] or [""]
+        said = [
+            ln.strip()
+            for ln in out.splitlines()
+            if any(k in ln for k in KEY_LINES) and not any(k in ln for k in ("File exists", "Warning"))
+        ]
+        if code != 0:
+            said = [ln for ln in out.splitlines() if ln.strip()][-1:]
         res = "passed" if code == 0 else "FAILED"
-        lines.append(f"| `{cmd}` | {res} ({secs:.0f} s): {last[0][:150].replace('|', '/')} |")
+        lines.append(
+            f"| `{cmd}` | {res} ({secs:.0f} s){': ' if said else ''}{'; '.join(said)[:700].replace('|', '/')} |"
+        )
     (work / "zoo_ci.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 1 if failed else 0

@@ -45,7 +45,7 @@ bundle-check: $(STAMP)
 # the MONAI model-zoo's own CI scripts, unchanged, on the archives (needs a model-zoo checkout or bare git dir)
 zoo-check: $(STAMP)
 	test -n "$(ZOO)" || (echo "give ZOO=<Project-MONAI/model-zoo checkout or git dir>"; exit 2)
-	$(PY) tools/zoo_ci.py --zoo $(ZOO)
+	$(PY) tools/zoo_ci.py --zoo $(ZOO) --update-readmes
 
 bench: $(STAMP)
 	$(PY) bench/bench_taef2.py --out outputs/bench

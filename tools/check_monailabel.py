@@ -293,13 +293,18 @@ def file_state(p: Path):
     return (p.stat().st_mtime_ns, p.stat().st_size) if p.is_file() else None
 
 
-def train_once(a, client, proc, model: str, dst: Path, log: Path, mode: str, timings: dict) -> None:
+def train_once(a, client, proc, info: dict, model: str, dst: Path, log: Path, mode: str, timings: dict) -> None:
     """POST /train/<model> with recon_mode ``mode``; it must end DONE, start from the bundle's model.pt and write a
     new one; ``precomputed`` must leave the cached reconstructions in <bundle>/recon."""
     model_pt = dst / "models" / "model.pt"
     before = file_state(model_pt)
     recons_before = set((dst / "recon").glob("*_recon.nii.gz"))
-    body = {"device": a.device, "max_epochs": 1, "val_split": 0.5, "multi_gpu": False, "pretrained": True}
+    # what a MONAI Label client sends: the trainer's config from /info/ (a list means "pick one": its first entry),
+    # with this check's tiny budget on top
+    defaults = (info.get("trainers", {}).get(model) or {}).get("config", {})
+    # (empty strings are "not set": run_id "" would make the bundle run its whole config instead of run)
+    body = {k: (v[0] if isinstance(v, list) and v else v) for k, v in defaults.items() if v != ""}
+    body.update({"device": a.device, "max_epochs": 1, "val_split": 0.5, "multi_gpu": False, "pretrained": True})
     body.update(json.loads(a.train_params))
     body["recon_mode"] = mode
     print("train request:", json.dumps(body), flush=True)
@@ -489,7 +494,7 @@ def main() -> int:
         # 6. training, once per reconstruction view (train.yaml's displayable_configs: the request sets recon_mode)
         if not a.no_train and has_trainer:
             for mode in [m for m in a.recon_modes.split(",") if m]:
-                train_once(a, client, proc, model, dst, log, mode, timings)
+                train_once(a, client, proc, info, model, dst, log, mode, timings)
                 timings[f"infer_after_train_{mode}_s"] = infer(
                     client, model, ids[0], studies, out_dir, label_ids, infer_params, f"infer-after-train-{mode}"
                 )

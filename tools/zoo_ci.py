@@ -54,6 +54,7 @@ KEY_LINES = (
     "version range",
     "requirements_",
 )
+MARK, END = "<!-- ZOO_CI_RESULTS -->", "<!-- /ZOO_CI_RESULTS -->"
 TOOLS = [
     "jsonschema",
     "black==26.10.1",
@@ -141,6 +142,7 @@ def main() -> int:
     ap.add_argument("--work", default=str(REPO / "outputs" / "zoo_ci"))
     ap.add_argument("--bundles", default=",".join(BUNDLES))
     ap.add_argument("--venv", default=str(REPO / ".venv-zoo"))
+    ap.add_argument("--update-readmes", action="store_true", help="write the results into each bundle's README")
     a = ap.parse_args()
     bundles = [b for b in a.bundles.split(",") if b]
     work = Path(a.work).resolve()
@@ -206,7 +208,7 @@ def main() -> int:
     for cmd, code, secs, out in log:
         cmd = cmd.replace(str(py), "python")
         said = [
-            ln.strip()
+            ln.split(" - INFO - ")[-1].strip()
             for ln in out.splitlines()
             if any(k in ln for k in KEY_LINES) and not any(k in ln for k in ("File exists", "Warning"))
         ]
@@ -217,6 +219,27 @@ def main() -> int:
             f"| `{cmd}` | {res} ({secs:.0f} s){': ' if said else ''}{'; '.join(said)[:700].replace('|', '/')} |"
         )
     (work / "zoo_ci.md").write_text("\n".join(lines) + "\n")
+    if a.update_readmes:
+        for b in bundles:
+            rows = [ln for ln in lines[4:] if f" {b}" in ln or f"_{b}." in ln or f"models/{b}" in ln]
+            excl = ", ".join(f"`{x}`" for x in EXCLUSIONS[b])
+            block = "\n".join(
+                [
+                    MARK,
+                    lines[0],
+                    "",
+                    f"Exclusion lists added to `ci/bundle_custom_data.py`: {excl}.",
+                    "",
+                    *lines[2:5],
+                    *rows,
+                    END,
+                ]
+            )
+            readme = REPO / "bundles" / b / "docs" / "README.md"
+            text = readme.read_text()
+            start = text.index(MARK)
+            end = text.index(END) + len(END) if END in text else start + len(MARK)
+            readme.write_text(text[:start] + block + text[end:])
     print("\n".join(lines))
     return 1 if failed else 0
 

@@ -188,7 +188,7 @@ def test_causal_video_vae_latent_space_end_to_end(assets, tmp_path):
     import nibabel as nib
     import numpy as np
 
-    from fvae_ct.ldm import GenerateWorkflow, build_denoiser, prepare_latents
+    from fvae_ct.ldm import GenerateWorkflow, SamplingInferer, build_denoiser, prepare_latents
     from fvae_ct.vae import WanVAE
     from test_wan import tiny_wan21
 
@@ -210,7 +210,8 @@ def test_causal_video_vae_latent_space_end_to_end(assets, tmp_path):
     net = build_denoiser(4, 2, None, channels=(8, 16), attention_levels=(False, False), num_res_blocks=1,
                          num_head_channels=8, norm_num_groups=8, mode="attention", levels=(0, 1))
     stats = json.loads((tmp_path / "onehot" / "latent_stats.json").read_text())
-    out = GenerateWorkflow(net, vae, stats, str(tmp_path / "gen"), steps=2, depth_window=2, depth_overlap=1,
-                           multiple=2).run(str(tmp_path / "seg.nii.gz"))
+    sampler = SamplingInferer(steps=2, depth_window=2, depth_overlap=1, progress=False)
+    out = GenerateWorkflow(net, vae, stats, str(tmp_path / "gen"), inferer=sampler, multiple=2).run(
+        str(tmp_path / "seg.nii.gz"))
     img = nib.load(str(out))
     assert img.shape == (40, 32, 11) and np.array_equal(img.affine, aff)

@@ -224,9 +224,8 @@ class GenerateWorkflow:
 
     Args:
         network: the trained denoiser; vae: the frozen VAE of the latent space; stats: latent_stats.json dict.
-        inferer: a :class:`~fvae_ct.ldm.SamplingInferer`; when ``None`` one is built from scheduler (``ddpm``,
-            sampled with DDIM, or ``rflow``), steps, guidance, seed, depth_window / depth_overlap (latent slices per
-            window when the volume is longer, blended).
+        inferer: a :class:`~fvae_ct.ldm.SamplingInferer` (scheduler, steps, guidance, seed, depth windows);
+            ``None``: its defaults (DDIM 20 steps, guidance 2, 16-slice windows overlapping by 4).
     """
 
     def __init__(
@@ -236,19 +235,13 @@ class GenerateWorkflow:
         stats: dict,
         output_dir: str,
         inferer: SamplingInferer | None = None,
-        scheduler: str = "ddpm",
-        steps: int = 20,
-        guidance: float = 2.0,
-        seed: int = 0,
-        depth_window: int | None = 16,
-        depth_overlap: int = 4,
         text_encoder: str | None = None,
         hu_window=(-1000.0, 1000.0),
         multiple: int = 4,
     ):
         self.network, self.vae, self.stats = network.eval(), vae, stats
         self.output_dir = Path(output_dir)
-        self.inferer = inferer or SamplingInferer(scheduler, steps, guidance, seed, depth_window, depth_overlap)
+        self.inferer = inferer or SamplingInferer()
         self.text_encoder = FrozenTextEncoder(text_encoder) if stats.get("text_dim") else None
         self.hu_window = hu_window
         self.multiple = multiple

@@ -54,6 +54,11 @@ KEY_LINES = (
     "version range",
     "requirements_",
 )
+NOTE = (
+    "Not run: pytype (the fourth check of `runtests.sh --codeformat`; its install is not practical here). "
+    "`ci/verify_bundle.py` without `-m` is the GPU pre-merge's verification (properties, shape, TorchScript), "
+    "run on the CPU."
+)
 MARK, END = "<!-- ZOO_CI_RESULTS -->", "<!-- /ZOO_CI_RESULTS -->"
 TOOLS = [
     "jsonschema",
@@ -206,7 +211,7 @@ def main() -> int:
         "|---|---|",
     ]
     for cmd, code, secs, out in log:
-        cmd = cmd.replace(str(py), "python")
+        cmd = cmd.replace(str(py), "python").replace(str(work), "<work>")
         said = [
             ln.split(" - INFO - ")[-1].strip()
             for ln in out.splitlines()
@@ -228,7 +233,7 @@ def main() -> int:
                     MARK,
                     lines[0],
                     "",
-                    f"Exclusion lists added to `ci/bundle_custom_data.py`: {excl}.",
+                    f"Exclusion lists added to `ci/bundle_custom_data.py`: {excl}. {NOTE}",
                     "",
                     *lines[2:5],
                     *rows,

@@ -29,12 +29,19 @@ def bundle_dir(name: str) -> Path:
 
 def run_bundle(name: str, config: str | list[str] = "inference.yaml", run_id: str | None = None, **overrides) -> None:
     """Run ``<bundle>/configs/<config>`` (a file or a list layered in order) with MONAI's bundle runner;
-    ``None`` overrides are left out; ``bundle_root`` defaults to the bundle's folder."""
+    ``None`` overrides are left out; ``bundle_root`` defaults to the bundle's folder.
+
+    Every string among the overrides (paths, case names, options; also inside lists and dicts) reaches MONAI as a
+    literal (:func:`fvae_ct.options.literal`): a file named ``$__import__('os')...`` is a file name, not code.
+    """
     from monai.bundle import run
+
+    from .options import literal_overrides
 
     root = bundle_dir(name)
     configs = [str(root / "configs" / c) for c in ([config] if isinstance(config, str) else config)]
     overrides = {"bundle_root": str(root), **{k: v for k, v in overrides.items() if v is not None}}
+    overrides = {k: literal_overrides(v) for k, v in overrides.items()}
     run(
         run_id=run_id,
         config_file=configs,

@@ -16,6 +16,13 @@ import sys
 __all__ = ["main"]
 
 
+def _path(p):
+    """A path argument as text (fire turns a folder named ``12345`` into an int, and a list stays a list)."""
+    if p is None or isinstance(p, (list, tuple)):
+        return p
+    return str(p)
+
+
 def _run_cli(command: str, config, bundle: str = "fvae_recon", **overrides) -> None:
     """``run_bundle(bundle, ...)`` with fvae-ct errors (and missing files) turned into a one-line message and
     exit code 1."""
@@ -65,8 +72,8 @@ class CLI:
         _run_cli(
             "recon",
             "inference.yaml",
-            input=input,
-            output_dir=output_dir,
+            input=_path(input),
+            output_dir=_path(output_dir),
             vae=vae,
             vae_weights=vae_weights,
             vae_dtype=vae_dtype,
@@ -108,8 +115,8 @@ class CLI:
         _run_cli(
             "analyze",
             ["inference.yaml", "analysis.yaml"],
-            input=input,
-            output_dir=output_dir,
+            input=_path(input),
+            output_dir=_path(output_dir),
             labels=labels,
             vae=vae,
             vae_weights=vae_weights,

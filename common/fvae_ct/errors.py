@@ -19,6 +19,10 @@ class InputError(FvaeError, ValueError):
         return f"{self.path}: {self.problem}"
 
 
+class OptionError(FvaeError, ValueError):
+    """An option value that cannot be used (the message names the option and the value)."""
+
+
 class WeightsError(FvaeError, RuntimeError):
     """A weights file is missing, has a wrong SHA-256, or does not fit the architecture."""
 

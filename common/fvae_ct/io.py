@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -119,7 +120,8 @@ def discover_cases(input_path: str | os.PathLike) -> list[Case]:
     elif is_dicom_dir(p):
         cases = [Case(p.name, str(p))]
     else:
-        entries = sorted(p.iterdir())
+        # hidden entries are never cases: macOS "._x.nii.gz" resource forks, our own ".x.<random>.tmp.nii.gz" files
+        entries = sorted(e for e in p.iterdir() if not e.name.startswith("."))
         cases = [Case(case_name(e), str(e)) for e in entries if (e.is_file() and _is_nifti(e)) or is_dicom_dir(e)]
         if not cases:
             raise InputError(
@@ -241,6 +243,21 @@ def axial_axis(affine) -> int:
 def spacing_of(affine) -> np.ndarray:
     """Voxel spacing (mm) of the three voxel axes from an affine."""
     return np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
+
+
+_TEMPORARY = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp(\.[A-Za-z0-9]+)*$")
+
+
+def clean_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporaries an interrupted :func:`_atomic` write left in ``folder``
+    (``.<name>.<8 random>.tmp<suffixes>``); returns what was removed."""
+    removed = []
+    if Path(folder).is_dir():
+        for f in Path(folder).iterdir():
+            if f.is_file() and _TEMPORARY.match(f.name):
+                f.unlink()
+                removed.append(f)
+    return removed
 
 
 def _atomic(path: Path, write) -> None:

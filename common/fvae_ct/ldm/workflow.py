@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from ..errors import InputError
 from ..figures import three_view
 from ..io import _atomic, case_name, load_ct, load_labels, save_nifti_atomic, write_text_atomic
+from ..options import parse_bool
 from ..transforms import from_slices, recon_preprocessing, to_slices, unit_to_hu
 from .diffusion import FrozenTextEncoder, SamplingInferer, onehot_mask_latent
 
@@ -301,7 +302,7 @@ class GenerateWorkflow:
 def load_denoiser(network, checkpoint: dict, stage: str, use_ema: bool = True):
     """Weights of a train.yaml checkpoint into ``network``: stage 2d holds the 2D UNet, stage 3d the whole
     pseudo-3D model; ``use_ema`` takes the EMA copy (the 2d checkpoint's EMA is of the wrapper)."""
-    key = "ema" if use_ema and "ema" in checkpoint else "model"
+    key = "ema" if parse_bool(use_ema, "use_ema") and "ema" in checkpoint else "model"
     sd = checkpoint[key]
     if stage == "2d" and key == "model":
         network.unet.load_state_dict(sd)

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm  # noqa: E402
 from ..io import Case, _atomic, load_ct, load_labels, write_text_atomic  # noqa: E402
 from ..metrics.boundary import analyze, noise_ratio, reference  # noqa: E402
 from ..metrics.recon import recon_metrics  # noqa: E402
+from ..options import parse_bool  # noqa: E402
 from ..transforms import to_slices  # noqa: E402
 from .denoisers import DENOISERS, gaussian, match_gaussian_sigma  # noqa: E402
 from .workflow import BatchFailure, ReconWorkflow  # noqa: E402
@@ -115,7 +116,7 @@ class AnalysisWorkflow:
         self.labels = labels
         self.methods = list(methods)
         self.cutoff = float(cutoff)
-        self.figures = figures
+        self.figures = parse_bool(figures, "figures")
         self.progress = progress
         self.output_dir = recon.output_dir
 

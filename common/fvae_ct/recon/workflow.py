@@ -30,6 +30,7 @@ from ..figures import three_view
 from ..io import (
     Case,
     axial_axis,
+    clean_temporaries,
     discover_cases,
     load_ct,
     save_nifti_atomic,
@@ -38,6 +39,7 @@ from ..io import (
     write_text_atomic,
 )
 from ..metrics import PROTOCOL, recon_metrics
+from ..options import parse_bool
 from ..tiling import TilingConfig
 from ..transforms import DEFAULT_HU_WINDOW, recon_preprocessing
 from ..vae.base import FrozenVAE
@@ -158,8 +160,8 @@ class ReconWorkflow:
         self.inferer = inferer or VAEReconInferer()
         self.hu_window = (float(hu_window[0]), float(hu_window[1]))
         self.working_spacing = None if working_spacing in (None, "", "None") else float(working_spacing)
-        self.skip_existing = bool(skip_existing)
-        self.figures = figures
+        self.skip_existing = parse_bool(skip_existing, "skip_existing")
+        self.figures = parse_bool(figures, "figures")
         self.progress = progress
         self.preprocessing = recon_preprocessing(
             "image", self.hu_window, network.input_range, self.working_spacing, check_hu
@@ -225,6 +227,8 @@ class ReconWorkflow:
     def run(self, input_path) -> dict:
         """Process every case of ``input_path``; write metrics.csv and summary.json; raise if any case failed."""
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        for f in clean_temporaries(self.output_dir):
+            log.info("removed %s, left by an interrupted earlier run", f)
         cases = self.cases(input_path)
         rows, failures = [], []
         bar = tqdm(cases, desc=f"fvae recon ({self.network.name})", unit="case", disable=not self.progress)

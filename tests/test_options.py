@@ -96,3 +96,34 @@ def test_skip_existing_false_recomputes_and_junk_is_ignored(tmp_path):
     r = run([*cmd, "--skip_existing", "maybe"])
     assert r.returncode != 0 and "skip_existing: expected true or false" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--hu_window", "[1000,-1000]"], "hu_window [1000, -1000]: give [low, high] with low < high"),
+        (["--slice_batch", "0"], "slice_batch must be >= 1, got 0"),
+        (["--working_spacing", "-1"], "working_spacing -1: give a positive in-plane spacing"),
+        (["--device", "cuda"], "device cuda: no CUDA GPU is available here"),
+        (["--vae", "taef2", "--vae_dtype", "bfloat16"], "vae_dtype torch.bfloat16: taef2 runs in float32 only"),
+        (["--vae_dtype", "float99"], "vae_dtype 'float99': not a torch dtype"),
+        (["-o", "FILE"], "exists and is a file, not a folder"),
+        (["-o", "FILE/sub"], "a part of the path is a file, not a folder"),
+    ],
+)
+def test_bad_options_give_one_line_and_a_non_zero_exit(args, message, tmp_path):
+    if "--device" in args:
+        pytest.importorskip("torch")
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("a GPU is present")
+    _ct(tmp_path / "ct.nii.gz")
+    (tmp_path / "FILE").write_text("a regular file")
+    out = [] if "-o" in args else ["-o", "out"]
+    vae = [] if "--vae" in args else ["--vae", "identity"]
+    r = run([PY, "-m", "fvae_ct.cli", "recon", "ct.nii.gz", *out, *vae, *args], cwd=tmp_path)
+    assert r.returncode != 0
+    assert message in r.stderr, r.stderr[-1500:]
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) <= 3, r.stderr[-1500:]
+    assert (tmp_path / "FILE").read_text() == "a regular file"

@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass
 import torch
 from monai.inferers import sliding_window_inference
 
+from .errors import OptionError
+
 __all__ = ["TilingConfig", "windowed_apply"]
 
 
@@ -47,19 +49,19 @@ class TilingConfig:
         for k in ("tile_size", "depth_window"):
             v = getattr(self, k)
             if v is not None and int(v) < 1:
-                raise ValueError(f"{k} must be a positive number of voxels or None, got {v}")
+                raise OptionError(f"{k} must be a positive number of voxels or None, got {v}")
         if self.slice_batch < 1:
-            raise ValueError(f"slice_batch must be >= 1, got {self.slice_batch}")
+            raise OptionError(f"slice_batch must be >= 1, got {self.slice_batch}")
         if self.tile_overlap < 0 or self.depth_overlap < 0:
-            raise ValueError("tile_overlap and depth_overlap must be >= 0")
+            raise OptionError("tile_overlap and depth_overlap must be >= 0")
         if self.tile_size is not None and self.tile_overlap >= self.tile_size:
-            raise ValueError(f"tile_overlap ({self.tile_overlap}) must be smaller than tile_size ({self.tile_size})")
+            raise OptionError(f"tile_overlap ({self.tile_overlap}) must be smaller than tile_size ({self.tile_size})")
         if self.depth_window is not None and self.depth_overlap >= self.depth_window:
-            raise ValueError(
+            raise OptionError(
                 f"depth_overlap ({self.depth_overlap}) must be smaller than depth_window ({self.depth_window})"
             )
         if self.blend not in ("cosine", "gaussian", "constant"):
-            raise ValueError(f"blend must be 'cosine', 'gaussian' or 'constant', got {self.blend!r}")
+            raise OptionError(f"blend must be 'cosine', 'gaussian' or 'constant', got {self.blend!r}")
 
     def as_dict(self) -> dict:
         return asdict(self)

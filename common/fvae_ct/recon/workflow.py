@@ -25,7 +25,7 @@ from monai.inferers import Inferer
 from monai.transforms import MapTransform
 from tqdm.auto import tqdm
 
-from ..errors import FvaeError
+from ..errors import FvaeError, OptionError
 from ..figures import three_view
 from ..io import (
     Case,
@@ -158,8 +158,16 @@ class ReconWorkflow:
         self.network = network if device is None else network.to(device)
         self.output_dir = Path(output_dir)
         self.inferer = inferer or VAEReconInferer()
+        if len(hu_window) != 2 or not float(hu_window[0]) < float(hu_window[1]):
+            raise OptionError(f"hu_window {list(hu_window)}: give [low, high] with low < high, e.g. [-1000, 1000]")
         self.hu_window = (float(hu_window[0]), float(hu_window[1]))
         self.working_spacing = None if working_spacing in (None, "", "None") else float(working_spacing)
+        if self.working_spacing is not None and not self.working_spacing > 0:
+            raise OptionError(f"working_spacing {working_spacing}: give a positive in-plane spacing in mm, or none")
+        if self.output_dir.exists() and not self.output_dir.is_dir():
+            raise OptionError(f"output_dir {self.output_dir}: exists and is a file, not a folder")
+        if any(p.exists() and not p.is_dir() for p in self.output_dir.parents):
+            raise OptionError(f"output_dir {self.output_dir}: a part of the path is a file, not a folder")
         self.skip_existing = parse_bool(skip_existing, "skip_existing")
         self.figures = parse_bool(figures, "figures")
         self.progress = progress

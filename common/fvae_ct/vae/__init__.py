@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .. import assets
-from ..errors import UnknownVAEError, WeightsError
+from ..errors import OptionError, UnknownVAEError, WeightsError
 from ..tiling import TilingConfig
 from .base import FrozenVAE
 from .diffusers_video import VIDEO_VAES, DiffusersVideoVAE
@@ -76,7 +76,9 @@ def _taef2(weights=None, dtype=torch.float32, **kw) -> FrozenVAE:
             )
         enc, dec = parts
     if dtype != torch.float32:
-        raise ValueError("taef2 runs in float32 (it is tiny; reduced precision brings no speed on CPU)")
+        raise OptionError(
+            f"vae_dtype {dtype}: taef2 runs in float32 only (it is tiny; reduced precision brings no speed)"
+        )
     return TAESDVAE(enc, dec, latent_channels=32, pool_width=256, name="taef2", **kw)
 
 
@@ -265,7 +267,13 @@ def load(
     if name not in REGISTRY:
         raise UnknownVAEError(f"unknown VAE '{name}'; valid names: {', '.join(sorted(REGISTRY))}")
     if isinstance(dtype, str):
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise OptionError(f"vae_dtype {dtype!r}: not a torch dtype (float32, bfloat16, float16)")
         dtype = getattr(torch, dtype)
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise OptionError(
+            f"device {device}: no CUDA GPU is available here (torch.cuda.is_available() is False); " "use --device cpu"
+        )
     if isinstance(tiling, dict):
         tiling = TilingConfig(**tiling)
     vae = REGISTRY[name].build(weights=weights, dtype=dtype, tiling=tiling, **kwargs)

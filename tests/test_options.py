@@ -127,3 +127,17 @@ def test_bad_options_give_one_line_and_a_non_zero_exit(args, message, tmp_path):
     assert message in r.stderr, r.stderr[-1500:]
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) <= 3, r.stderr[-1500:]
     assert (tmp_path / "FILE").read_text() == "a regular file"
+
+
+@pytest.mark.parametrize("content", [b"not gzip at all", b"\x1f\x8b\x08\x00truncated gzip"])
+def test_corrupt_nifti_is_one_line_naming_the_file(content, tmp_path):
+    from fvae_ct.errors import InputError
+    from fvae_ct.io import load_ct
+
+    bad = tmp_path / "bad.nii.gz"
+    bad.write_bytes(content)
+    with pytest.raises(InputError) as e:
+        load_ct(bad)
+    msg = str(e.value)
+    assert msg.startswith(f"{bad}: cannot read the image") and "\n" not in msg and len(msg) < 500, msg
+    assert "Traceback" not in msg and "registered" not in msg  # not MONAI's list of every reader's failure

@@ -142,6 +142,18 @@ def unique_names(cases: list[Case]) -> list[Case]:
     return cases
 
 
+def _reader_error(reader: str, p: Path) -> Exception | None:
+    """The exception MONAI's ``reader`` (class name) alone raises on ``p`` (``None`` if it reads it)."""
+    import monai.data
+
+    try:
+        r = getattr(monai.data, reader)()
+        r.get_data(r.read(str(p)))
+    except Exception as e:  # noqa: BLE001 - this is the error to report
+        return e
+    return None
+
+
 def load_ct(path: str | os.PathLike, check_hu: bool = True) -> MetaTensor:
     """Load a CT volume as ``MetaTensor [1, X, Y, Z]`` in HU (float32), validated.
 
@@ -170,7 +182,10 @@ def load_ct(path: str | os.PathLike, check_hu: bool = True) -> MetaTensor:
     except InputError:
         raise
     except Exception as e:  # nibabel/gzip/pydicom errors on truncated or corrupt files
-        raise InputError(p, f"cannot read the image, truncated or corrupt file? ({type(e).__name__}: {e})") from e
+        # LoadImage tried every reader and embeds all their tracebacks: report the chosen reader's own error
+        cause = _reader_error(reader, p) or e
+        msg = " ".join(f"{type(cause).__name__}: {cause}".split())[:300]
+        raise InputError(p, f"cannot read the image, truncated or corrupt file? ({msg})") from e
     shape = tuple(img.shape)
     if len(shape) == 4 and shape[-1] == 1:
         img = img[..., 0]

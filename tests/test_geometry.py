@@ -139,3 +139,51 @@ def test_to_slices_and_from_slices_are_inverse_and_match_the_transform(affine):
     t = AxialSlicesd("image")({"image": MetaTensor(torch.from_numpy(v)[None], affine=torch.as_tensor(affine))})
     assert np.array_equal(s, t["image"][0].numpy())
     assert np.array_equal(from_slices(s, affine), v)
+
+
+def test_outputs_carry_the_inputs_qform_and_sform_exactly(tmp_path):
+    """RAS, LPS, permuted, oblique, sheared (gantry tilt), qform != sform, qform code 0, a singleton 4th dimension:
+    the reconstruction's header has the input's qform and sform, matrices and codes (identity VAE, `fvae recon`)."""
+    import nibabel as nib
+    from conftest import PY, run
+    from scipy.spatial.transform import Rotation
+
+    rng = np.random.default_rng(0)
+    vol = (rng.normal(0, 200, (10, 12, 6)) - 300).astype(np.int16)
+    obl = np.eye(4)
+    obl[:3, :3] = Rotation.from_euler("xyz", [12, -7, 20], degrees=True).as_matrix() @ np.diag([0.8, 0.8, 2.5])
+    obl[:3, 3] = [-40, 25, 100]
+    shear = np.diag([0.9, 0.9, 2.0, 1.0])
+    shear[1, 2] = 0.35  # gantry tilt: slices shifted along y with z
+    other = np.diag([1.0, 1.0, 2.0, 1.0])
+    other[:3, 3] = [5, 5, 5]
+    cases = {  # name: (qform, qform code, sform, sform code, shape)
+        "ras": (np.diag([1.5, 1.5, 3, 1]), 1, np.diag([1.5, 1.5, 3, 1]), 1, vol.shape),
+        "lps": (np.diag([-1.2, -1.2, 2, 1]), 1, np.diag([-1.2, -1.2, 2, 1]), 2, vol.shape),
+        "permuted": (None, 0, np.array([[0, 0, 2.0, 0], [1.1, 0, 0, 0], [0, 1.1, 0, 0], [0, 0, 0, 1]]), 2, vol.shape),
+        "oblique": (obl, 1, obl, 1, vol.shape),
+        "sheared": (None, 0, shear, 2, vol.shape),
+        "q_differs": (other, 1, obl, 2, vol.shape),
+        "singleton4d": (np.diag([1.5, 1.5, 3, 1]), 1, np.diag([1.5, 1.5, 3, 1]), 1, (*vol.shape, 1)),
+    }
+    src = tmp_path / "in"
+    src.mkdir()
+    for name, (q, qc, s, sc, shape) in cases.items():
+        img = nib.Nifti1Image(vol.reshape(shape), None)
+        if q is not None:
+            img.set_qform(q, code=qc)
+        else:
+            img.header["qform_code"] = 0
+        img.set_sform(s, code=sc)
+        nib.save(img, str(src / f"{name}.nii.gz"))
+    r = run([PY, "-m", "fvae_ct.cli", "recon", str(src), "-o", str(tmp_path / "out"), "--vae", "identity",
+             "--figures", "false"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    for name in cases:
+        a, b = nib.load(str(src / f"{name}.nii.gz")), nib.load(str(tmp_path / "out" / f"{name}_recon.nii.gz"))
+        ha, hb = a.header, b.header
+        assert b.shape == a.shape, name
+        assert int(hb["qform_code"]) == int(ha["qform_code"]) and int(hb["sform_code"]) == int(ha["sform_code"]), name
+        assert np.allclose(hb.get_sform(), ha.get_sform(), atol=1e-6), name
+        assert np.allclose(hb.get_qform(), ha.get_qform(), atol=1e-6), name
+        assert np.array_equal(np.asarray(b.dataobj).reshape(vol.shape), np.clip(vol, -1000, 1000)), name

@@ -299,16 +299,26 @@ def save_nifti_atomic(
 ) -> Path:
     """Write ``data`` (X, Y, Z) as NIfTI via a temporary file + rename, never over a path in ``forbid``.
 
-    ``like``: a NIfTI whose header (codes, units, description) is reused, with the data type of ``data``.
+    ``like``: a NIfTI whose header (codes, units, description) is reused, with the data type of ``data``; when
+    ``data`` lies on its grid, its qform and sform are kept exactly (matrices and codes).
     """
     path = Path(path)
     if any(path.resolve() == Path(f).resolve() for f in forbid):
         raise InputError(path, "refusing to overwrite an input file; choose another output folder")
     header = None
     if like is not None and _is_nifti(Path(like)):
-        header = nib.load(str(like)).header.copy()
+        ref = nib.load(str(like))
+        header = ref.header.copy()
         header.set_data_dtype(data.dtype)
         header.set_slope_inter(1.0, 0.0)
+        if tuple(ref.shape[:3]) == tuple(data.shape[:3]) and np.allclose(ref.affine, affine, atol=1e-5):
+            # the input's grid: keep its qform and sform exactly (matrices and codes, also code 0, a qform that
+            # differs from the sform, a sheared sform), as nibabel keeps a header it is given without an affine
+            if len(ref.shape) == 4 and ref.shape[3] == 1 and data.ndim == 3:
+                data = data[..., None]  # keep a singleton 4th dimension of the input
+            img = nib.Nifti1Image(data, None, header=header)
+            _atomic(path, lambda tmp: nib.save(img, tmp))
+            return path
     img = nib.Nifti1Image(data, np.asarray(affine, dtype=np.float64), header=header)
     img.set_sform(
         np.asarray(affine, dtype=np.float64),

@@ -72,6 +72,103 @@ def is_dicom_dir(p: Path) -> bool:
     return False
 
 
+#: largest deviation of a slice gap from the series' median gap, as a fraction of it, before the series is refused
+SLICE_GAP_TOLERANCE = 0.05
+
+
+def dicom_series_files(folder: str | os.PathLike) -> list[Path]:
+    """The files of the one DICOM series in ``folder``, ordered by position along the slice normal.
+
+    Refuses (:class:`InputError` naming the folder) what MONAI's reader would silently get wrong: several series in
+    one folder (listed: UID, description, slice count; never merged), slices at one position twice, gaps or
+    non-uniform spacing (deviation over :data:`SLICE_GAP_TOLERANCE` of the median gap, the gap listed), and
+    gantry tilt (the slice positions do not advance along the normal of ImageOrientationPatient). Hidden files and
+    non-DICOM files are ignored.
+    """
+    import pydicom
+
+    p = Path(folder)
+    headers = []
+    for f in sorted(p.iterdir()):
+        if f.is_file() and not f.name.startswith("."):
+            try:
+                headers.append((f, pydicom.dcmread(str(f), stop_before_pixels=True)))
+            except Exception:  # noqa: BLE001 - not a DICOM file: not part of the series
+                continue
+    if not headers:
+        raise InputError(p, "folder holds no readable DICOM files")
+    series: dict[str, list] = {}
+    for f, ds in headers:
+        series.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append((f, ds))
+    if len(series) > 1:
+        listing = "; ".join(
+            f"{uid or '(no UID)'} '{items[0][1].get('SeriesDescription', '')}' {len(items)} slices"
+            for uid, items in series.items()
+        )
+        raise InputError(p, f"{len(series)} DICOM series in one folder ({listing}): put each series in its own folder")
+    items = next(iter(series.values()))
+    try:
+        iop = np.asarray(items[0][1].ImageOrientationPatient, dtype=float)
+        pos = np.asarray([np.asarray(ds.ImagePositionPatient, dtype=float) for _, ds in items])
+    except AttributeError as e:
+        raise InputError(p, f"slices without ImageOrientationPatient / ImagePositionPatient ({e})") from e
+    normal = np.cross(iop[:3], iop[3:])
+    proj = pos @ normal
+    order = np.argsort(proj, kind="stable")
+    items, pos, proj = [items[i] for i in order], pos[order], proj[order]
+    if len(items) > 1:
+        steps = np.diff(proj)
+        if np.any(steps < 1e-3):
+            i = int(np.argmin(steps))
+            raise InputError(p, f"two slices at one position ({items[i][0].name}, {items[i + 1][0].name})")
+        med = float(np.median(steps))
+        bad = np.abs(steps - med) > SLICE_GAP_TOLERANCE * med
+        if np.any(bad):
+            i = int(np.argmax(np.abs(steps - med)))
+            raise InputError(
+                p,
+                f"non-uniform slice spacing: {steps[i]:.3g} mm between {items[i][0].name} and {items[i + 1][0].name}, "
+                f"median {med:.3g} mm (a missing slice?); the series is not resampled: complete it or resample it",
+            )
+        drift = pos[-1] - pos[0] - (proj[-1] - proj[0]) * normal
+        tilt = np.degrees(np.arctan2(np.linalg.norm(drift), proj[-1] - proj[0]))
+        if tilt > 0.5:
+            raise InputError(
+                p,
+                f"gantry tilt of {tilt:.1f} degrees (slices shift in-plane along the normal): the volume is sheared; "
+                "resample it to an orthogonal grid first (e.g. dcm2niix corrects tilt)",
+            )
+    return [f for f, _ in items]
+
+
+def _reading_order(files: list[Path]) -> list[Path] | None:
+    """``None`` when MONAI's reader, which orders slices by InstanceNumber, gets the series right (the numbers follow
+    the position order of ``files`` up or down); else ``files`` in the position order the numbers mostly follow
+    (the series should then be read in that order)."""
+    import pydicom
+
+    numbers = [pydicom.dcmread(str(f), stop_before_pixels=True).get("InstanceNumber") for f in files]
+    if all(n is not None for n in numbers) and len({int(n) for n in numbers}) == len(numbers):
+        numbers = [int(n) for n in numbers]
+        if numbers == sorted(numbers) or numbers == sorted(numbers, reverse=True):
+            return None
+        rank = np.argsort(np.argsort(numbers))
+        if np.corrcoef(rank, np.arange(len(files)))[0, 1] < 0:
+            return files[::-1]
+    return files
+
+
+def _renumbered_copy(files: list[Path], dest: Path) -> Path:
+    """Copies of ``files`` in ``dest`` with InstanceNumber = 1, 2, ... in the given (position) order."""
+    import pydicom
+
+    for i, f in enumerate(files):
+        ds = pydicom.dcmread(str(f))
+        ds.InstanceNumber = i + 1
+        ds.save_as(str(dest / f"{i:05d}.dcm"))
+    return dest
+
+
 def case_name(path: str | os.PathLike) -> str:
     name = Path(path).name
     for s in NIFTI_SUFFIXES:
@@ -168,6 +265,15 @@ def load_ct(path: str | os.PathLike, check_hu: bool = True) -> MetaTensor:
         if not is_dicom_dir(p):
             raise InputError(p, "folder is not a DICOM series (no .dcm files and no DICM preamble)")
         reader = "PydicomReader"
+        order = _reading_order(dicom_series_files(p))
+        if order is not None:
+            log.warning(
+                "%s: InstanceNumbers do not follow the slice positions; slices ordered by position along the normal", p
+            )
+            with tempfile.TemporaryDirectory(prefix="fvae_dicom_") as tmp:
+                img = load_ct(_renumbered_copy(order, Path(tmp)), check_hu=check_hu)
+            img.meta["filename_or_obj"] = str(p)
+            return img
     elif _is_nifti(p):
         reader = "NibabelReader"
     elif p.suffix.lower() == ".dcm":

@@ -37,9 +37,9 @@ def test_slices_are_ordered_by_position_not_instance_number(dicom_dir, reference
     def scramble(i, ds):
         ds.InstanceNumber = 100 + perm[i]
 
-    from fvae_ct.io import _reading_order, dicom_series_files
+    from fvae_ct.io import _reading_order, dicom_series
 
-    assert _reading_order(dicom_series_files(_series(dicom_dir, tmp_path / "plain"))) is None  # read as it was
+    assert _reading_order(dicom_series(_series(dicom_dir, tmp_path / "plain"))) is None  # read as it was
     img = load_ct(_series(dicom_dir, tmp_path / "s", scramble))
     assert img.shape == reference.shape == (1, 512, 512, 5)
     # the same voxels at the same world positions (the reading direction may differ: compare in RAS)

@@ -267,9 +267,12 @@ def load_checkpoint(path: str | os.PathLike):
         raise WeightsError(f"{path}: cannot read the checkpoint ({type(e).__name__}: {e})") from e
 
 
-def bundle_weights(bundle_root: str | os.PathLike | None, vae: str) -> str | None:
-    """The folder ``<bundle_root>/models`` when it holds (hash-checked) every weights file of the named VAE, as
-    ``large_files.yml`` puts them; ``None`` otherwise (the VAE then looks in ``$FVAE_ASSETS``, the cache, upstream)."""
+def bundle_weights(bundle_root: str | os.PathLike | None, vae: str, weights: str | None = None) -> str | None:
+    """The weights a bundle config hands to :func:`fvae_ct.vae.load`: the user's ``weights`` when given; else the
+    folder ``<bundle_root>/models`` when it holds (hash-checked) every weights file of the named VAE, as
+    ``large_files.yml`` puts them; else ``None`` (the VAE then looks in ``$FVAE_ASSETS``, the cache, upstream)."""
+    if weights is not None:
+        return weights
     names = {"taef2": ["taef2_encoder", "taef2_decoder"], "leanvae": ["leanvae_dim16"], "ivvae": ["ivvae_z16_dim64"]}
     names = names.get(vae, [vae] if vae in ASSETS and ASSETS[vae].relpath.startswith("weights/") else [])
     if bundle_root is None or not names:

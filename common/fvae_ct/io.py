@@ -14,6 +14,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -76,8 +77,9 @@ def is_dicom_dir(p: Path) -> bool:
 SLICE_GAP_TOLERANCE = 0.05
 
 
-def dicom_series_files(folder: str | os.PathLike) -> list[Path]:
-    """The files of the one DICOM series in ``folder``, ordered by position along the slice normal.
+def dicom_series(folder: str | os.PathLike) -> list[tuple[Path, Any]]:
+    """``(file, header)`` of the one DICOM series in ``folder``, ordered by position along the slice normal (the
+    headers are read once, without pixel data).
 
     Refuses (:class:`InputError` naming the folder) what MONAI's reader would silently get wrong: several series in
     one folder (listed: UID, description, slice count; never merged), slices at one position twice, gaps or
@@ -138,16 +140,20 @@ def dicom_series_files(folder: str | os.PathLike) -> list[Path]:
                 f"gantry tilt of {tilt:.1f} degrees (slices shift in-plane along the normal): the volume is sheared; "
                 "resample it to an orthogonal grid first (e.g. dcm2niix corrects tilt)",
             )
-    return [f for f, _ in items]
+    return items
 
 
-def _reading_order(files: list[Path]) -> list[Path] | None:
-    """``None`` when MONAI's reader, which orders slices by InstanceNumber, gets the series right (the numbers follow
-    the position order of ``files`` up or down); else ``files`` in the position order the numbers mostly follow
-    (the series should then be read in that order)."""
-    import pydicom
+def dicom_series_files(folder: str | os.PathLike) -> list[Path]:
+    """The files of :func:`dicom_series`, in position order."""
+    return [f for f, _ in dicom_series(folder)]
 
-    numbers = [pydicom.dcmread(str(f), stop_before_pixels=True).get("InstanceNumber") for f in files]
+
+def _reading_order(series: list[tuple[Path, Any]]) -> list[Path] | None:
+    """``None`` when MONAI's reader, which orders slices by InstanceNumber, gets the ``(file, header)`` series of
+    :func:`dicom_series` right (the numbers follow the position order up or down); else its files in the position
+    order the numbers mostly follow (the series should then be read in that order)."""
+    files = [f for f, _ in series]
+    numbers = [ds.get("InstanceNumber") for _, ds in series]
     if all(n is not None for n in numbers) and len({int(n) for n in numbers}) == len(numbers):
         numbers = [int(n) for n in numbers]
         if numbers == sorted(numbers) or numbers == sorted(numbers, reverse=True):
@@ -265,7 +271,7 @@ def load_ct(path: str | os.PathLike, check_hu: bool = True) -> MetaTensor:
         if not is_dicom_dir(p):
             raise InputError(p, "folder is not a DICOM series (no .dcm files and no DICM preamble)")
         reader = "PydicomReader"
-        order = _reading_order(dicom_series_files(p))
+        order = _reading_order(dicom_series(p))
         if order is not None:
             log.warning(
                 "%s: InstanceNumbers do not follow the slice positions; slices ordered by position along the normal", p

@@ -4,9 +4,10 @@ runner and the VAE comparison)."""
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
-__all__ = ["bundle_dir", "run_bundle"]
+__all__ = ["bundle_dir", "run_bundle", "check_command_line"]
 
 _PACKAGE_PARENT = Path(__file__).resolve().parents[1]
 
@@ -49,3 +50,64 @@ def run_bundle(name: str, config: str | list[str] = "inference.yaml", run_id: st
         logging_file=str(root / "configs" / "logging.conf"),
         **overrides,
     )
+
+
+# options of `python -m monai.bundle run` itself (not config overrides)
+_RUNNER_OPTIONS = {
+    "config_file", "meta_file", "logging_file", "run_id", "init_id", "final_id", "args_file", "tracking",
+    "workflow_type", "workflow_name", "properties_path", "bundle_root",
+}  # fmt: skip
+# overrides that are free text, never config syntax
+_TEXT_OPTIONS = {"report"}
+_SYNTAX = {"$": "run as Python", "@": "resolved as a reference to another config entry", "%": "loaded as a macro"}
+
+
+def _runner_overrides(argv: list[str]) -> list[tuple[str, str]]:
+    """``(key, raw value)`` of the ``--key value`` / ``--key=value`` overrides of a ``monai.bundle run`` argv."""
+    out, i = [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a.startswith("--") and len(a) > 2:
+            key, eq, val = a[2:].partition("=")
+            if not eq and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                val, i = argv[i + 1], i + 1
+            if eq or val:
+                out.append((key.replace("-", "_"), val))
+        i += 1
+    return out
+
+
+def check_command_line(argv: list[str] | None = None) -> None:
+    """Refuse, before MONAI evaluates anything, a ``python -m monai.bundle run`` override that MONAI's config syntax
+    would turn into something else than the user's string (every bundle's ``run`` calls this first).
+
+    MONAI runs a value starting with ``$`` as Python, resolves ``@`` as a reference and ``%`` as a macro, and rewrites
+    ``#`` to ``::`` in any string. So: a value starting with ``$``, ``@`` or ``%`` that names an existing file or
+    folder (a path, not an expression), any ``--report`` starting with them, and any plain value holding ``#`` stop
+    with an :class:`~fvae_ct.errors.OptionError` listing them. Expressions that are not paths are the user's own
+    config code and are left alone. A no-op outside ``python -m monai.bundle`` (the ``fvae`` command passes every
+    string as a literal, see :func:`fvae_ct.options.literal`).
+    """
+    from .errors import OptionError
+
+    argv = sys.argv if argv is None else argv
+    if not argv or Path(argv[0]).parts[-3:] != ("monai", "bundle", "__main__.py"):
+        return
+    problems = []
+    for key, val in _runner_overrides(argv[1:]):
+        if key in _RUNNER_OPTIONS:
+            continue
+        if val[:1] in _SYNTAX and (key in _TEXT_OPTIONS or os.path.lexists(val)):
+            what = "text" if key in _TEXT_OPTIONS else ("a folder" if os.path.isdir(val) else "a file")
+            fix = "put it in a .txt file and pass its path" if key in _TEXT_OPTIONS else f"pass it as ./{val}"
+            problems.append(f"--{key} {val!r} is {what}, but MONAI would have it {_SYNTAX[val[0]]}: {fix}")
+        elif "#" in val and val[:1] not in _SYNTAX:
+            problems.append(
+                f"--{key} {val!r}: MONAI rewrites '#' in config strings (it would read {val.replace('#', '::')!r})"
+            )
+    if problems:
+        raise OptionError(
+            "python -m monai.bundle run: "
+            + "; ".join(problems)
+            + ". The fvae command takes any file name and text as given."
+        )

@@ -50,22 +50,25 @@ def three_view(
     labels: np.ndarray | None = None,
 ) -> Path:
     """Write a PNG, columns axial / coronal / sagittal: rows original / reconstruction / |error| (HU, with colour
-    bars); with ``hu_out=None`` one row of ``hu_in`` (a generated volume), ``labels`` drawn as contours."""
-    a, sp = to_ras(np.asarray(hu_in, dtype=np.float32), affine)
-    rows = [("original" if hu_out is not None else "volume", a, "gray", window)]
+    bars); with ``hu_out=None`` one row of ``hu_in`` (a generated volume), ``labels`` drawn as contours. The error
+    colour scale ends at the 99.5th percentile of the error on the three planes shown."""
+    # only the three central planes are ever copied or converted (memory stays flat in the volume size)
+    a, sp = to_ras(np.asarray(hu_in), affine)
+    va = [(img.astype(np.float32), asp) for img, asp in _views(a, sp)]
+    rows = [("original" if hu_out is not None else "volume", va, "gray", window)]
     if hu_out is not None:
-        b, _ = to_ras(np.asarray(hu_out, dtype=np.float32), affine)
-        err = np.abs(np.clip(b, *window) - np.clip(a, *window))
-        emax = max(float(np.percentile(err, 99.5)), 1.0)
-        rows += [("reconstruction", b, "gray", window), ("|error| (HU)", err, "magma", (0, emax))]
-    lab = to_ras(np.asarray(labels), affine)[0] if labels is not None else None
+        vb = [(img.astype(np.float32), asp) for img, asp in _views(to_ras(np.asarray(hu_out), affine)[0], sp)]
+        ve = [(np.abs(np.clip(y, *window) - np.clip(x, *window)), asp) for (x, asp), (y, _) in zip(va, vb)]
+        emax = max(float(np.percentile(np.concatenate([e.ravel() for e, _ in ve]), 99.5)), 1.0)
+        rows += [("reconstruction", vb, "gray", window), ("|error| (HU)", ve, "magma", (0, emax))]
+    lab = [img for img, _ in _views(to_ras(np.asarray(labels), affine)[0], sp)] if labels is not None else None
     fig, axes = plt.subplots(len(rows), 3, figsize=(11, 3.6 * len(rows)), constrained_layout=True, squeeze=False)
-    for r, (name, vol, cmap, (vmin, vmax)) in enumerate(rows):
-        for c, ((img, aspect), view) in enumerate(zip(_views(vol, sp), ("axial", "coronal", "sagittal"))):
+    for r, (name, views, cmap, (vmin, vmax)) in enumerate(rows):
+        for c, ((img, aspect), view) in enumerate(zip(views, ("axial", "coronal", "sagittal"))):
             ax = axes[r, c]
             im = ax.imshow(img, cmap=cmap, vmin=vmin, vmax=vmax, aspect=aspect, interpolation="nearest")
             if lab is not None and r == 0:
-                li = _views(lab.astype(np.float32), sp)[c][0]
+                li = lab[c]
                 for v in np.unique(li)[1:]:
                     ax.contour(li == v, levels=[0.5], linewidths=0.7, colors=[plt.cm.tab10(int(v) % 10)])
             ax.set_xticks([])

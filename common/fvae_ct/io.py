@@ -6,6 +6,7 @@ Loaded volumes are MONAI ``MetaTensor``s ``[1, X, Y, Z]`` (file voxel order, HU 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -35,6 +36,9 @@ __all__ = [
     "spacing_of",
     "case_name",
     "load_labels",
+    "folder_lock",
+    "is_own_output",
+    "OUTPUT_MARK",
 ]
 
 log = logging.getLogger("fvae_ct")
@@ -257,13 +261,27 @@ def _reader_error(reader: str, p: Path) -> Exception | None:
     return None
 
 
-def load_ct(path: str | os.PathLike, check_hu: bool = True) -> MetaTensor:
+def _note(info: dict | None, p: Path, msg: str, loud: bool = True) -> None:
+    """Log (and, ``loud``, warn) ``msg`` about ``p``; record it in ``info["warnings"]``."""
+    log.warning("%s: %s", p, msg)
+    if loud:
+        warnings.warn(f"{p}: {msg}", stacklevel=3)
+    if info is not None:
+        info.setdefault("warnings", []).append(msg)
+
+
+def load_ct(path: str | os.PathLike, check_hu: bool = True, info: dict | None = None) -> MetaTensor:
     """Load a CT volume as ``MetaTensor [1, X, Y, Z]`` in HU (float32), validated.
 
     Raises :class:`InputError` naming the file for: a missing path, an unreadable / truncated / corrupt
     file, an unsupported format, a 2D or 4D image, NaN or Inf voxels. Warns loudly (does not guess) when
-    the intensities do not look like HU (an MR, or an image normalised to [0, 1]).
+    the intensities do not look like HU (an MR, or an image normalised to [0, 1]) and when a DICOM series is not
+    CT (Modality). The reader's own warnings go to the ``fvae_ct`` log. ``info`` (optional dict) receives
+    ``modality`` (DICOM Modality, ``None`` for NIfTI) and ``warnings`` (the messages above, for this file).
     """
+    if info is not None:
+        info.setdefault("modality", None)
+        info.setdefault("warnings", [])
     p = Path(path)
     if not p.exists():
         raise InputError(p, "file or folder does not exist")
@@ -271,13 +289,30 @@ def load_ct(path: str | os.PathLike, check_hu: bool = True) -> MetaTensor:
         if not is_dicom_dir(p):
             raise InputError(p, "folder is not a DICOM series (no .dcm files and no DICM preamble)")
         reader = "PydicomReader"
-        order = _reading_order(dicom_series(p))
+        series = dicom_series(p)
+        modality = str(series[0][1].get("Modality", "") or "")
+        if info is not None:
+            info["modality"] = modality or None
+        if modality.upper() != "CT":
+            _note(
+                info,
+                p,
+                f"DICOM Modality is {modality or '(missing)'}, not CT: it is processed as if it were CT in HU and the "
+                "results will not mean much",
+            )
+        order = _reading_order(series)
         if order is not None:
-            log.warning(
-                "%s: InstanceNumbers do not follow the slice positions; slices ordered by position along the normal", p
+            _note(
+                info,
+                p,
+                "InstanceNumbers do not follow the slice positions; slices ordered by position along the normal",
+                loud=False,
             )
             with tempfile.TemporaryDirectory(prefix="fvae_dicom_") as tmp:
-                img = load_ct(_renumbered_copy(order, Path(tmp)), check_hu=check_hu)
+                sub: dict = {}
+                img = load_ct(_renumbered_copy(order, Path(tmp)), check_hu=check_hu, info=sub)
+            if info is not None:  # the copy's findings, minus its Modality (already checked on the original)
+                info["warnings"] += [w for w in sub["warnings"] if not w.startswith("DICOM Modality")]
             img.meta["filename_or_obj"] = str(p)
             return img
     elif _is_nifti(p):
@@ -287,10 +322,11 @@ def load_ct(path: str | os.PathLike, check_hu: bool = True) -> MetaTensor:
     else:
         raise InputError(p, "unsupported format: give a NIfTI file (.nii/.nii.gz) or a DICOM series folder")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             img = LoadImage(reader=reader, image_only=True, dtype=np.float32)(str(p))
             img = MetaTensor(torch.as_tensor(np.asarray(img), dtype=torch.float32), meta=dict(img.meta))
+        _log_reader_warnings(p, caught)
     except InputError:
         raise
     except Exception as e:  # nibabel/gzip/pydicom errors on truncated or corrupt files
@@ -316,15 +352,26 @@ def load_ct(path: str | os.PathLike, check_hu: bool = True) -> MetaTensor:
         q01 = float(torch.quantile(img.flatten()[:: max(1, img.numel() // 1_000_000)], 0.01))
         if hi - lo < 100 or q01 > -300:
             msg = (
-                f"{p}: intensities in [{lo:.4g}, {hi:.4g}] (1st percentile {q01:.4g}) do not look like CT in HU "
+                f"intensities in [{lo:.4g}, {hi:.4g}] (1st percentile {q01:.4g}) do not look like CT in HU "
                 "(no air near -1000 HU). An MR or a normalised image? It is processed as if it were HU and the "
                 "results will not mean much."
             )
-            log.warning(msg)
-            warnings.warn(msg, stacklevel=2)
+            _note(info, p, msg)
     out = img[None]
     out.meta["filename_or_obj"] = str(p)
     return out
+
+
+# warnings about this machine, not about the file (MONAI's optional GPU DICOM decoder)
+_ENVIRONMENT_WARNINGS = ("nvImageCodec",)
+
+
+def _log_reader_warnings(p: Path, caught) -> None:
+    """The image reader's warnings about ``p`` to the ``fvae_ct`` log (those about the machine at debug level)."""
+    for w in caught:
+        msg = " ".join(str(w.message).split())
+        env = any(k in msg for k in _ENVIRONMENT_WARNINGS)
+        log.log(logging.DEBUG if env else logging.WARNING, "%s: reader %s: %s", p, w.category.__name__, msg)
 
 
 def load_labels(path: str | os.PathLike, affine, shape) -> np.ndarray:
@@ -407,30 +454,36 @@ def save_nifti_atomic(
     affine: np.ndarray,
     path: str | os.PathLike,
     like: str | os.PathLike | None = None,
-    forbid: tuple[str, ...] = (),
+    forbid=(),
+    description: str | None = None,
 ) -> Path:
     """Write ``data`` (X, Y, Z) as NIfTI via a temporary file + rename, never over a path in ``forbid``.
 
     ``like``: a NIfTI whose header (codes, units, description) is reused, with the data type of ``data``; when
-    ``data`` lies on its grid, its qform and sform are kept exactly (matrices and codes).
+    ``data`` lies on its grid, its qform and sform are kept exactly (matrices and codes). ``description``: the
+    header's ``descrip`` (at most 79 characters), e.g. :data:`OUTPUT_MARK` to mark our own outputs.
     """
     path = Path(path)
     if any(path.resolve() == Path(f).resolve() for f in forbid):
         raise InputError(path, "refusing to overwrite an input file; choose another output folder")
-    header = None
+    header, same_grid = None, False
     if like is not None and _is_nifti(Path(like)):
         ref = nib.load(str(like))
         header = ref.header.copy()
         header.set_data_dtype(data.dtype)
         header.set_slope_inter(1.0, 0.0)
-        if tuple(ref.shape[:3]) == tuple(data.shape[:3]) and np.allclose(ref.affine, affine, atol=1e-5):
-            # the input's grid: keep its qform and sform exactly (matrices and codes, also code 0, a qform that
-            # differs from the sform, a sheared sform), as nibabel keeps a header it is given without an affine
-            if len(ref.shape) == 4 and ref.shape[3] == 1 and data.ndim == 3:
-                data = data[..., None]  # keep a singleton 4th dimension of the input
-            img = nib.Nifti1Image(data, None, header=header)
-            _atomic(path, lambda tmp: nib.save(img, tmp))
-            return path
+        same_grid = tuple(ref.shape[:3]) == tuple(data.shape[:3]) and np.allclose(ref.affine, affine, atol=1e-5)
+        if same_grid and len(ref.shape) == 4 and ref.shape[3] == 1 and data.ndim == 3:
+            data = data[..., None]  # keep a singleton 4th dimension of the input
+    if description is not None:
+        header = header if header is not None else nib.Nifti1Header()
+        header["descrip"] = description.encode("utf-8")[:79]
+    if same_grid:
+        # the input's grid: keep its qform and sform exactly (matrices and codes, also code 0, a qform that differs
+        # from the sform, a sheared sform), as nibabel keeps a header it is given without an affine
+        img = nib.Nifti1Image(data, None, header=header)
+        _atomic(path, lambda tmp: nib.save(img, tmp))
+        return path
     img = nib.Nifti1Image(data, np.asarray(affine, dtype=np.float64), header=header)
     img.set_sform(
         np.asarray(affine, dtype=np.float64),
@@ -442,6 +495,56 @@ def save_nifti_atomic(
     )
     _atomic(path, lambda tmp: nib.save(img, tmp))
     return path
+
+
+OUTPUT_MARK = "fvae-ct reconstruction"  # NIfTI descrip of the reconstructions we write
+
+
+def is_own_output(path: str | os.PathLike) -> bool:
+    """Whether the NIfTI at ``path`` is a reconstruction fvae-ct wrote (its header's ``descrip``)."""
+    try:
+        descrip = bytes(nib.load(str(path)).header["descrip"].item())
+    except Exception:  # noqa: BLE001 - unreadable: not something we can call ours
+        return False
+    return descrip.decode("utf-8", "replace").startswith(OUTPUT_MARK)
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike, what: str):
+    """Hold an exclusive lock on ``folder`` (``<folder>/.fvae.lock``) for the ``with`` block, or refuse at once
+    (:class:`InputError` naming the folder and the holder's pid) when another process holds it. The operating
+    system releases the lock when its holder dies, even by SIGKILL, so a crashed run never blocks the next."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX (Windows): no lock
+        log.warning("%s: file locking is not available here; do not run two jobs into this folder", folder)
+        yield None
+        return
+    path = Path(folder) / ".fvae.lock"
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+            os.close(fd)
+            raise InputError(
+                folder, f"another run is writing into this output folder ({holder}); wait for it or use another folder"
+            ) from None
+        try:  # the file we locked may have been unlinked by a holder that just finished: lock the current one
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{what}, pid {os.getpid()}".encode(), 0)
+        yield path
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        os.close(fd)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:

@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import math
+import os
 import time
 import traceback
 from pathlib import Path
@@ -28,17 +29,20 @@ from tqdm.auto import tqdm
 from ..errors import FvaeError, OptionError
 from ..figures import three_view
 from ..io import (
+    OUTPUT_MARK,
     Case,
     axial_axis,
     clean_temporaries,
     discover_cases,
+    folder_lock,
+    is_own_output,
     load_ct,
     save_nifti_atomic,
     spacing_of,
     unique_names,
     write_text_atomic,
 )
-from ..metrics import PROTOCOL, recon_metrics
+from ..metrics import PROTOCOL, recon_metrics, ssim_unavailable
 from ..options import parse_bool
 from ..tiling import TilingConfig
 from ..transforms import DEFAULT_HU_WINDOW, recon_preprocessing
@@ -124,8 +128,53 @@ class VAEReconstructd(MapTransform):
         return d
 
 
+CASE_KEYS = ("shape", "spacing_mm", "modality", "warnings", "input", "output")
+CSV_COLUMNS = ("case", "status", *METRIC_KEYS, *CASE_KEYS)
+
+
 def _fmt(v) -> str:
-    return f"{v:.6g}" if isinstance(v, float) else str(v)
+    """A metrics.csv cell: 6 significant digits, ``inf`` for an identical reconstruction, empty for not measured,
+    warnings joined with ``|``."""
+    if isinstance(v, float):
+        return "" if math.isnan(v) else f"{v:.6g}"
+    if isinstance(v, (list, tuple)):
+        return " | ".join(map(str, v))
+    return "" if v is None else str(v)
+
+
+def _float(v) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _json_value(v):
+    """JSON-safe: inf -> ``"inf"``, NaN -> ``None`` (not measured); the rest as is."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None if math.isnan(v) else ("inf" if v > 0 else "-inf")
+    return v
+
+
+def _append_row(path: Path, row: dict) -> None:
+    """Append one case's row to metrics.csv and push it to disk (an interrupted run keeps its rows)."""
+    buf = io.StringIO()
+    csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore").writerow(
+        {k: _fmt(row.get(k)) for k in CSV_COLUMNS}
+    )
+    with open(path, "a", newline="") as f:
+        f.write(buf.getvalue())
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _read_rows(path: Path) -> dict[str, dict]:
+    """The rows of an earlier metrics.csv by case name (empty if there is none or it cannot be read)."""
+    try:
+        with open(path, newline="") as f:
+            return {r["case"]: r for r in csv.DictReader(f) if r.get("case")}
+    except (OSError, csv.Error, KeyError):
+        return {}
 
 
 class ReconWorkflow:
@@ -180,25 +229,59 @@ class ReconWorkflow:
         """HU ``MetaTensor [1, X, Y, Z]`` -> reconstructed HU ``[1, X, Y, Z]`` (integer values, float dtype)."""
         return reconstruct_hu(image, self.network, self.preprocessing, self.inferer)
 
-    def run_case(self, case: Case) -> dict:
+    def _existing_output(self, out_path: Path, shape, affine) -> tuple[np.ndarray | None, str]:
+        """The reconstruction already at ``out_path`` if it is complete and fits the input, else ``(None, why)``."""
+        try:
+            img = nib.load(str(out_path))
+            data = np.asarray(img.dataobj)  # reads every byte: a truncated file fails here
+        except Exception as e:  # noqa: BLE001 - any reader error means: recompute
+            return None, f"is unreadable ({type(e).__name__}: {' '.join(str(e).split())[:120]})"
+        data = data[..., 0] if data.ndim == 4 and data.shape[3] == 1 else data
+        if data.shape != tuple(shape):
+            return None, f"has shape {data.shape}, the input {tuple(shape)}"
+        if not np.allclose(img.affine, affine, atol=1e-4):
+            return None, "lies on another grid than the input (affines differ)"
+        return data, ""
+
+    def run_case(self, case: Case, forbid=()) -> dict:
+        """Reconstruct, write and score one case; ``forbid``: paths never written over (the batch's inputs)."""
         out_path = self.output_dir / f"{case.name}{RECON_SUFFIX}"
         t0 = time.perf_counter()
-        image = load_ct(case.path, check_hu=True)
+        info: dict = {}
+        image = load_ct(case.path, check_hu=True, info=info)
+        notes = list(info["warnings"])
         is_nifti = Path(case.path).is_file()
         affine = nib.load(case.path).affine if is_nifti else np.asarray(image.affine, dtype=np.float64)
         hu_in = image[0].numpy()
+        hu_out, status, seconds = None, "ok", math.nan
         if self.skip_existing and out_path.is_file():
-            hu_out = np.asarray(nib.load(str(out_path)).dataobj).astype(np.float32)
-            if hu_out.shape != hu_in.shape:
-                raise FvaeError(f"{out_path}: existing reconstruction has shape {hu_out.shape}, input {hu_in.shape}")
-            status, seconds = "skipped", math.nan
-        else:
+            hu_out, why = self._existing_output(out_path, hu_in.shape, affine)
+            if hu_out is None:
+                log.warning("%s: the existing %s %s; reconstructing it again", case.name, out_path.name, why)
+                notes.append(f"existing output {why}: reconstructed again")
+            else:
+                status = "skipped"
+        if hu_out is None:
             rec = self.reconstruct_volume(image)[0].numpy()
             hu_out = np.clip(np.round(rec), -32768, 32767).astype(np.int16)
-            save_nifti_atomic(hu_out, affine, out_path, like=case.path if is_nifti else None, forbid=(case.path,))
-            status, seconds = "ok", time.perf_counter() - t0
+            del rec
+            save_nifti_atomic(
+                hu_out,
+                affine,
+                out_path,
+                like=case.path if is_nifti else None,
+                forbid=(case.path, *forbid),
+                description=f"{OUTPUT_MARK} {self.network.name}",
+            )
+            seconds = time.perf_counter() - t0
         ax = axial_axis(affine)
-        m = recon_metrics(np.moveaxis(hu_in, ax, 0), np.moveaxis(hu_out.astype(np.float32), ax, 0), self.hu_window)
+        x, y = np.moveaxis(hu_in, ax, 0), np.moveaxis(hu_out, ax, 0)  # views, [D, H, W]
+        m = recon_metrics(x, y, self.hu_window)
+        for k, dims in (("ssim3d", 3), ("ssim2d", 2)):
+            why = ssim_unavailable(x.shape, dims)
+            if why is not None:
+                m[k] = "n/a"
+                notes.append(f"{k} {why}")
         m["seconds"] = seconds
         if self.figures:
             three_view(
@@ -217,6 +300,8 @@ class ReconWorkflow:
             **m,
             "shape": "x".join(map(str, hu_in.shape)),
             "spacing_mm": "x".join(f"{s:.4g}" for s in sp),
+            "modality": info.get("modality") or ("n/a (NIfTI)" if is_nifti else ""),
+            "warnings": notes,
             "input": case.path,
             "output": str(out_path),
         }
@@ -229,27 +314,56 @@ class ReconWorkflow:
         else:
             cases = discover_cases(input_path)
         out = self.output_dir.resolve()
-        # never treat our own outputs as inputs when the output folder is the input folder
-        return [c for c in cases if not (Path(c.path).resolve().parent == out and c.path.endswith(RECON_SUFFIX))]
+        # when the output folder is the input folder, our own earlier reconstructions (marked in their header) are
+        # not inputs; any other file there is, and is never written over
+        return [
+            c
+            for c in cases
+            if not (Path(c.path).resolve().parent == out and c.path.endswith(RECON_SUFFIX) and is_own_output(c.path))
+        ]
 
     def run(self, input_path) -> dict:
-        """Process every case of ``input_path``; write metrics.csv and summary.json; raise if any case failed."""
+        """Process every case of ``input_path``; write metrics.csv (one row per case, appended and synced as each
+        case ends) and summary.json; raise if any case failed.
+
+        One run at a time per output folder (a second one is refused while the first holds the folder's lock).
+        Interrupted (Ctrl-C, a kill): the rows written so far stay in metrics.csv; Ctrl-C also writes summary.json
+        marked ``interrupted``. Rerun with ``skip_existing`` to resume: finished cases are reused and scored again,
+        so metrics.csv ends with one row per case.
+        """
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        for f in clean_temporaries(self.output_dir):
-            log.info("removed %s, left by an interrupted earlier run", f)
-        cases = self.cases(input_path)
-        rows, failures = [], []
-        bar = tqdm(cases, desc=f"fvae recon ({self.network.name})", unit="case", disable=not self.progress)
-        for case in bar:
-            bar.set_postfix_str(case.name)
+        with folder_lock(self.output_dir, f"fvae recon ({self.network.name})"):
+            for f in clean_temporaries(self.output_dir):
+                log.info("removed %s, left by an interrupted earlier run", f)
+            cases = self.cases(input_path)
+            inputs = tuple(str(Path(c.path).resolve()) for c in cases)
+            csv_path = self.output_dir / "metrics.csv"
+            previous = _read_rows(csv_path) if self.skip_existing else {}
+            write_text_atomic(csv_path, ",".join(CSV_COLUMNS) + "\n")
+            rows, failures = [], []
+            bar = tqdm(cases, desc=f"fvae recon ({self.network.name})", unit="case", disable=not self.progress)
             try:
-                rows.append(self.run_case(case))
-                log.info("%s: PSNR %.2f dB, SSIM2d %.4f", case.name, rows[-1]["psnr"], rows[-1]["ssim2d"])
-            except Exception as e:  # go on with the other cases, report at the end
-                log.error("%s failed: %s", case.name, e)
-                log.debug(traceback.format_exc())
-                failures.append({"case": case.name, "input": case.path, "error": f"{type(e).__name__}: {e}"})
-        summary = self._write(rows, failures)
+                for case in bar:
+                    bar.set_postfix_str(case.name)
+                    try:
+                        row = self.run_case(case, forbid=inputs)
+                    except Exception as e:  # go on with the other cases, report at the end
+                        log.error("%s failed: %s", case.name, e)
+                        log.debug(traceback.format_exc())
+                        failures.append({"case": case.name, "input": case.path, "error": f"{type(e).__name__}: {e}"})
+                        continue
+                    if row["status"] == "skipped" and case.name in previous:  # keep the time it took when it ran
+                        row["seconds"] = _float(previous[case.name].get("seconds"))
+                    rows.append(row)
+                    _append_row(csv_path, row)
+                    log.info("%s: PSNR %.2f dB, SSIM2d %s", case.name, row["psnr"], _fmt(row["ssim2d"]))
+            except KeyboardInterrupt:
+                self._write(rows, failures, n_cases=len(cases), interrupted=True)
+                log.error(
+                    "interrupted after %d of %d case(s); rerun with skip_existing true to resume", len(rows), len(cases)
+                )
+                raise
+            summary = self._write(rows, failures, n_cases=len(cases))
         print(self.table(rows, failures))
         if failures:
             raise BatchFailure(
@@ -258,23 +372,27 @@ class ReconWorkflow:
             )
         return summary
 
-    def _write(self, rows: list[dict], failures: list[dict]) -> dict:
-        cols = ["case", "status", *METRIC_KEYS, "shape", "spacing_mm", "input", "output"]
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: _fmt(r.get(k, "")) for k in cols})
-        write_text_atomic(self.output_dir / "metrics.csv", buf.getvalue())
+    def _write(self, rows: list[dict], failures: list[dict], n_cases: int, interrupted: bool = False) -> dict:
+        """summary.json: statistics per metric over the finished cases, each case, the failures."""
         stats = {}
         for k in METRIC_KEYS:
-            v = np.array([r[k] for r in rows if isinstance(r.get(k), float) and math.isfinite(r[k])])
+            vals = [r.get(k) for r in rows]
+            v = np.array([x for x in vals if isinstance(x, float) and math.isfinite(x)])
             stats[k] = {
                 "mean": float(v.mean()) if v.size else None,
                 "std": float(v.std()) if v.size else None,
                 "n": int(v.size),
             }
+            n_inf = sum(isinstance(x, float) and math.isinf(x) for x in vals)
+            n_na = sum(x == "n/a" for x in vals)
+            if k == "psnr" or n_inf:
+                stats[k]["n_inf"] = int(n_inf)  # identical reconstructions: counted, not averaged
+            if n_na:
+                stats[k]["n_na"] = int(n_na)
         net = self.network
+        modalities: dict[str, int] = {}
+        for r in rows:
+            modalities[r["modality"] or "unknown"] = modalities.get(r["modality"] or "unknown", 0) + 1
         summary = {
             "vae": net.name,
             "vae_properties": {
@@ -287,30 +405,43 @@ class ReconWorkflow:
             "working_spacing_mm": self.working_spacing,
             "tiling": self.inferer.tiling.as_dict(),
             "protocol": PROTOCOL,
-            "n_cases": len(rows) + len(failures),
+            "n_cases": n_cases,
             "n_ok": len(rows),
             "n_failed": len(failures),
+            "interrupted": interrupted,
             "metrics": stats,
+            "modalities": modalities,
+            "n_with_warnings": sum(bool(r["warnings"]) for r in rows),
+            "cases": [{k: _json_value(r.get(k)) for k in ("case", "status", *METRIC_KEYS, *CASE_KEYS)} for r in rows],
             "failures": failures,
         }
-        write_text_atomic(self.output_dir / "summary.json", json.dumps(summary, indent=2))
+        write_text_atomic(self.output_dir / "summary.json", json.dumps(summary, indent=2, allow_nan=False))
         return summary
 
     @staticmethod
     def table(rows: list[dict], failures: list[dict]) -> str:
+        def cell(v, width, fmt):
+            return f"{v:{width}{fmt}}" if isinstance(v, float) and math.isfinite(v) else f"{_fmt(v) or '-':>{width}}"
+
         head = f"{'case':<32} {'PSNR dB':>8} {'SSIM3d':>7} {'SSIM2d':>7} {'MSE HU2':>9} {'sec':>7}"
         lines = [head, "-" * len(head)]
         for r in rows:
             lines.append(
-                f"{r['case'][:32]:<32} {r['psnr']:8.2f} {r['ssim3d']:7.4f} {r['ssim2d']:7.4f} "
-                f"{r['mse_hu']:9.1f} {r['seconds']:7.1f}"
+                f"{r['case'][:32]:<32} {cell(r['psnr'], 8, '.2f')} {cell(r['ssim3d'], 7, '.4f')} "
+                f"{cell(r['ssim2d'], 7, '.4f')} {cell(r['mse_hu'], 9, '.1f')} {cell(r['seconds'], 7, '.1f')}"
             )
         if len(rows) > 1:
-            mean = {k: float(np.nanmean([r[k] for r in rows])) for k in ("psnr", "ssim3d", "ssim2d", "mse_hu")}
+            mean = {}
+            for k in ("psnr", "ssim3d", "ssim2d", "mse_hu"):
+                v = [r[k] for r in rows if isinstance(r[k], float) and math.isfinite(r[k])]
+                mean[k] = float(np.mean(v)) if v else math.nan
             lines.append(
-                f"{'mean':<32} {mean['psnr']:8.2f} {mean['ssim3d']:7.4f} {mean['ssim2d']:7.4f} "
-                f"{mean['mse_hu']:9.1f}"
+                f"{'mean (finite)':<32} {cell(mean['psnr'], 8, '.2f')} {cell(mean['ssim3d'], 7, '.4f')} "
+                f"{cell(mean['ssim2d'], 7, '.4f')} {cell(mean['mse_hu'], 9, '.1f')}"
             )
+        for r in rows:
+            for w in r.get("warnings") or ():
+                lines.append(f"WARNING {r['case']}: {w}")
         for f in failures:
             lines.append(f"FAILED {f['case']}: {f['error']}")
         return "\n".join(lines)

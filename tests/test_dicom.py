@@ -84,3 +84,48 @@ def test_gantry_tilt_and_duplicate_positions_are_refused(dicom_dir, tmp_path):
 
     with pytest.raises(InputError, match="two slices at one position"):
         load_ct(_series(dicom_dir, tmp_path / "d", dup))
+
+
+def test_non_ct_modality_is_flagged_and_recorded(dicom_dir, tmp_path, caplog):
+    """Point 5: a Modality other than CT is processed but warned about loudly and recorded (info -> summary.json)."""
+
+    def mr(i, ds):
+        ds.Modality = "MR"
+
+    info = {}
+    with pytest.warns(UserWarning, match="DICOM Modality is MR, not CT"):
+        load_ct(_series(dicom_dir, tmp_path / "mr", mr), info=info)
+    assert info["modality"] == "MR" and any("Modality is MR" in w for w in info["warnings"])
+    ct = {}
+    load_ct(_series(dicom_dir, tmp_path / "ct"), info=ct)
+    assert ct == {"modality": "CT", "warnings": []}
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda i, ds: setattr(ds, "PixelSpacing", [0.9, 0.9]) if i == 3 else None, "different pixel spacing"),
+    (lambda i, ds: setattr(ds, "ImageOrientationPatient", [1, 0, 0, 0, 0.96, 0.28]) if i == 2 else None,
+     "different orientations"),
+])
+def test_mixed_slice_geometry_is_refused(dicom_dir, tmp_path, edit, message):
+    """MONAI's reader stacks slices of different pixel spacing with only a warning (the volume gets the first
+    slice's spacing): refused, naming the slice."""
+    with pytest.raises(InputError, match=message + r" \(slice_00\.dcm.*slice_0[23]\.dcm"):
+        load_ct(_series(dicom_dir, tmp_path / "s", edit))
+
+
+def test_reader_warnings_go_to_the_log_not_away(dicom_dir, tmp_path, caplog, recwarn):
+    """Point 5: the image reader's own warnings are no longer switched off: they reach the fvae_ct log with the
+    file. A pixel spacing 2e-5 apart (within our tolerance, outside MONAI's) makes MONAI warn."""
+    import logging
+
+    def tiny(i, ds):
+        if i == 4:
+            ds.PixelSpacing = [float(v) * (1 + 2e-5) for v in ds.PixelSpacing]
+
+    d = _series(dicom_dir, tmp_path / "s", tiny)
+    with caplog.at_level(logging.WARNING, logger="fvae_ct"):
+        load_ct(d)
+    msgs = [r.getMessage() for r in caplog.records if r.name == "fvae_ct"]
+    assert any(m.startswith(f"{d}: reader UserWarning: the list contains slices that have different spacings")
+               for m in msgs), msgs
+    assert not [w for w in recwarn if "different spacings" in str(w.message)]  # logged, not re-raised

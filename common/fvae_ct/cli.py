@@ -31,6 +31,12 @@ def _run_cli(command: str, config, bundle: str = "fvae_recon", **overrides) -> N
 
     try:
         run_bundle(bundle, config, **overrides)
+    except KeyboardInterrupt:
+        print(
+            f"fvae {command}: interrupted (finished cases are kept; rerun with --skip_existing true to resume)",
+            file=sys.stderr,
+        )
+        sys.exit(130)
     except Exception as e:  # noqa: BLE001 - user errors become one line, bugs keep their traceback
         cause = user_error(e)
         if cause is None:

@@ -86,7 +86,8 @@ def dicom_series(folder: str | os.PathLike) -> list[tuple[Path, Any]]:
     headers are read once, without pixel data).
 
     Refuses (:class:`InputError` naming the folder) what MONAI's reader would silently get wrong: several series in
-    one folder (listed: UID, description, slice count; never merged), slices at one position twice, gaps or
+    one folder (listed: UID, description, slice count; never merged), slices of different sizes, pixel spacings
+    (relative difference over 1e-3) or orientations, slices at one position twice, gaps or
     non-uniform spacing (deviation over :data:`SLICE_GAP_TOLERANCE` of the median gap, the gap listed), and
     gantry tilt (the slice positions do not advance along the normal of ImageOrientationPatient). Hidden files and
     non-DICOM files are ignored.
@@ -118,6 +119,19 @@ def dicom_series(folder: str | os.PathLike) -> list[tuple[Path, Any]]:
         pos = np.asarray([np.asarray(ds.ImagePositionPatient, dtype=float) for _, ds in items])
     except AttributeError as e:
         raise InputError(p, f"slices without ImageOrientationPatient / ImagePositionPatient ({e})") from e
+    first, ref = items[0]
+    for f, ds in items[1:]:  # MONAI's reader stacks whatever it gets (mixed spacings with only a warning)
+        if (ds.get("Rows"), ds.get("Columns")) != (ref.get("Rows"), ref.get("Columns")):
+            raise InputError(
+                p,
+                f"slices of different sizes ({first.name}: {ref.get('Rows')}x{ref.get('Columns')}, {f.name}: "
+                f"{ds.get('Rows')}x{ds.get('Columns')})",
+            )
+        a, b = ref.get("PixelSpacing"), ds.get("PixelSpacing")
+        if (a is None) != (b is None) or (a is not None and not np.allclose(a, b, rtol=1e-3)):
+            raise InputError(p, f"slices with different pixel spacing ({first.name}: {a}, {f.name}: {b})")
+        if not np.allclose(np.asarray(ds.get("ImageOrientationPatient", iop), dtype=float), iop, atol=1e-4):
+            raise InputError(p, f"slices with different orientations ({first.name}, {f.name})")
     normal = np.cross(iop[:3], iop[3:])
     proj = pos @ normal
     order = np.argsort(proj, kind="stable")

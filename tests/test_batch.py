@@ -71,6 +71,17 @@ def test_an_input_named_like_an_output_is_never_written_over(tmp_path):
     assert [c.name for c in _identity(b).cases(str(b))] == ["x"]
 
 
+def test_output_mark_keeps_the_data_type_without_a_like_header(tmp_path):
+    """DICOM inputs have no NIfTI header to reuse: the marked output is still int16 with the affine given."""
+    from fvae_ct.io import save_nifti_atomic
+
+    data = np.arange(60, dtype=np.int16).reshape(5, 4, 3) - 30
+    p = save_nifti_atomic(data, AFFINE, tmp_path / "x_recon.nii.gz", description=f"{OUTPUT_MARK} taef2")
+    img = nib.load(str(p))
+    assert img.get_data_dtype() == np.int16 and np.array_equal(np.asarray(img.dataobj), data)
+    assert np.allclose(img.affine, AFFINE, atol=1e-6) and is_own_output(p)
+
+
 def test_identical_reconstruction_and_thin_volumes_are_reported_not_dropped(tmp_path):
     """PSNR = inf (identity VAE, HU inside the window) is counted in summary.json; SSIM of a 2-slice volume is
     'n/a' with the reason; an image that is not HU is flagged per case in metrics.csv and summary.json."""

@@ -490,7 +490,9 @@ def save_nifti_atomic(
         if same_grid and len(ref.shape) == 4 and ref.shape[3] == 1 and data.ndim == 3:
             data = data[..., None]  # keep a singleton 4th dimension of the input
     if description is not None:
-        header = header if header is not None else nib.Nifti1Header()
+        if header is None:
+            header = nib.Nifti1Header()
+            header.set_data_dtype(data.dtype)
         header["descrip"] = description.encode("utf-8")[:79]
     if same_grid:
         # the input's grid: keep its qform and sform exactly (matrices and codes, also code 0, a qform that differs

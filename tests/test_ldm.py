@@ -159,9 +159,15 @@ def test_ldm_bundle_prepare_train_2d_3d_and_generate(assets, tmp_path):
     import torch
 
     c2, c3 = (torch.load(tmp_path / "models" / f"model_{s}.pt", weights_only=True) for s in ("2d", "3d"))
-    for k, v in c2["model"].items():  # the 2D UNet did not move in stage 3d
-        assert torch.equal(c3["model"]["unet." + k], v), k
+    for k in c2["model"]:  # stage 3d started from the 2D EMA weights and did not move them
+        assert torch.equal(c3["model"]["unet." + k], c2["ema"]["unet." + k]), k
+    assert any(not torch.equal(c2["model"][k], c2["ema"]["unet." + k]) for k in c2["model"])  # EMA != raw weights
     assert any(k.startswith("blocks3d.") for k in c3["model"])
+    # the checkpoints record what they were trained with; the EMA followed the weights (warm-up)
+    assert c3["record"]["train_depth"] == 6 and c3["record"]["text_encoder"]["dim"] == 384
+    assert not any(k.startswith("down_blocks.0.attentions") for k in c2["model"])  # attention_levels [False,True]
+    moved = sum(float((c2["model"][k] - c2["ema"]["unet." + k]).abs().mean()) for k in c2["model"])
+    assert moved / len(c2["model"]) < 0.05
     # MONAI's workflow contract (as the zoo CI and MONAI Label check it) on the trained bundle folder
     from conftest import check_properties
 

@@ -132,6 +132,10 @@ def test_evaluate_config_on_two_tiny_folders(assets, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     s = json.loads((out / "generation_summary.json").read_text())
     assert s["n_generated"] == 2 and s["n_real"] == 2 and s["fvd"] > 0
+    # 2 volumes per side, 1024-d features: reported with the counts and flagged (issue 13, defect 9)
+    assert s["fvd_feature_dim"] == 1024
+    assert s["fvd_warning"].startswith("FVD from 2 generated and 2 real volumes: with 1024-d I3D features at least 1025")
+    assert "FVD from 2 generated and 2 real volumes" in r.stderr
     # 30 HU of zero-mean noise barely moves organ medians
     for c in ("5", "1"):
         assert abs(s["organ_median_hu_generated"][c] - s["organ_median_hu_real"][c]) < 15
@@ -162,3 +166,11 @@ def test_bundle_segmenter_runs_the_seg_bundle(assets, tmp_path):
     assert lab.shape == nib.load(str(src)).shape and set(np.unique(lab)) <= {0, 1, 2}
     m = mask_adherence(lab, lab, (3, 3, 3), [1, 2])
     assert m["dice_mean"] == 1.0 or np.isnan(m["dice_mean"])  # a segmentation agrees with itself
+
+
+def test_fvd_sample_warning_threshold():
+    from fvae_ct.metrics.fvd import fvd_sample_warning
+
+    assert fvd_sample_warning(1025, 2000) is None
+    assert "1025 per side" in fvd_sample_warning(1024, 2000)
+    assert "FVD from 3000 generated and 10 real" in fvd_sample_warning(3000, 10)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -451,7 +452,7 @@ def evaluate_generated(
     import matplotlib.pyplot as plt
 
     from ..io import spacing_of
-    from ..metrics.fvd import ct_to_clip, frechet_distance, load_i3d
+    from ..metrics.fvd import ct_to_clip, frechet_distance, fvd_sample_warning, load_i3d
     from ..metrics.generation import BundleSegmenter, mask_adherence, organ_median_hu
 
     out = Path(output_dir)
@@ -480,7 +481,12 @@ def evaluate_generated(
                 feats.append(i3d.features(ct_to_clip(v, window)[None])[0].numpy())
         return np.stack(feats)
 
-    fvd_value = frechet_distance(features(reals), features(gens))
+    real_f, gen_f = features(reals), features(gens)
+    fvd_value = frechet_distance(real_f, gen_f)
+    fvd_warning = fvd_sample_warning(len(gens), len(reals), real_f.shape[1])
+    if fvd_warning:
+        log.warning("%s", fvd_warning)
+        warnings.warn(fvd_warning, stacklevel=2)
     rows, gen_hu, real_hu = [], {c: [] for c in classes}, {c: [] for c in classes}
     for p in gens:
         img = nib.load(str(p))
@@ -507,6 +513,8 @@ def evaluate_generated(
         "fvd": fvd_value,
         "n_generated": len(gens),
         "n_real": len(reals),
+        "fvd_feature_dim": int(real_f.shape[1]),
+        "fvd_warning": fvd_warning,
         "clip_protocol": "HU window [-1000, 1000] -> [-1, 1]; 16 evenly spaced upright axial slices; 224 x 224; grey -> RGB",
         "organ_median_hu_generated": {c: float(np.nanmean(v)) if v else None for c, v in gen_hu.items()},
         "organ_median_hu_real": {c: float(np.nanmean(v)) if v else None for c, v in real_hu.items()},
@@ -533,7 +541,8 @@ def evaluate_generated(
     ax.set_ylabel("median HU")
     ax.legend()
     ax.set_title(
-        f"FVD {fvd_value:.1f} ({len(gens)} generated vs {len(reals)} real)"
+        f"FVD {fvd_value:.1f} ({len(gens)} generated vs {len(reals)} real"
+        + (", too few for a reliable FVD)" if fvd_warning else ")")
         + (f", mask Dice {summary['dice_mean']:.3f}" if "dice_mean" in summary else "")
     )
     _atomic(out / "generation.png", lambda tmp: fig.savefig(tmp, dpi=90, format="png"))

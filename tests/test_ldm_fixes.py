@@ -174,3 +174,33 @@ def test_generated_volume_keeps_the_masks_header(tmp_path):
     assert int(out.header["sform_code"]) == 2 and int(out.header["qform_code"]) == 1
     assert np.allclose(out.get_sform(), img.get_sform()) and np.allclose(out.get_qform(), img.get_qform())
     assert out.get_data_dtype() == np.int16 and out.shape == lab.shape
+
+
+def test_ddim_eta_is_a_setting():
+    """eta 0 (default) is deterministic DDIM; eta 1 (the paper's) adds seeded noise at every step."""
+    from fvae_ct.ldm import sample_latents
+
+    net = build_denoiser(1, 0, None, mode="none", **TINY)
+    args = dict(shape=(1, 1, 3, 8, 8), steps=4, seed=3)
+    z0 = sample_latents(net, make_scheduler(sampler=True), **args)
+    assert torch.equal(z0, sample_latents(net, make_scheduler(sampler=True), **args, eta=0.0))
+    z1 = sample_latents(net, make_scheduler(sampler=True), **args, eta=1.0)
+    assert torch.equal(z1, sample_latents(net, make_scheduler(sampler=True), **args, eta=1.0))  # seeded
+    assert float((z1 - z0).abs().mean()) > 0.05
+    with pytest.raises(ValueError, match="eta applies to DDIM"):
+        sample_latents(net, make_scheduler("rflow", sampler=True), **args, eta=1.0)
+    assert SamplingInferer(eta=1.0, progress=False).eta == 1.0
+
+
+def test_paper_stage3d_timestep_draw():
+    """timesteps paper_3d: P(t) proportional to 2000 - t over 0..999, whose mean is 666166500 / 1500500 = 443.95."""
+    pb = LDMPrepareBatch(make_scheduler(), timesteps="paper_3d", seed=0)
+    t = pb._timesteps(40000).double()
+    assert abs(float(t.mean()) - 666166500 / 1500500) < 5 and int(t.min()) >= 0 and int(t.max()) <= 999
+    lo, hi = float((t < 100).double().mean()), float((t >= 900).double().mean())
+    assert lo / hi == pytest.approx(sum(2000 - k for k in range(100)) / sum(2000 - k for k in range(900, 1000)),
+                                    rel=0.08)
+    u = LDMPrepareBatch(make_scheduler(), seed=0)._timesteps(40000).double()
+    assert abs(float(u.mean()) - 499.5) < 5
+    with pytest.raises(ValueError, match="timesteps must be"):
+        LDMPrepareBatch(make_scheduler(), timesteps="cosine")

@@ -180,6 +180,7 @@ class LDMPrepareBatch:
         seed: int = 0,
         p_uncond_both: float = 0.1,
         mask_scale: float = 1.0,
+        timesteps: str = "uniform",
     ):
         self.scheduler = scheduler
         self.scale_factor, self.mask_scale = float(scale_factor), float(mask_scale)
@@ -187,7 +188,19 @@ class LDMPrepareBatch:
         for name, p in (("p_uncond_mask", self.p_mask), ("p_uncond_text", self.p_text), ("p_uncond_both", self.p_both)):
             if not 0.0 <= p <= 1.0:
                 raise ValueError(f"{name} must be a probability in [0, 1], got {p}")
+        if timesteps not in ("uniform", "paper_3d"):
+            raise ValueError(f"timesteps must be 'uniform' or 'paper_3d', got {timesteps!r}")
+        self.timesteps = timesteps
         self.g = torch.Generator().manual_seed(seed)
+
+    def _timesteps(self, b: int) -> torch.Tensor:
+        """DDPM training timesteps: uniform, or ``paper_3d`` (the official code's stage-3d draw: probability
+        proportional to ``2 T - t``, i.e. ``2000 - t``; less noisy steps more often, mean t 444 instead of 499.5)."""
+        n = self.scheduler.num_train_timesteps
+        if self.timesteps == "uniform":
+            return torch.randint(0, n, (b,), generator=self.g)
+        w = (2 * n - torch.arange(n, dtype=torch.float64)).clamp(min=0)
+        return torch.multinomial(w, b, replacement=True, generator=self.g)
 
     def __call__(self, batch, device=None, non_blocking=False, **kwargs):
         z0 = batch["latent"].to(device).float() * self.scale_factor
@@ -197,7 +210,7 @@ class LDMPrepareBatch:
             t = self.scheduler.sample_timesteps(z0)
             target = z0 - noise
         else:
-            t = torch.randint(0, self.scheduler.num_train_timesteps, (b,), generator=self.g).to(device)
+            t = self._timesteps(b).to(device)
             target = noise
         x = self.scheduler.add_noise(z0, noise, t)
         both = torch.rand(b, generator=self.g) < self.p_both
@@ -242,6 +255,7 @@ class SamplingInferer(Inferer):
         depth_overlap: int | None = None,
         progress: bool = True,
         depth_shift: bool = True,
+        eta: float = 0.0,
     ):
         super().__init__()
         from ..tiling import TilingConfig
@@ -253,6 +267,7 @@ class SamplingInferer(Inferer):
         self.steps, self.guidance, self.seed = steps, guidance, seed
         self.depth_window, self.depth_overlap, self.progress = depth_window, depth_overlap, progress
         self.depth_shift = parse_bool(depth_shift, "depth_shift")
+        self.eta = float(eta)
 
     def __call__(self, inputs, network, *args, mask=None, context=None, context_mask=None, **kwargs):
         shape = tuple(inputs.shape) if isinstance(inputs, torch.Tensor) else tuple(inputs)
@@ -270,6 +285,7 @@ class SamplingInferer(Inferer):
             self.depth_overlap,
             progress=self.progress,
             depth_shift=self.depth_shift,
+            eta=self.eta,
         )
 
 
@@ -311,6 +327,7 @@ def sample_latents(
     depth_overlap: int = 4,
     progress: bool = False,
     depth_shift: bool = True,
+    eta: float = 0.0,
 ) -> torch.Tensor:
     """Generate latents ``[1, C, d, h, w]`` (scaled) from noise, with CFG and blended depth windows.
 
@@ -319,7 +336,8 @@ def sample_latents(
     the same current sample (no re-noising). ``depth_shift``: the window grid moves from step to step (offsets
     ``frac(i * 0.618) * stride``), so the slices at window edges, where a depth-coupled model sees the least
     context, change every step instead of forming a seam (measured with an exact AR(1) denoiser in
-    ``tests/test_ldm_seams.py``).
+    ``tests/test_ldm_seams.py``). ``eta``: DDIM stochasticity (0 deterministic, our default; 1 the paper's), its
+    noise drawn from a generator seeded by ``seed``.
     """
     from tqdm.auto import tqdm
 
@@ -327,6 +345,9 @@ def sample_latents(
     g = torch.Generator().manual_seed(int(seed))
     z = torch.randn(tuple(shape), generator=g).to(device)
     c = z.shape[1]
+    if eta and isinstance(scheduler, RFlowScheduler):
+        raise ValueError("eta applies to DDIM sampling (scheduler ddpm), not to rectified flow")
+    step_gen = torch.Generator(device=device).manual_seed(int(seed) + 1) if eta else None
     if isinstance(scheduler, RFlowScheduler):
         scheduler.set_timesteps(steps, device=device, input_img_size_numel=int(torch.tensor(shape[2:]).prod()))
     else:
@@ -347,5 +368,9 @@ def sample_latents(
             nxt = int(ts[i + 1]) if i + 1 < len(ts) else None
             z, _ = scheduler.step(eps, int(t), z, nxt)
         else:
-            z, _ = scheduler.step(eps, int(t), z)
+            z, _ = (
+                scheduler.step(eps, int(t), z, eta=float(eta), generator=step_gen)
+                if eta
+                else scheduler.step(eps, int(t), z)
+            )
     return z

@@ -29,7 +29,7 @@ from monai.inferers import Inferer
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, RFlowScheduler
 
 from ..options import parse_bool
-from ..tiling import shifted_depth_apply
+from ..tiling import TilingConfig, shifted_depth_apply
 
 __all__ = [
     "FrozenTextEncoder",
@@ -258,8 +258,6 @@ class SamplingInferer(Inferer):
         eta: float = 0.0,
     ):
         super().__init__()
-        from ..tiling import TilingConfig
-
         if depth_overlap is None:  # half the window (measured seam-free with the shifting grid)
             depth_overlap = int(depth_window) // 2 if depth_window else 0
         TilingConfig(depth_window=depth_window, depth_overlap=depth_overlap)  # the same checks as everywhere

@@ -161,11 +161,6 @@ def dicom_series(folder: str | os.PathLike) -> list[tuple[Path, Any]]:
     return items
 
 
-def dicom_series_files(folder: str | os.PathLike) -> list[Path]:
-    """The files of :func:`dicom_series`, in position order."""
-    return [f for f, _ in dicom_series(folder)]
-
-
 def _reading_order(series: list[tuple[Path, Any]]) -> list[Path] | None:
     """``None`` when MONAI's reader, which orders slices by InstanceNumber, gets the ``(file, header)`` series of
     :func:`dicom_series` right (the numbers follow the position order up or down); else its files in the position
@@ -275,6 +270,22 @@ def _reader_error(reader: str, p: Path) -> Exception | None:
     return None
 
 
+def _read_image(src: Path, reader: str, p: Path) -> MetaTensor:
+    """``src`` read with MONAI's ``reader`` (class name) as float32; errors and reader warnings name ``p``."""
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            img = LoadImage(reader=reader, image_only=True, dtype=np.float32)(str(src))
+            img = MetaTensor(torch.as_tensor(np.asarray(img), dtype=torch.float32), meta=dict(img.meta))
+    except Exception as e:  # nibabel/gzip/pydicom errors on truncated or corrupt files
+        # LoadImage tried every reader and embeds all their tracebacks: report the chosen reader's own error
+        cause = _reader_error(reader, src) or e
+        msg = " ".join(f"{type(cause).__name__}: {cause}".split())[:300]
+        raise InputError(p, f"cannot read the image, truncated or corrupt file? ({msg})") from e
+    _log_reader_warnings(p, caught)
+    return img
+
+
 def _note(info: dict | None, p: Path, msg: str, loud: bool = True) -> None:
     """Log (and, ``loud``, warn) ``msg`` about ``p``; record it in ``info["warnings"]``."""
     log.warning("%s: %s", p, msg)
@@ -315,7 +326,9 @@ def load_ct(path: str | os.PathLike, check_hu: bool = True, info: dict | None = 
                 "results will not mean much",
             )
         order = _reading_order(series)
-        if order is not None:
+        if order is None:
+            img = _read_image(p, reader, p)
+        else:
             _note(
                 info,
                 p,
@@ -323,31 +336,13 @@ def load_ct(path: str | os.PathLike, check_hu: bool = True, info: dict | None = 
                 loud=False,
             )
             with tempfile.TemporaryDirectory(prefix="fvae_dicom_") as tmp:
-                sub: dict = {}
-                img = load_ct(_renumbered_copy(order, Path(tmp)), check_hu=check_hu, info=sub)
-            if info is not None:  # the copy's findings, minus its Modality (already checked on the original)
-                info["warnings"] += [w for w in sub["warnings"] if not w.startswith("DICOM Modality")]
-            img.meta["filename_or_obj"] = str(p)
-            return img
+                img = _read_image(_renumbered_copy(order, Path(tmp)), reader, p)
     elif _is_nifti(p):
-        reader = "NibabelReader"
+        img = _read_image(p, "NibabelReader", p)
     elif p.suffix.lower() == ".dcm":
         raise InputError(p, "a single DICOM file: give the folder of the whole series")
     else:
         raise InputError(p, "unsupported format: give a NIfTI file (.nii/.nii.gz) or a DICOM series folder")
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            img = LoadImage(reader=reader, image_only=True, dtype=np.float32)(str(p))
-            img = MetaTensor(torch.as_tensor(np.asarray(img), dtype=torch.float32), meta=dict(img.meta))
-        _log_reader_warnings(p, caught)
-    except InputError:
-        raise
-    except Exception as e:  # nibabel/gzip/pydicom errors on truncated or corrupt files
-        # LoadImage tried every reader and embeds all their tracebacks: report the chosen reader's own error
-        cause = _reader_error(reader, p) or e
-        msg = " ".join(f"{type(cause).__name__}: {cause}".split())[:300]
-        raise InputError(p, f"cannot read the image, truncated or corrupt file? ({msg})") from e
     shape = tuple(img.shape)
     if len(shape) == 4 and shape[-1] == 1:
         img = img[..., 0]

@@ -229,7 +229,7 @@ def test_paper_overlay_sets_the_official_recipe_and_runs_end_to_end(assets, tmp_
     p["stage"] = "2d"
     assert p.get_parsed_content("learning_rate") == pytest.approx(2e-6) and p.get_parsed_content("ema_decay") == 0.9999
     assert p["vae"] == "leanvae_dim16" and p["train_depth"] == 17 and p["mask_encoding"] == "vae"
-    assert p["consistency"] == "conv" and p["attention_levels"] == [False, True, True, True]
+    assert p["consistency"] == "conv_every" and p["attention_levels"] == [False, True, True, True]
     q = ConfigParser()
     q.read_config([str(conf / "inference.yaml"), str(conf / "paper.yaml")])
     assert (q["eta"], q["guidance"], q["depth_overlap"], q["depth_shift"], q["steps"]) == (1.0, 1.0, 0, False, 20)
@@ -240,12 +240,13 @@ def test_paper_overlay_sets_the_official_recipe_and_runs_end_to_end(assets, tmp_
     stats = json.loads((tmp_path / "latents" / "latent_stats.json").read_text())
     assert stats["mask_encoding"] == "vae" and stats["mask_label_scale"] == 400
     assert stats["text_encoder"]["max_length"] == 512
+    assert (stats["mask_gain"], stats["body_mask"], stats["scale_factor"]) == (0.5, True, 1.52)
     for stage in ("2d", "3d"):
         r = run([PY, "-m", "monai.bundle", "run", "--config_file", train_cfg, *tiny, "--stage", stage,
                  "--samples_per_epoch", "4", "--batch_size", "2", "--max_epochs", "1"])
         assert r.returncode == 0, r.stderr[-3000:]
     c3 = torch.load(tmp_path / "models" / "model_3d.pt", weights_only=True)
-    assert c3["record"]["train_depth"] == 5 and any(".conv.weight" in k and "blocks3d" in k for k in c3["model"])
+    assert c3["record"]["train_depth"] == 5 and any(k.endswith(".depth.depth.conv.weight") for k in c3["model"])
     for k in c3["model"]:  # stage 3d without EMA: the saved EMA copy is the weights
         assert torch.equal(c3["model"][k], c3["ema"][k]), k
     out = tmp_path / "gen"

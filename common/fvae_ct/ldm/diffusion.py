@@ -134,8 +134,14 @@ def make_scheduler(
     beta_start: float = 0.00085,
     beta_end: float = 0.012,
     sampler: bool = False,
+    ddim_spacing: str = "ldm",
 ):
-    """``ddpm`` (training) / DDIM (``sampler=True``) with the paper's schedule, or ``rflow`` (both)."""
+    """``ddpm`` (training) / DDIM (``sampler=True``) with the paper's schedule, or ``rflow`` (both).
+
+    ``ddim_spacing`` (DDIM only): ``ldm`` (:class:`UniformDDIMScheduler`, the official latent-diffusion sampler:
+    20 of 1000 steps are 951, 901, ..., 1, and the last step goes to alpha_cumprod[0]) or ``monai`` (MONAI's
+    ``DDIMScheduler`` as it is: timesteps ``linspace(999, 0)`` = 999, 946, ..., 0, while its ``step`` moves by
+    1000 // 20 = 50, so the model is asked at a slightly different noise level than the sample has)."""
     if kind == "rflow":
         return RFlowScheduler(
             num_train_timesteps=num_train_timesteps,
@@ -146,8 +152,7 @@ def make_scheduler(
         )
     if kind != "ddpm":
         raise ValueError(f"scheduler must be 'ddpm' or 'rflow', got {kind!r}")
-    cls = DDIMScheduler if sampler else DDPMScheduler
-    return cls(
+    common = dict(
         num_train_timesteps=num_train_timesteps,
         schedule="scaled_linear_beta",
         beta_start=beta_start,
@@ -155,6 +160,24 @@ def make_scheduler(
         prediction_type="epsilon",
         clip_sample=False,
     )
+    if not sampler:
+        return DDPMScheduler(**common)
+    if ddim_spacing not in ("ldm", "monai"):
+        raise ValueError(f"ddim_spacing must be 'ldm' or 'monai', got {ddim_spacing!r}")
+    if ddim_spacing == "ldm":
+        return UniformDDIMScheduler(**common, steps_offset=1, set_alpha_to_one=False)
+    return DDIMScheduler(**common)
+
+
+class UniformDDIMScheduler(DDIMScheduler):
+    """MONAI's DDIM update on latent-diffusion's uniform timesteps: ``range(0, T, T // n) + steps_offset``, descending,
+    so every step lands exactly on the next timestep the model is asked at (stride ``T // n``)."""
+
+    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
+        super().set_timesteps(num_inference_steps, device)  # MONAI's checks
+        stride = self.num_train_timesteps // num_inference_steps
+        ts = torch.arange(0, num_inference_steps, device=device, dtype=torch.long) * stride + self.steps_offset
+        self.timesteps = ts.flip(0)
 
 
 class LDMPrepareBatch:
@@ -256,12 +279,13 @@ class SamplingInferer(Inferer):
         progress: bool = True,
         depth_shift: bool = True,
         eta: float = 0.0,
+        ddim_spacing: str = "ldm",
     ):
         super().__init__()
         if depth_overlap is None:  # half the window (measured seam-free with the shifting grid)
             depth_overlap = int(depth_window) // 2 if depth_window else 0
         TilingConfig(depth_window=depth_window, depth_overlap=depth_overlap)  # the same checks as everywhere
-        self.scheduler = make_scheduler(scheduler, sampler=True)
+        self.scheduler = make_scheduler(scheduler, sampler=True, ddim_spacing=ddim_spacing)
         self.steps, self.guidance, self.seed = steps, guidance, seed
         self.depth_window, self.depth_overlap, self.progress = depth_window, depth_overlap, progress
         self.depth_shift = parse_bool(depth_shift, "depth_shift")

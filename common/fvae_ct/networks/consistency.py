@@ -5,7 +5,8 @@ position of a feature map ``[B, C, D, H, W]``, with a sinusoidal depth position 
 output projection (so the block starts as the identity) and a residual connection.
 :class:`DepthConv` is the seed's variant: an identity-initialised 1D convolution across slices.
 :class:`PseudoThreeDUNet` runs MONAI's 2D ``DiffusionModelUNet`` on every latent slice and inserts these
-blocks after chosen resolution levels; ``mode="none"`` disables every 3D part (the ablation).
+blocks after chosen resolution levels (``mode="conv_every"``: a depth convolution after every 3x3 convolution
+of the UNet, as the paper's official code does); ``mode="none"`` disables every 3D part (the ablation).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from monai.networks.nets.diffusion_model_unet import get_timestep_embedding
 from torch import nn
 
-__all__ = ["SliceConsistencyAttention", "DepthConv", "PseudoThreeDUNet", "depth_position_encoding"]
+__all__ = ["SliceConsistencyAttention", "DepthConv", "SliceDepthConv", "PseudoThreeDUNet", "depth_position_encoding"]
 
 
 def depth_position_encoding(depth: int, channels: int, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -74,6 +75,23 @@ class DepthConv(nn.Module):
         return self.conv(x)
 
 
+class SliceDepthConv(nn.Module):
+    """:class:`DepthConv` on slice features ``[B*D, C, H, W]`` inside the 2D UNet; D is read from ``frames[0]``,
+    a list shared with the :class:`PseudoThreeDUNet` that owns it (set at every forward; a deep copy of the whole
+    model, such as the EMA copy, gets its own shared list)."""
+
+    def __init__(self, channels: int, frames: list, kernel: int = 3):
+        super().__init__()
+        self.depth = DepthConv(channels, kernel)
+        self.frames = frames
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        d = self.frames[0]
+        bd, c, h, w = x.shape
+        v = x.reshape(bd // d, d, c, h, w).permute(0, 2, 1, 3, 4)
+        return self.depth(v).permute(0, 2, 1, 3, 4).reshape(bd, c, h, w)
+
+
 class PseudoThreeDUNet(nn.Module):
     """A 2D ``DiffusionModelUNet`` applied to latent slices, with 3D consistency blocks between its levels.
 
@@ -88,18 +106,26 @@ class PseudoThreeDUNet(nn.Module):
         unet: a MONAI ``DiffusionModelUNet`` with ``spatial_dims=2``.
         levels: resolution levels that get 3D blocks.
         mode: ``"attention"`` (SliceConsistencyAttention), ``"conv"`` (DepthConv, the seed's variant),
-            ``"both"``, or ``"none"`` (no 3D part: the 2D stage / the ablation).
+            ``"both"``, ``"conv_every"`` (a :class:`SliceDepthConv` after every 3x3 convolution of the UNet: the
+            input conv, both convs of every ResBlock, the down/up-samplers and the output conv; ``levels`` is not
+            used), or ``"none"`` (no 3D part: the 2D stage / the ablation).
     """
+
+    MODES = ("attention", "conv", "both", "conv_every", "none")
 
     def __init__(self, unet: nn.Module, levels: Sequence[int] = (1, 2), mode: str = "attention", num_heads: int = 4):
         super().__init__()
-        if mode not in ("attention", "conv", "both", "none"):
-            raise ValueError(f"mode must be attention, conv, both or none, got {mode!r}")
+        if mode not in self.MODES:
+            raise ValueError(f"mode must be one of {', '.join(self.MODES)}, got {mode!r}")
         self.unet = unet
         self.mode = mode
         self.levels = tuple(int(i) for i in levels)
         chans = list(unet.block_out_channels)
         self.blocks3d = nn.ModuleDict()
+        self._frames = [1]
+        if mode == "conv_every":
+            self._insert_depth_convs()
+            return
         if mode == "none":
             return
         n = len(chans)
@@ -127,9 +153,38 @@ class PseudoThreeDUNet(nn.Module):
         v = h.reshape(bd // d, d, c, hh, ww).permute(0, 2, 1, 3, 4)
         return self.blocks3d[name](v).permute(0, 2, 1, 3, 4).reshape(bd, c, hh, ww)
 
+    def _insert_depth_convs(self) -> None:
+        """Append a :class:`SliceDepthConv` to every MONAI ``Convolution`` whose 2D conv is 3x3 (state-dict keys of
+        the 2D UNet stay as they are; the new ones end in ``.depth.*``)."""
+        targets = [
+            (name[: -len(".conv")], m.out_channels)
+            for name, m in self.unet.named_modules()
+            if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3) and name.endswith(".conv")
+        ]
+        for parent_name, ch in targets:
+            parent = self.unet.get_submodule(parent_name)
+            if not isinstance(parent, nn.Sequential):
+                raise TypeError(f"{parent_name} is not a MONAI Convolution (nn.Sequential): cannot add a depth conv")
+            parent.add_module("depth", SliceDepthConv(ch, self._frames))
+
     def parameters_3d(self):
         """Parameters of the 3D blocks only (stage 3d trains these, the 2D UNet stays frozen)."""
-        return self.blocks3d.parameters()
+        inner = [p for m in self.unet.modules() if isinstance(m, SliceDepthConv) for p in m.parameters()]
+        return iter(list(self.blocks3d.parameters()) + inner)
+
+    def freeze_2d(self) -> None:
+        """Stage 3d: freeze the 2D UNet's own weights, keep the 3D parts trainable."""
+        for p in self.parameters():
+            p.requires_grad_(False)
+        for p in self.parameters_3d():
+            p.requires_grad_(True)
+
+    def load_unet_2d(self, state_dict: dict) -> None:
+        """Load a 2D UNet state dict (a stage-2d checkpoint); only the depth convs inside the UNet may be missing."""
+        missing, unexpected = self.unet.load_state_dict(state_dict, strict=False)
+        missing = [k for k in missing if ".depth." not in k]
+        if missing or unexpected:
+            raise RuntimeError(f"2D UNet weights do not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
     def forward(
         self,
@@ -159,6 +214,7 @@ class PseudoThreeDUNet(nn.Module):
         """MONAI's DiffusionModelUNet forward on the ``B * D`` slices, with the 3D blocks between its levels."""
         b, c, d, h, w = x.shape
         u = self.unet
+        self._frames[0] = d
         xs = x.permute(0, 2, 1, 3, 4).reshape(b * d, c, h, w)
         t = timesteps.reshape(-1).repeat_interleave(d) if timesteps.numel() == b else timesteps.reshape(-1)
         ctx = context.repeat_interleave(d, 0) if context is not None else None

@@ -255,3 +255,52 @@ def test_paper_overlay_sets_the_official_recipe_and_runs_end_to_end(assets, tmp_
     assert r.returncode == 0, r.stderr[-3000:]
     img = nib.load(str(out / "totalseg_ct_sm_3mm_generated.nii.gz"))
     assert img.shape == nib.load(str(seg)).shape and img.get_data_dtype() == np.int16
+
+
+def test_cases_of_different_sizes_train_together(tmp_path):
+    """Found by `make ldm-demo`: two CTs with different in-plane sizes could not form a batch. Every item is padded
+    (replicating the edge) to the largest latent size of the cache, rounded up to the UNet's multiple."""
+    from fvae_ct.ldm import LatentCacheDataset, collate_latents
+
+    a = {"latent": torch.randn(2, 3, 5, 6), "mask": torch.rand(1, 3, 5, 6)}
+    b = {"latent": torch.randn(2, 3, 9, 4), "mask": torch.rand(1, 3, 9, 4)}
+    for n, r in (("a", a), ("b", b)):
+        torch.save(r, tmp_path / f"{n}.pt")
+    ds = LatentCacheDataset(str(tmp_path), depth=3, multiple=4, samples_per_epoch=2)
+    assert ds.hw == (12, 8)
+    batch = collate_latents([ds[0], ds[1]])
+    assert batch["latent"].shape == (2, 2, 3, 12, 8) and batch["mask"].shape == (2, 1, 3, 12, 8)
+    assert torch.equal(batch["latent"][0, :, :, :5, :6], a["latent"])
+    assert torch.equal(batch["latent"][1, :, :, :9, :4], b["latent"])
+    assert torch.equal(batch["latent"][0, :, :, 11, 7], a["latent"][:, :, 4, 5])  # the corner, replicated
+    assert torch.equal(batch["mask"][1, :, :, 3, 7], b["mask"][:, :, 3, 3])
+
+
+def test_stage2d_draws_a_timestep_per_slice():
+    """Found by `make ldm-demo` (too few noise levels per step for a short run): in stage 2d every latent slice of a
+    window gets its own timestep; the noisy input, the target and the network's per-slice timesteps agree."""
+    sched = make_scheduler()
+    pb = LDMPrepareBatch(sched, scale_factor=2.0, p_uncond_mask=0, p_uncond_text=0, p_uncond_both=0, seed=0,
+                         per_slice=True)
+    z = torch.randn(2, 3, 5, 4, 4)
+    ctx = torch.randn(2, 4, 8)
+    cmask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    x, eps, _, kw = pb({"latent": z, "text": ctx, "text_mask": cmask})
+    t = kw["timesteps"]
+    assert t.shape == (10,) and len(set(t.tolist())) >= 8
+    for i in range(2):
+        for k in range(5):
+            a = sched.alphas_cumprod[t[i * 5 + k]]
+            assert torch.allclose(x[i, :, k], a.sqrt() * 2.0 * z[i, :, k] + (1 - a).sqrt() * eps[i, :, k], atol=1e-6)
+    # the 2D model applies slice (i, k) at its own timestep, also when padded texts split the batch
+    net = build_denoiser(3, 0, 8, mode="none", **TINY).eval()
+    with torch.no_grad():
+        y = net(x, t, ctx, cmask)
+        for i in range(2):
+            n = int(cmask[i].sum())
+            for k in (0, 4):
+                one = net(x[i : i + 1, :, k : k + 1], t[i * 5 + k : i * 5 + k + 1], ctx[i : i + 1, :n])
+                assert torch.allclose(y[i, :, k], one[0, :, 0], atol=1e-5)
+    # stage 3d keeps one timestep per window
+    t3 = LDMPrepareBatch(sched, seed=0)({"latent": z})[3]["timesteps"]
+    assert t3.shape == (2,)

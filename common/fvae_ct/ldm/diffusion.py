@@ -189,6 +189,10 @@ class LDMPrepareBatch:
     ``(input, target, (), {"timesteps", "context", "context_mask"})`` with the target epsilon (DDPM) or
     velocity ``x0 - noise`` (rectified flow).
 
+    ``per_slice`` (DDPM, stage 2d): every latent slice of a window draws its own timestep (``timesteps`` ``[B * d]``,
+    slice-major per sample), so a batch of ``B`` windows of ``d`` slices trains ``B * d`` noise levels instead of
+    ``B``; stage 3d keeps one timestep per window (its blocks mix the slices, as sampling does).
+
     Classifier-free guidance dropout: with ``p_uncond_both`` a sample loses both conditions (the joint null
     condition that guidance uses as its unconditional prediction, so it is trained explicitly); otherwise each
     condition is dropped on its own with ``p_uncond_mask`` / ``p_uncond_text``.
@@ -204,8 +208,10 @@ class LDMPrepareBatch:
         p_uncond_both: float = 0.1,
         mask_scale: float = 1.0,
         timesteps: str = "uniform",
+        per_slice: bool = False,
     ):
         self.scheduler = scheduler
+        self.per_slice = parse_bool(per_slice, "per_slice")
         self.scale_factor, self.mask_scale = float(scale_factor), float(mask_scale)
         self.p_mask, self.p_text, self.p_both = float(p_uncond_mask), float(p_uncond_text), float(p_uncond_both)
         for name, p in (("p_uncond_mask", self.p_mask), ("p_uncond_text", self.p_text), ("p_uncond_both", self.p_both)):
@@ -232,10 +238,17 @@ class LDMPrepareBatch:
         if isinstance(self.scheduler, RFlowScheduler):
             t = self.scheduler.sample_timesteps(z0)
             target = z0 - noise
+            x = self.scheduler.add_noise(z0, noise, t)
+        elif self.per_slice:  # stage 2d: the slices are independent, each gets its own timestep ([B * d])
+            d = z0.shape[2]
+            t = self._timesteps(b * d).to(device)
+            target = noise
+            a = self.scheduler.alphas_cumprod.to(device)[t].view(b, 1, d, 1, 1).to(z0.dtype)
+            x = a.sqrt() * z0 + (1 - a).sqrt() * noise
         else:
             t = self._timesteps(b).to(device)
             target = noise
-        x = self.scheduler.add_noise(z0, noise, t)
+            x = self.scheduler.add_noise(z0, noise, t)
         both = torch.rand(b, generator=self.g) < self.p_both
         drop_mask = both | (torch.rand(b, generator=self.g) < self.p_mask)
         drop_text = both | (torch.rand(b, generator=self.g) < self.p_text)

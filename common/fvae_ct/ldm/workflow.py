@@ -202,7 +202,8 @@ class LatentCacheDataset(torch.utils.data.Dataset):
     """Random depth windows of cached latents: ``{"latent", "mask", "text", "text_mask"}`` per item.
 
     ``depth``: latent slices per sample (volumes are cropped at a random start, or padded by replication);
-    H, W are padded by replication to a multiple of ``multiple`` (the UNet's downsampling).
+    H, W are padded by replication to the largest H, W of the cache rounded up to a multiple of ``multiple`` (the
+    UNet's downsampling), so cases of different sizes batch together.
     ``samples_per_epoch``: items per epoch (cases are drawn in turn). ``data``: the case files (default: every
     ``*.pt`` of ``cache_dir``, see :func:`cached_latents`).
     """
@@ -221,6 +222,10 @@ class LatentCacheDataset(torch.utils.data.Dataset):
             raise InputError(cache_dir, "no cached latents: run the bundle's prepare.yaml first")
         self.cache = [torch.load(f, weights_only=True) for f in self.files]
         self.depth, self.multiple = depth, multiple
+        m = int(multiple)
+        self.hw = tuple(
+            -(-max(int(r["latent"].shape[i]) for r in self.cache) // m) * m for i in (2, 3)
+        )  # common in-plane size
         self.n = samples_per_epoch or len(self.files)
         self.g = torch.Generator().manual_seed(seed)
 
@@ -238,8 +243,7 @@ class LatentCacheDataset(torch.utils.data.Dataset):
                 if v.shape[1] < self.depth:
                     v = torch.cat([v, v[:, -1:].expand(-1, self.depth - v.shape[1], -1, -1)], 1)
                 h, w = v.shape[2:]
-                m = self.multiple
-                out[k] = F.pad(v[None], (0, (-w) % m, 0, (-h) % m, 0, 0), mode="replicate")[0]
+                out[k] = F.pad(v[None], (0, self.hw[1] - w, 0, self.hw[0] - h, 0, 0), mode="replicate")[0]
         if "text" in rec:
             out["text"], out["text_mask"] = rec["text"], rec["text_mask"]
         return out

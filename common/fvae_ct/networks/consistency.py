@@ -95,7 +95,8 @@ class SliceDepthConv(nn.Module):
 class PseudoThreeDUNet(nn.Module):
     """A 2D ``DiffusionModelUNet`` applied to latent slices, with 3D consistency blocks between its levels.
 
-    ``forward(x [B, C, D, H, W], timesteps [B], context [B, T, E] or None, context_mask [B, T] or None)``
+    ``forward(x [B, C, D, H, W], timesteps [B] (or [B * D]: one per slice, slice-major per sample), context [B, T, E]
+    or None, context_mask [B, T] or None)``
     -> ``[B, C_out, D, H, W]``.
     The UNet sees ``B * D`` slices (timesteps and context repeated per slice); after the down blocks at
     ``levels`` (indices into ``unet.down_blocks``), after the middle block, and after the matching up
@@ -202,7 +203,7 @@ class PseudoThreeDUNet(nn.Module):
                 rows = torch.nonzero(lengths == n).flatten()
                 if not bool(context_mask[rows, :n].all()):
                     raise ValueError("context_mask must mark the first tokens (padding on the right)")
-                t = timesteps[rows] if timesteps.numel() == x.shape[0] else timesteps
+                t = timesteps.reshape(x.shape[0], -1)[rows].reshape(-1) if timesteps.numel() > 1 else timesteps
                 y = self._forward(x[rows], t, context[rows, :n])
                 if out is None:
                     out = y.new_zeros((x.shape[0], *y.shape[1:]))

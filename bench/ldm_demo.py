@@ -273,8 +273,9 @@ def main(argv=None) -> int:
                     + " | ".join(f"{r['dice_' + o]:.2f} / {r['nsd_' + o]:.2f}" for o in ORGANS.values()) + " |")
     tr = results["train"]
     pt = results["models"]["trained"]["heldout_loss_per_t"]
+    what = "epsilon" if a.scheduler == "ddpm" else "velocity"
     rows += ["", "| timestep | " + " | ".join(str(t) for t in pt) + " |", "|---" * (1 + len(pt)) + "|",
-             f"| held-back {'epsilon' if a.scheduler == 'ddpm' else 'velocity'} MSE, trained | " + " | ".join(f"{v:.3f}" for v in pt.values()) + " |",
+             f"| held-back {what} MSE, trained | " + " | ".join(f"{v:.3f}" for v in pt.values()) + " |",
              "", "HU standard deviation of the volume: " + ", ".join(
                  f"{n} {results['models'][n]['hu_std']:.0f}" for n in ("untrained", "trained", "real"))]
     text = "\n".join(rows) + (

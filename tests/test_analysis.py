@@ -48,13 +48,26 @@ def test_analysis_bundle_on_real_ct_with_labels(dicom_crop, tmp_path):
     assert rows["vae:taef2"]["labels"].endswith("crop_seg.nii.gz")
     f = {m: {k: float(v) for k, v in r_.items() if k in COLUMNS[2:-2]} for m, r_ in rows.items()}
     assert f["vae:taef2"]["psnr"] > 33.0
-    for m in ("gaussian_1vox", "median3", "bilateral"):  # classical filters suppress noise and soften edges
-        assert f[m]["noise_ratio"] < 0.9 and f[m]["edge_sharpness"] < 0.95, (m, f[m])
+    for m in ("gaussian_1vox", "median3", "bilateral", "nlm"):  # classical filters suppress noise ...
+        assert f[m]["noise_ratio"] < 0.9, (m, f[m])
+    for m in ("gaussian_1vox", "median3"):  # ... and the linear / 3D ones soften edges
+        assert f[m]["edge_sharpness"] < 0.95 and f[m]["edge_width_ratio"] > 1.05, (m, f[m])
     assert f["gaussian_1vox"]["hf_error_fraction"] < f["vae:taef2"]["hf_error_fraction"]
     assert abs(f["gaussian_psnr_matched"]["psnr"] - f["vae:taef2"]["psnr"]) < 0.3
     for m in f:
         if not np.isnan(f[m]["psnr"]):
             assert 0.0 <= f[m]["boundary_shift_mean_mm"] < 3.0 and 0 <= f[m]["hf_error_fraction"] <= 1
+    # the new measures and their noise floors (issue 14)
+    for m in ("vae:taef2", "gaussian_1vox", "median3_inplane"):
+        assert int(rows[m]["edge_profiles"]) > 100 and f[m]["floor_white_shift_mean_mm"] > 0, (m, f[m])
+        assert np.isfinite(f[m]["edge_width_ratio"]) and np.isfinite(f[m]["floor_spectrum_abs_offset_mm"])
+    assert f["gaussian_1vox"]["edge_width_ratio"] > f["gaussian_inplane_0.5"]["edge_width_ratio"] > 1.0
+    noise = list(csv.DictReader(open(out / "denoising.csv")))
+    assert {r["noise"] for r in noise} == {"white10", "white20", "ct20"}
+    removed = {(r["noise"], r["method"]): float(r["noise_removed"]) for r in noise}
+    assert removed[("white20", "noisy input")] == 0.0
+    assert removed[("white20", "gaussian_1vox")] > 0.6 > removed[("white20", "gaussian_inplane_0.5")] > 0.1
+    assert {"noisy input", "vae:taef2", "nlm", "median3_inplane"} <= {m for _, m in removed}
     png = (out / "crop_analysis.png").read_bytes()
     assert png[:4] == b"\x89PNG" and len(png) > 30_000
 

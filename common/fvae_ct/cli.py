@@ -110,11 +110,13 @@ class CLI:
         hf_cutoff: float | None = None,
         device: str | None = None,
         figures: bool = True,
+        insert_noise=None,
     ) -> None:
         """Is the VAE a boundary-preserving denoiser? The VAE and classical denoisers scored side by side.
 
-        Writes analysis.csv, analysis.json and <case>_analysis.png into OUTPUT_DIR (-o). LABELS: a label
-        map (one case) or a folder of <case>[_seg].nii.gz; without it, boundaries are image edges.
+        Writes analysis.csv, denoising.csv, analysis.json and <case>_analysis.png into OUTPUT_DIR (-o). LABELS: a
+        label map (one case) or a folder of <case>[_seg].nii.gz; without it, boundaries are image edges.
+        INSERT_NOISE: the known noises added for the denoising test, e.g. "[white10,ct20]" ("[]": none).
         """
         if output_dir is None:
             sys.exit("fvae analyze: give an output folder with -o / --output_dir")
@@ -132,6 +134,7 @@ class CLI:
             hf_cutoff=hf_cutoff,
             device=device,
             figures=figures,
+            insert_noise=insert_noise,
         )
 
     def ablate_seg(

@@ -25,20 +25,42 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from ..io import Case, _atomic, load_ct, load_labels, write_text_atomic  # noqa: E402
-from ..metrics.boundary import analyze, noise_ratio, reference  # noqa: E402
+from ..metrics.boundary import (  # noqa: E402
+    analyze,
+    boundary_shift,
+    ct_like_noise,
+    edge_profiles,
+    noise_floor,
+    noise_ratio,
+    noise_removed,
+    reference,
+)
 from ..metrics.recon import recon_metrics  # noqa: E402
 from ..options import parse_bool  # noqa: E402
-from ..transforms import to_slices  # noqa: E402
+from ..transforms import from_slices, to_slices  # noqa: E402
 from .denoisers import DENOISERS, gaussian, match_gaussian_sigma  # noqa: E402
 from .workflow import BatchFailure, ReconWorkflow  # noqa: E402
 
 __all__ = ["AnalysisWorkflow", "DEFAULT_METHODS", "COLUMNS"]
 
 log = logging.getLogger("fvae_ct")
-DEFAULT_METHODS = ("vae", "gaussian_matched", "gaussian_psnr_matched", "gaussian_1vox", "median3", "bilateral", "nlm")
+DEFAULT_METHODS = (
+    "vae",
+    "gaussian_matched",
+    "gaussian_psnr_matched",
+    "gaussian_1vox",
+    "median3",
+    "gaussian_inplane_0.5",
+    "gaussian_inplane_1",
+    "median3_inplane",
+    "bilateral",
+    "nlm",
+)
+DEFAULT_NOISE = ("white10", "white20", "ct20")
 _MATCHED = ("gaussian_matched", "gaussian_psnr_matched")
 COLUMNS = (
     "case",
@@ -49,6 +71,18 @@ COLUMNS = (
     "noise_ratio",
     "boundary_shift_mean_mm",
     "boundary_shift_p95_mm",
+    "floor_white_shift_mean_mm",
+    "floor_white_shift_p95_mm",
+    "floor_spectrum_shift_mean_mm",
+    "floor_spectrum_shift_p95_mm",
+    "edge_width_ratio",
+    "edge_offset_mm",
+    "edge_abs_offset_mm",
+    "floor_white_abs_offset_mm",
+    "floor_spectrum_abs_offset_mm",
+    "floor_white_width_ratio",
+    "floor_spectrum_width_ratio",
+    "edge_profiles",
     "edge_sharpness",
     "hf_error_fraction",
     "error_near_boundary_hu",
@@ -56,13 +90,31 @@ COLUMNS = (
     "param",
     "seconds",
 )
+NOISE_COLUMNS = (
+    "case",
+    "method",
+    "noise",
+    "noise_hu",
+    "noise_removed",
+    "error_hu",
+    "boundary_shift_mean_mm",
+    "boundary_shift_p95_mm",
+    "edge_width_ratio",
+    "edge_offset_mm",
+    "param",
+)
 _SHORT = {
     "psnr": "PSNR",
     "ssim2d": "SSIM2d",
     "noise_ratio": "noise",
     "boundary_shift_mean_mm": "shift mm",
+    "floor_white_shift_mean_mm": "floor wht",
+    "floor_spectrum_shift_mean_mm": "floor spc",
     "boundary_shift_p95_mm": "shift p95",
-    "edge_sharpness": "sharp",
+    "edge_width_ratio": "width",
+    "edge_offset_mm": "offset mm",
+    "edge_abs_offset_mm": "|offset|",
+    "floor_spectrum_abs_offset_mm": "fl |off|",
     "hf_error_fraction": "HF err",
     "error_near_boundary_hu": "err near",
     "error_far_hu": "err far",
@@ -104,6 +156,7 @@ class AnalysisWorkflow:
         cutoff: float = 0.25,
         figures: bool = True,
         progress: bool = True,
+        insert_noise=DEFAULT_NOISE,
     ):
         unknown = [m for m in methods if m not in ("vae", *_MATCHED) and m not in DENOISERS]
         if unknown:
@@ -119,6 +172,23 @@ class AnalysisWorkflow:
         self.figures = parse_bool(figures, "figures")
         self.progress = progress
         self.output_dir = recon.output_dir
+        self.insert_noise = [str(k) for k in (insert_noise or ())]
+        for k in self.insert_noise:
+            self._noise(k, (1, 2, 2), 0)  # a bad name fails now, not after the first case
+        self.noise_rows: list[dict] = []
+
+    def _noise(self, kind: str, shape, seed: int) -> np.ndarray:
+        """Inserted noise ``white<HU>`` (gaussian) or ``ct<HU>`` (FBP-like correlated, :func:`ct_like_noise`)."""
+        for prefix, make in (
+            ("white", lambda hu: np.random.default_rng(seed).normal(0.0, hu, shape)),
+            ("ct", lambda hu: ct_like_noise(shape, hu, seed)),
+        ):
+            if kind.startswith(prefix):
+                try:
+                    return make(float(kind[len(prefix) :]))
+                except ValueError:
+                    break
+        raise ValueError(f"insert_noise {kind!r}: use white<HU> or ct<HU>, e.g. white10, ct20")
 
     def run_case(self, case: Case) -> list[dict]:
         window = self.recon.hu_window
@@ -133,16 +203,28 @@ class AnalysisWorkflow:
         elif self.labels is not None:
             log.warning("%s: no label map found in %s; label-free analysis", case.name, self.labels)
         ref = reference(x, spacing, lab)  # what every method is compared against, computed once
+        sigmas: dict[str, float] = {}  # the matched gaussians' sigma, found on the clean volume
+
+        def apply(method: str, xin: np.ndarray) -> np.ndarray:
+            """``method`` on a volume ``xin`` (slice layout, HU, clipped), rounded and clipped like an output."""
+            if method == "vae":
+                img = image.clone()
+                img[0] = torch.from_numpy(from_slices(xin, affine).astype(np.float32))
+                y = to_slices(self.recon.reconstruct_volume(img)[0].numpy(), affine)[0]
+            elif method in _MATCHED:
+                y = np.round(gaussian(xin, sigmas[method]))
+            else:
+                y = np.round(DENOISERS[method].fn(xin, tuple(spacing), window))
+            return np.clip(np.asarray(y, np.float64), *window)
+
         rows, outputs, spectra = [], {}, {}
         for method in tqdm(
             self.methods, desc=f"analysis {case.name}", unit="method", disable=not self.progress, leave=False
         ):
             t0 = time.perf_counter()
             param = ""
-            if method == "vae":
-                y = to_slices(self.recon.reconstruct_volume(image)[0].numpy(), affine)[0]
-                name = f"vae:{self.recon.network.name}"
-            elif method in _MATCHED:
+            name = f"vae:{self.recon.network.name}" if method == "vae" else method
+            if method in _MATCHED:
                 vae_row = next(r for r in rows if r["method"].startswith("vae:"))
                 if method == "gaussian_matched":  # equal noise suppression
                     what, target = "noise_ratio", vae_row["noise_ratio"]
@@ -151,53 +233,108 @@ class AnalysisWorkflow:
                     what, target = "psnr", vae_row["psnr"]
                     score = lambda g: recon_metrics(x, np.round(g), window)["psnr"]  # noqa: E731
                 sigma = match_gaussian_sigma(x, target, score)
-                name = method
                 if not np.isfinite(sigma):
                     log.warning("%s: no gaussian reaches the VAE's %s (%.3f)", case.name, what, target)
                     rows.append(
                         {
                             "case": case.name,
                             "method": name,
-                            **{k: float("nan") for k in _SHORT},
-                            "ssim3d": float("nan"),
+                            **{k: float("nan") for k in (*_SHORT, *COLUMNS[2:-2])},
                             "param": f"no match: VAE {what} {target:.3f}",
                             "seconds": time.perf_counter() - t0,
                             "labels": lab_path or "",
                         }
                     )
                     continue
-                y = np.round(gaussian(x, sigma))
+                sigmas[method] = sigma
                 param = f"sigma={sigma:.3f} vox"
-            else:
-                y = np.round(DENOISERS[method].fn(x, tuple(spacing), window))
-                name = method
-            y = np.clip(np.asarray(y, np.float64), *window)
+            y = apply(method, x)
             seconds = time.perf_counter() - t0
             m = recon_metrics(x, y, window)
             a = analyze(x, y, spacing, lab, self.cutoff, ref)
             spectra[name] = a.pop("_spectrum")
             a.pop("_per_organ")
+            floor = noise_floor(x, y, spacing, lab, ref, *window)
             rows.append(
                 {
                     "case": case.name,
                     "method": name,
                     **{k: m[k] for k in ("psnr", "ssim2d", "ssim3d")},
                     **a,
+                    **floor,
                     "param": param,
                     "seconds": seconds,
                     "labels": lab_path or "",
                 }
             )
             outputs[name] = y
+        self.noise_rows.extend(self._inserted_noise(case.name, x, spacing, lab, ref, apply, sigmas, window, outputs))
         if self.figures:
             self.figure(case.name, x, outputs, spectra, rows, lab is not None)
         return rows
 
+    def _inserted_noise(self, name, x, spacing, lab, ref, apply, sigmas, window, outputs) -> list[dict]:
+        """Known noise added to the original, every method run on the noisy copy: how much of the inserted noise comes
+        through (against the method's output for the original), the error against the original, and how far the
+        boundaries of the output move from the original's."""
+        out = []
+        hom = ref["regions"][0]
+
+        def rms(v):
+            return float(np.sqrt(np.mean(v[hom] ** 2))) if hom.any() else float("nan")
+
+        for j, kind in enumerate(self.insert_noise):
+            n = self._noise(kind, x.shape, seed=100 + j)
+            xn = np.clip(x + n, *window)
+            for method in self.methods:
+                label = f"vae:{self.recon.network.name}" if method == "vae" else method
+                if label not in outputs:  # a matched gaussian without a match
+                    continue
+                y = apply(method, xn)
+                sh = boundary_shift(x, y, spacing, lab, ref=ref)
+                ep = edge_profiles(x, y, spacing, lab, ref=ref)
+                out.append(
+                    {
+                        "case": name,
+                        "method": label,
+                        "noise": kind,
+                        "noise_hu": rms(xn - x),
+                        "noise_removed": noise_removed(outputs[label], y, xn - x, hom),
+                        "error_hu": rms(y - x),
+                        "boundary_shift_mean_mm": sh["mean_mm"],
+                        "boundary_shift_p95_mm": sh["p95_mm"],
+                        "edge_width_ratio": ep["width_ratio"],
+                        "edge_offset_mm": ep["offset_mm"],
+                        "param": f"sigma={sigmas[method]:.3f} vox" if method in sigmas else "",
+                    }
+                )
+            # the noisy input itself: the reference row (removes nothing)
+            sh = boundary_shift(x, xn, spacing, lab, ref=ref)
+            ep = edge_profiles(x, xn, spacing, lab, ref=ref)
+            out.append(
+                {
+                    "case": name,
+                    "method": "noisy input",
+                    "noise": kind,
+                    "noise_hu": rms(xn - x),
+                    "noise_removed": 0.0,
+                    "error_hu": rms(xn - x),
+                    "boundary_shift_mean_mm": sh["mean_mm"],
+                    "boundary_shift_p95_mm": sh["p95_mm"],
+                    "edge_width_ratio": ep["width_ratio"],
+                    "edge_offset_mm": ep["offset_mm"],
+                    "param": "",
+                }
+            )
+        return out
+
     def run(self, input_path) -> list[dict]:
-        """Analyse every case; write ``analysis.csv``, ``analysis.json`` and one PNG per case."""
+        """Analyse every case; write ``analysis.csv``, ``denoising.csv`` (inserted noise), ``analysis.json`` and one
+        PNG per case."""
         self.output_dir.mkdir(parents=True, exist_ok=True)
         cases = self.recon.cases(input_path)
         rows, failures = [], []
+        self.noise_rows = []
         for case in tqdm(cases, desc="fvae analyze", unit="case", disable=not self.progress):
             try:
                 rows.extend(self.run_case(case))
@@ -211,6 +348,13 @@ class AnalysisWorkflow:
         for r in rows:
             w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
         write_text_atomic(self.output_dir / "analysis.csv", buf.getvalue())
+        if self.insert_noise:
+            buf = io.StringIO()
+            w = csv.DictWriter(buf, fieldnames=list(NOISE_COLUMNS), extrasaction="ignore")
+            w.writeheader()
+            for r in self.noise_rows:
+                w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+            write_text_atomic(self.output_dir / "denoising.csv", buf.getvalue())
         write_text_atomic(
             self.output_dir / "analysis.json",
             json.dumps(
@@ -219,6 +363,7 @@ class AnalysisWorkflow:
                     "hu_window": list(self.recon.hu_window),
                     "cutoff": self.cutoff,
                     "rows": rows,
+                    "inserted_noise": self.noise_rows,
                     "failures": failures,
                 },
                 indent=2,
@@ -226,6 +371,8 @@ class AnalysisWorkflow:
             ),
         )
         print(self.table(rows))
+        if self.noise_rows:
+            print(self.noise_table(self.noise_rows))
         if failures:
             raise BatchFailure(
                 f"{len(failures)} of {len(cases)} case(s) failed:\n"
@@ -249,6 +396,23 @@ class AnalysisWorkflow:
         out = [head, "-" * len(head)]
         for r in rows:
             out.append(f"{r['method'][:18]:<18}" + "".join(f"{r[k]:>10.4g}" for k in keys))
+        return "\n".join(out)
+
+    @staticmethod
+    def noise_table(rows: list[dict], markdown: bool = False) -> str:
+        """The inserted-noise test: per noise and method, the fraction removed and the boundary movement."""
+        keys = ("noise_removed", "error_hu", "boundary_shift_mean_mm", "edge_width_ratio", "edge_offset_mm")
+        short = ("removed", "error HU", "shift mm", "width", "offset mm")
+        if markdown:
+            out = ["| case | noise | method | " + " | ".join(short) + " |", "|---|---|---|" + "---|" * len(keys)]
+            for r in rows:
+                out.append(f"| {r['case']} | {r['noise']} | {r['method']} | " + " | ".join(f"{r[k]:.3g}" for k in keys)
+                           + " |")
+            return "\n".join(out)
+        head = f"{'noise':<9}{'method':<20}" + "".join(f"{h:>10}" for h in short)
+        out = [head, "-" * len(head)]
+        for r in rows:
+            out.append(f"{r['noise']:<9}{r['method'][:20]:<20}" + "".join(f"{r[k]:>10.3g}" for k in keys))
         return "\n".join(out)
 
     def figure(self, name: str, x: np.ndarray, outputs: dict, spectra: dict, rows: list[dict], labelled: bool):
@@ -302,9 +466,13 @@ class AnalysisWorkflow:
             0.0,
             0.9,
             "noise: HU std in homogeneous regions vs original (lower = more denoising); shift: "
-            "surface distance of re-thresholded boundaries (mm); sharp: boundary gradient vs original; HF "
-            "err: error energy above %.2f cycles/voxel (white noise: %.2f); err near / far: mean |error| HU "
-            "within 1 mm of boundaries / elsewhere in the body.\nBoundaries: %s."
+            "surface distance of re-thresholded boundaries (mm); floor wht / spc: the same for the original plus "
+            "white noise of the method's RMSE / noise with its error spectrum (what noise alone causes); width: "
+            "10-90 %% edge width vs original (erf fits along surface normals; > 1 = blurred); offset: median signed "
+            "edge displacement (mm; labelled: > 0 = organs grow); |offset| and fl |off|: median absolute "
+            "displacement, and its spectrum noise floor; HF err: error energy above %.2f cycles/voxel (white "
+            "noise: %.2f); err near / far: mean |error| HU within 1 mm of boundaries / elsewhere in the body."
+            "\nBoundaries: %s."
             % (
                 self.cutoff,
                 1 - np.pi * self.cutoff**2,

@@ -13,7 +13,15 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage as ndi
 
-__all__ = ["Denoiser", "DENOISERS", "register_denoiser", "gaussian", "match_gaussian_sigma", "noise_sigma"]
+__all__ = [
+    "Denoiser",
+    "DENOISERS",
+    "register_denoiser",
+    "gaussian",
+    "match_gaussian_sigma",
+    "noise_sigma",
+    "body_noise_sigma",
+]
 
 
 @dataclass(frozen=True)
@@ -49,41 +57,74 @@ def _median3(x, spacing, window):
     return ndi.median_filter(np.asarray(x, np.float64), size=3, mode="nearest")
 
 
+# in-plane filters: CT is anisotropic and the VAE works slice by slice, so these are the like-for-like baselines
+@register_denoiser("gaussian_inplane_0.5", "2D gaussian per axial slice, sigma = 0.5 voxel")
+def _gauss_ip05(x, spacing, window):
+    return ndi.gaussian_filter(np.asarray(x, np.float64), (0, 0.5, 0.5), mode="nearest")
+
+
+@register_denoiser("gaussian_inplane_1", "2D gaussian per axial slice, sigma = 1 voxel")
+def _gauss_ip1(x, spacing, window):
+    return ndi.gaussian_filter(np.asarray(x, np.float64), (0, 1.0, 1.0), mode="nearest")
+
+
+@register_denoiser("median3_inplane", "3x3 median per axial slice")
+def _median3_ip(x, spacing, window):
+    return ndi.median_filter(np.asarray(x, np.float64), size=(1, 3, 3), mode="nearest")
+
+
 def _per_slice(x: np.ndarray, fn, lo: float, hi: float) -> np.ndarray:
     """Apply a [0, 1] 2D filter to each axial slice of a HU volume."""
     u = (np.clip(x, lo, hi) - lo) / (hi - lo)
     return np.stack([fn(s) for s in u]) * (hi - lo) + lo
 
 
-@register_denoiser("bilateral", "bilateral per axial slice (scikit-image; sigma 1 voxel, 100 HU)")
+_IMMERKAER = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], dtype=np.float64)
+
+
+def noise_sigma(s: np.ndarray) -> float:
+    """Gaussian noise sigma of a 2D image (Immerkaer 1996: mean |Laplacian-difference kernel| response)."""
+    r = ndi.convolve(np.asarray(s, np.float64), _IMMERKAER, mode="nearest")[1:-1, 1:-1]
+    return float(np.sqrt(np.pi / 2) * np.abs(r).mean() / 6.0)
+
+
+def body_noise_sigma(x: np.ndarray, body_hu: float = -500.0) -> float:
+    """Noise sigma (HU) of a CT volume ``[D, H, W]`` measured inside the body only.
+
+    Immerkaer's estimator per axial slice, averaged over the voxels whose whole 3x3 neighbourhood is body
+    (``> body_hu``): air clipped to the window has no noise, and counting it (most of a slice) shrinks the
+    estimate several-fold. Returns 0 for a volume without body voxels."""
+    x = np.asarray(x, np.float64)
+    body = ndi.binary_erosion(x > body_hu, np.ones((1, 3, 3), bool))
+    if not body.any():
+        return 0.0
+    r = np.stack([ndi.convolve(s, _IMMERKAER, mode="nearest") for s in x])
+    return float(np.sqrt(np.pi / 2) * np.abs(r[body]).mean() / 6.0)
+
+
+@register_denoiser("bilateral", "bilateral per axial slice (scikit-image; sigma 1 voxel, 3 x body noise sigma in HU)")
 def _bilateral(x, spacing, window):
     from skimage.restoration import denoise_bilateral
 
     lo, hi = window
+    sig = max(body_noise_sigma(x), 1.0) / (hi - lo)  # noise in the filter's [0, 1] units
 
     return _per_slice(
         x,
-        lambda s: denoise_bilateral(s, sigma_color=100.0 / (hi - lo), sigma_spatial=1.0, win_size=5, mode="edge"),
+        lambda s: denoise_bilateral(s, sigma_color=3.0 * sig, sigma_spatial=1.0, win_size=5, mode="edge"),
         lo,
         hi,
     )
 
 
-def noise_sigma(s: np.ndarray) -> float:
-    """Gaussian noise sigma of a 2D image (Immerkaer 1996: mean |Laplacian-difference kernel| response)."""
-    k = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], dtype=np.float64)
-    r = ndi.convolve(np.asarray(s, np.float64), k, mode="nearest")[1:-1, 1:-1]
-    return float(np.sqrt(np.pi / 2) * np.abs(r).mean() / 6.0)
-
-
-@register_denoiser("nlm", "non-local means per axial slice (scikit-image; h = 0.8 x estimated noise sigma)")
+@register_denoiser("nlm", "non-local means per axial slice (scikit-image; h = 0.8 x body noise sigma)")
 def _nlm(x, spacing, window):
     from skimage.restoration import denoise_nl_means
 
     lo, hi = window
+    sig = max(body_noise_sigma(x), 1.0) / (hi - lo)
 
     def f(s):
-        sig = noise_sigma(s)
         return denoise_nl_means(s, h=0.8 * sig, sigma=sig, patch_size=5, patch_distance=6, fast_mode=True)
 
     return _per_slice(x, f, lo, hi)

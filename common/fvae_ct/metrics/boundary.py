@@ -360,8 +360,13 @@ def edge_profiles(
     minus x along the normal: with labels > 0 = organs grow; without, towards the brighter side), ``abs_offset_mm``,
     ``width_mm`` (the original's 10-90 % width) and ``n`` (profiles used)."""
     x, y = _f(x), _f(y)
-    nan = {"width_ratio": float("nan"), "offset_mm": float("nan"), "abs_offset_mm": float("nan"),
-           "width_mm": float("nan"), "n": 0}
+    nan = {
+        "width_ratio": float("nan"),
+        "offset_mm": float("nan"),
+        "abs_offset_mm": float("nan"),
+        "width_mm": float("nan"),
+        "n": 0,
+    }
     pts, nrm = _edge_points(x, spacing, labels, ref, max_points, seed)
     if not len(pts):
         return nan
@@ -421,8 +426,9 @@ def ct_like_noise(shape, sigma_hu: float, seed: int = 0, f0: float = 0.2) -> np.
     return n * (sigma_hu / max(float(n.std()), 1e-12))
 
 
-def noise_floor(x, y, spacing, labels=None, ref: dict | None = None, lo: float = -1000.0, hi: float = 1000.0,
-                seed: int = 0) -> dict:
+def noise_floor(
+    x, y, spacing, labels=None, ref: dict | None = None, lo: float = -1000.0, hi: float = 1000.0, seed: int = 0
+) -> dict:
     """What noise alone does to the boundary measures: the original plus noise of the method's own error ``y - x``
     (white with its RMS inside the body, and with its spectrum, :func:`spectrum_like`), clipped to the window,
     scored like the method. Keys ``floor_{white,spectrum}_{shift_mean_mm,shift_p95_mm,abs_offset_mm,width_ratio}``."""

@@ -406,8 +406,9 @@ class AnalysisWorkflow:
         if markdown:
             out = ["| case | noise | method | " + " | ".join(short) + " |", "|---|---|---|" + "---|" * len(keys)]
             for r in rows:
-                out.append(f"| {r['case']} | {r['noise']} | {r['method']} | " + " | ".join(f"{r[k]:.3g}" for k in keys)
-                           + " |")
+                out.append(
+                    f"| {r['case']} | {r['noise']} | {r['method']} | " + " | ".join(f"{r[k]:.3g}" for k in keys) + " |"
+                )
             return "\n".join(out)
         head = f"{'noise':<9}{'method':<20}" + "".join(f"{h:>10}" for h in short)
         out = [head, "-" * len(head)]

@@ -167,9 +167,15 @@ def _slow_batch(tmp_path):
     return src, imgs
 
 
+def _default_sigint():
+    """A test runner started in the background (``cmd &``) has SIGINT ignored, and a child would inherit that; a user's
+    Ctrl-C reaches a foreground process with the default handler, which is what this restores."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _launch(src, out, *extra):
     cmd = [PY, "-m", "fvae_ct.cli", "recon", str(src), "-o", str(out), "--vae", "identity", *extra]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
 
 
 def _wait_for_rows(path, n, proc, timeout=120):

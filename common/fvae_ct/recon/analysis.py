@@ -399,17 +399,10 @@ class AnalysisWorkflow:
         return "\n".join(out)
 
     @staticmethod
-    def noise_table(rows: list[dict], markdown: bool = False) -> str:
+    def noise_table(rows: list[dict]) -> str:
         """The inserted-noise test: per noise and method, the fraction removed and the boundary movement."""
         keys = ("noise_removed", "error_hu", "boundary_shift_mean_mm", "edge_width_ratio", "edge_offset_mm")
         short = ("removed", "error HU", "shift mm", "width", "offset mm")
-        if markdown:
-            out = ["| case | noise | method | " + " | ".join(short) + " |", "|---|---|---|" + "---|" * len(keys)]
-            for r in rows:
-                out.append(
-                    f"| {r['case']} | {r['noise']} | {r['method']} | " + " | ".join(f"{r[k]:.3g}" for k in keys) + " |"
-                )
-            return "\n".join(out)
         head = f"{'noise':<9}{'method':<20}" + "".join(f"{h:>10}" for h in short)
         out = [head, "-" * len(head)]
         for r in rows:

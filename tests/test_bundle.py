@@ -132,8 +132,8 @@ def test_network_in_out_as_the_zoo_verifies_it(bundle, assets):
 
 
 def test_multi_gpu_configs_define_the_training_properties():
-    """The multi-GPU overlays need torchrun + NCCL to instantiate, so their property IDs are checked as MONAI
-    resolves them (the layered config holds each required ID); the single-GPU configs are instantiated above."""
+    """The layered multi-GPU training configs hold every required training property ID (they run under torchrun
+    on CPU in tests/test_distributed.py)."""
     from monai.bundle.properties import TrainProperties
 
     for bundle in ("fvae_aug_seg", "fvae_ldm"):

@@ -11,7 +11,7 @@ import torch
 from test_ldm_fixes import _case
 from test_networks import tiny_unet
 
-from fvae_ct.errors import InputError, OptionError
+from fvae_ct.errors import BatchFailure, InputError, OptionError
 from fvae_ct.ldm import GenerateWorkflow, TrainingRecord, check_record, load_stage2d, make_scheduler, prepare_latents
 from fvae_ct.networks import PseudoThreeDUNet, SliceDepthConv
 from fvae_ct.vae import load
@@ -90,7 +90,7 @@ def test_mask_gain_body_mask_and_fixed_scale_factor(tmp_path):
         check_record(ckpt, plain)
     # a case without a label map cannot be body-masked
     (tmp_path / "nolab.json").write_text(json.dumps([{"image": items[0]["image"]}]))
-    with pytest.raises(InputError, match="a.nii.gz: body_mask needs a label map"):
+    with pytest.raises(BatchFailure, match="a.nii.gz: body_mask needs a label map"):
         prepare_latents(str(tmp_path / "nolab.json"), vae, str(tmp_path / "r"), [1, 5], body_mask=True)
     with pytest.raises(OptionError, match="scale_factor must be a positive number"):
         prepare_latents(str(tmp_path / "dl.json"), vae, str(tmp_path / "s"), [1, 5], scale_factor=0)

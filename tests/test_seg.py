@@ -235,7 +235,7 @@ def test_bundle_configs_parse_with_property_ids():
     p = ConfigParser()
     p.read_config([str(CONF / "train.yaml"), str(CONF / "multi_gpu_train.yaml")])
     assert p.config["train"]["dataloader"]["sampler"] == "@train#sampler"
-    assert "DistributedDataParallel" in p.config["network"]
+    assert "fvae_ct.distributed.ddp(" in p.config["network"]  # DDP under torchrun (tests/test_distributed.py)
 
 
 # ---- ablation runner ----------------------------------------------------------------------------------------

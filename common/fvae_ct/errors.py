@@ -23,6 +23,10 @@ class OptionError(FvaeError, ValueError):
     """An option value that cannot be used (the message names the option and the value)."""
 
 
+class BatchFailure(FvaeError, RuntimeError):  # noqa: N818 - the name users know
+    """Some cases of a batch failed (the others were processed); the message lists them."""
+
+
 class WeightsError(FvaeError, RuntimeError):
     """A weights file is missing, has a wrong SHA-256, or does not fit the architecture."""
 

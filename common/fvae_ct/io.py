@@ -39,6 +39,7 @@ __all__ = [
     "folder_lock",
     "is_own_output",
     "OUTPUT_MARK",
+    "case_voxels",
 ]
 
 log = logging.getLogger("fvae_ct")
@@ -244,6 +245,27 @@ def discover_cases(input_path: str | os.PathLike) -> list[Case]:
                 p, "folder holds no NIfTI files (.nii/.nii.gz), no DICOM files and no DICOM series folders"
             )
     return unique_names(cases)
+
+
+def case_voxels(path: str | os.PathLike) -> int:
+    """Voxel count of a NIfTI file or DICOM series folder from its header(s) only (no pixel data); 0 when it
+    cannot be read (the case then fails with the reader's error when it is processed)."""
+    p = Path(path)
+    try:
+        if p.is_dir():
+            import pydicom
+
+            files = [f for f in sorted(p.iterdir()) if f.is_file() and not f.name.startswith(".")]
+            for f in files:
+                try:
+                    h = pydicom.dcmread(f, stop_before_pixels=True)
+                except Exception:  # noqa: BLE001 - not a DICOM file: try the next
+                    continue
+                return int(h.Rows) * int(h.Columns) * len(files)
+            return 0
+        return int(np.prod(nib.load(str(p)).shape))
+    except Exception:  # noqa: BLE001 - unreadable: size unknown
+        return 0
 
 
 def unique_names(cases: list[Case]) -> list[Case]:

@@ -20,9 +20,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..errors import InputError, OptionError
+from .. import distributed
+from ..errors import BatchFailure, InputError, OptionError
 from ..figures import three_view
-from ..io import _atomic, case_name, load_ct, load_labels, save_nifti_atomic, write_text_atomic
+from ..io import _atomic, case_name, case_voxels, load_ct, load_labels, save_nifti_atomic, write_text_atomic
 from ..options import parse_bool
 from ..transforms import from_slices, recon_preprocessing, to_slices, unit_to_hu
 from .diffusion import FrozenTextEncoder, SamplingInferer, onehot_mask_latent
@@ -96,6 +97,35 @@ def body_masked(image, labels: np.ndarray, fill_hu: float = -1000.0):
     return out
 
 
+def _cache_settings(vae, classes, mask_encoding, text_encoder, hu_window, label_scale, max_len, gain, body) -> dict:
+    """What a cached ``<case>.pt`` depends on besides its input files (stored in it; a cache entry made with other
+    settings is never reused by ``skip_existing``)."""
+    return {
+        "vae": vae.name,
+        "hu_window": [float(v) for v in hu_window],
+        "mask_encoding": mask_encoding,
+        "classes": [int(c) for c in classes],
+        "mask_label_scale": float(label_scale),
+        "mask_gain": float(gain),
+        "body_mask": bool(body),
+        "text_encoder": text_encoder,
+        "text_max_length": int(max_len),
+    }
+
+
+def _cached_entry(path: Path, settings: dict) -> tuple[dict | None, str]:
+    """The cache entry at ``path`` if it is complete and was made with ``settings``, else ``(None, why)``."""
+    try:
+        rec = torch.load(path, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - unreadable (truncated): encode again
+        return None, f"is unreadable ({type(e).__name__})"
+    if not isinstance(rec, dict) or not isinstance(rec.get("latent"), torch.Tensor):
+        return None, "holds no latent"
+    if rec.get("settings") != settings:
+        return None, "was made with other settings"
+    return rec, ""
+
+
 def prepare_latents(
     datalist: str,
     vae,
@@ -109,6 +139,7 @@ def prepare_latents(
     mask_gain: float = 1.0,
     body_mask: bool = False,
     scale_factor: float | None = None,
+    skip_existing: bool = False,
 ) -> dict:
     """Encode every case of ``datalist`` (JSON list of ``{"image", "label", "report"}``) into the cache.
 
@@ -118,53 +149,62 @@ def prepare_latents(
     ``mask_scale_factor``). ``body_mask``: encode the CT with HU outside label > 0 set to -1000 (the paper's
     training images; every case needs a label map). ``scale_factor``: ``None`` -> 1 / std of all latents, or a
     fixed number (the paper: 1.52). The stats record the text encoder (name, dim, max tokens) so that training and
-    inference use the same one. Returns the stats.
+    inference use the same one. ``skip_existing``: reuse a complete ``<case>.pt`` made with the same settings.
+
+    A failing case is recorded and the others go on; the stats cover the cases that were cached, then
+    :class:`~fvae_ct.errors.BatchFailure` lists the failures. Under torchrun every rank calls this with its own
+    VAE: the cases are split by voxel count (:func:`fvae_ct.distributed.shard`), the latent sums are gathered and
+    rank 0 writes ``latent_stats.json``. Returns the stats.
     """
     if mask_encoding not in ("onehot", "vae"):
         raise ValueError(f"mask_encoding must be 'onehot' or 'vae', got {mask_encoding!r}")
     body_mask = parse_bool(body_mask, "body_mask")
+    skip_existing = parse_bool(skip_existing, "skip_existing")
     if scale_factor is not None and not float(scale_factor) > 0:
         raise OptionError(f"scale_factor must be a positive number or null, got {scale_factor!r}")
+    rank, world = distributed.rank(), distributed.world_size()
     p = Path(datalist)
     items = json.loads(p.read_text())
     items = items["training"] if isinstance(items, dict) else items
+    images = [it["image"] if Path(it["image"]).is_absolute() else str(p.parent / it["image"]) for it in items]
+    shares = distributed.shard([case_voxels(i) for i in images] if world > 1 else [1] * len(images), world)
     out = Path(cache_dir)
     out.mkdir(parents=True, exist_ok=True)
     pre = recon_preprocessing("image", hu_window, vae.input_range)
     enc = FrozenTextEncoder(text_encoder, max_length=text_max_length) if any(i.get("report") for i in items) else None
-    total, total_sq, n = 0.0, 0.0, 0
-    for it in tqdm(items, desc="encoding latents", unit="case"):
-        img_path = it["image"] if Path(it["image"]).is_absolute() else str(p.parent / it["image"])
-        image = load_ct(img_path)
-        grid = None
-        if it.get("label"):
-            lab_path = it["label"] if Path(it["label"]).is_absolute() else str(p.parent / it["label"])
-            grid = _labels_on_grid(lab_path, image)
-        elif body_mask:
-            raise InputError(img_path, "body_mask needs a label map for every case (the datalist item has no label)")
-        if body_mask:
-            image = body_masked(image, grid)
-        x = pre({"image": image})["image"].as_tensor()[None]
-        z = vae.encode(x)[0].cpu()
-        rec = {"latent": z, "shape": list(x.shape[2:])}
-        if grid is not None:
-            lab = torch.from_numpy(to_slices(grid, np.asarray(image.affine))[0])
-            if mask_encoding == "onehot":
-                rec["mask"] = onehot_mask_latent(lab, classes, vae.spatial_factor, vae.depth_factor, z.shape[1:])
-            else:
-                try:
-                    u = vae_mask_input(lab, mask_label_scale, vae.input_range, mask_gain)
-                except ValueError as e:
-                    raise InputError(lab_path, str(e)) from None
-                rec["mask"] = vae.encode(u[None, None])[0].cpu()
-        if enc is not None:
-            t, m = enc.encode([read_report(it.get("report"))])
-            rec["text"], rec["text_mask"] = t[0].cpu(), m[0].cpu()
+    settings = _cache_settings(
+        vae, classes, mask_encoding, text_encoder, hu_window, mask_label_scale, text_max_length, mask_gain, body_mask
+    )
+    total, total_sq, n, done, failures = 0.0, 0.0, 0, 0, []
+    desc = "encoding latents" + (f" (rank 0 of {world})" if world > 1 else "")
+    for i in tqdm(shares[rank], desc=desc, unit="case", disable=rank != 0):
+        it, img_path = items[i], images[i]
         name = case_name(img_path)
-        _atomic(out / f"{name}.pt", lambda tmp, r=rec: torch.save(r, tmp))
+        rec = None
+        if skip_existing and (out / f"{name}.pt").is_file():
+            rec, why = _cached_entry(out / f"{name}.pt", settings)
+            if rec is None:
+                log.warning("%s: the cached %s.pt %s; encoding it again", img_path, name, why)
+        try:
+            if rec is None:
+                rec = _encode_case(it, img_path, p, vae, pre, enc, classes, mask_encoding, settings)
+                _atomic(out / f"{name}.pt", lambda tmp, r=rec: torch.save(r, tmp))
+        except Exception as e:  # go on with the other cases, report at the end
+            log.error("%s failed: %s", img_path, e)
+            failures.append({"case": name, "input": img_path, "error": f"{type(e).__name__}: {e}"})
+            continue
+        z = rec["latent"]
         total += float(z.double().sum())
         total_sq += float((z.double() ** 2).sum())
         n += z.numel()
+        done += 1
+    parts = distributed.gather_objects((total, total_sq, n, done, failures))
+    total, total_sq, n, done = (sum(g[k] for g in parts) for k in range(4))
+    failures = [f for g in parts for f in g[4]]
+    if n == 0:
+        raise BatchFailure(
+            f"no case of {p} could be cached:\n" + "\n".join(f"  {f['input']}: {f['error']}" for f in failures)
+        )
     mean = total / n
     std = math.sqrt(max(total_sq / n - mean**2, 1e-12))
     scale = 1.0 / std if scale_factor is None else float(scale_factor)
@@ -184,10 +224,48 @@ def prepare_latents(
         "classes": list(classes),
         "mask_channels": (len(classes) if mask_encoding == "onehot" else vae.latent_channels),
         "text_dim": enc.dim if enc is not None else None,
-        "cases": len(items),
+        "cases": done,
+        "world_size": world,
     }
-    write_text_atomic(out / "latent_stats.json", json.dumps(stats, indent=2))
+    if rank == 0:
+        write_text_atomic(out / "latent_stats.json", json.dumps(stats, indent=2))
+    distributed.barrier()  # the stats file exists for every rank when this returns
+    if failures:
+        raise BatchFailure(
+            f"{len(failures)} of {len(items)} case(s) failed (latent_stats.json covers the {done} cached):\n"
+            + "\n".join(f"  {f['input']}: {f['error']}" for f in failures)
+        )
     return stats
+
+
+def _encode_case(it: dict, img_path: str, datalist: Path, vae, pre, enc, classes, mask_encoding, settings) -> dict:
+    """One datalist item -> its cache entry ``{"latent", "shape"[, "mask"][, "text", "text_mask"], "settings"}``."""
+    image = load_ct(img_path)
+    grid = None
+    if it.get("label"):
+        lab_path = it["label"] if Path(it["label"]).is_absolute() else str(datalist.parent / it["label"])
+        grid = _labels_on_grid(lab_path, image)
+    elif settings["body_mask"]:
+        raise InputError(img_path, "body_mask needs a label map for every case (the datalist item has no label)")
+    if settings["body_mask"]:
+        image = body_masked(image, grid)
+    x = pre({"image": image})["image"].as_tensor()[None]
+    z = vae.encode(x)[0].cpu()
+    rec = {"latent": z, "shape": list(x.shape[2:]), "settings": settings}
+    if grid is not None:
+        lab = torch.from_numpy(to_slices(grid, np.asarray(image.affine))[0])
+        if mask_encoding == "onehot":
+            rec["mask"] = onehot_mask_latent(lab, classes, vae.spatial_factor, vae.depth_factor, z.shape[1:])
+        else:
+            try:
+                u = vae_mask_input(lab, settings["mask_label_scale"], vae.input_range, settings["mask_gain"])
+            except ValueError as e:
+                raise InputError(lab_path, str(e)) from None
+            rec["mask"] = vae.encode(u[None, None])[0].cpu()
+    if enc is not None:
+        t, m = enc.encode([read_report(it.get("report"))])
+        rec["text"], rec["text_mask"] = t[0].cpu(), m[0].cpu()
+    return rec
 
 
 def cached_latents(cache_dir: str) -> list[str]:

@@ -8,6 +8,7 @@ A failing case is reported and skipped; the run ends with an error listing the f
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -26,12 +27,14 @@ from monai.inferers import Inferer
 from monai.transforms import MapTransform
 from tqdm.auto import tqdm
 
-from ..errors import FvaeError, OptionError
+from .. import distributed
+from ..errors import BatchFailure, FvaeError, OptionError
 from ..figures import three_view
 from ..io import (
     OUTPUT_MARK,
     Case,
     axial_axis,
+    case_voxels,
     clean_temporaries,
     discover_cases,
     folder_lock,
@@ -53,10 +56,6 @@ __all__ = ["VAEReconInferer", "ReconWorkflow", "BatchFailure", "RECON_SUFFIX", "
 log = logging.getLogger("fvae_ct")
 RECON_SUFFIX = "_recon.nii.gz"
 METRIC_KEYS = ("psnr", "ssim3d", "ssim2d", "mse", "mse_hu", "mae_hu", "seconds")
-
-
-class BatchFailure(FvaeError, RuntimeError):
-    """Some cases of a batch failed (the others were processed); the message lists them."""
 
 
 class VAEReconInferer(Inferer):
@@ -330,50 +329,120 @@ class ReconWorkflow:
         Interrupted (Ctrl-C, a kill): the rows written so far stay in metrics.csv; Ctrl-C also writes summary.json
         marked ``interrupted``. Rerun with ``skip_existing`` to resume: finished cases are reused and scored again,
         so metrics.csv ends with one row per case.
+
+        Under torchrun (:mod:`fvae_ct.distributed` initialised) every rank calls this: rank 0 takes the folder's
+        lock, lists the cases and splits them by voxel count (:func:`fvae_ct.distributed.shard`); each rank runs
+        and writes only its share, its rows appended to ``metrics.rank<r>.csv``; rank 0 gathers every rank's rows
+        and failures and writes the merged metrics.csv / summary.json in the order of the case list (the rank
+        files are then removed). A failing case is recorded by its rank and never blocks the others.
         """
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        with folder_lock(self.output_dir, f"fvae recon ({self.network.name})"):
-            for f in clean_temporaries(self.output_dir):
-                log.info("removed %s, left by an interrupted earlier run", f)
-            cases = self.cases(input_path)
+        rank, world = distributed.rank(), distributed.world_size()
+        what = f"fvae recon ({self.network.name})" + (f", {world} ranks" if world > 1 else "")
+        csv_path = self.output_dir / "metrics.csv"
+        with contextlib.ExitStack() as stack:
+            plan, error = None, None
+            if rank == 0:
+                try:
+                    self.output_dir.mkdir(parents=True, exist_ok=True)
+                    stack.enter_context(folder_lock(self.output_dir, what))
+                    for f in clean_temporaries(self.output_dir):
+                        log.info("removed %s, left by an interrupted earlier run", f)
+                    cases = self.cases(input_path)
+                    sizes = [case_voxels(c.path) for c in cases] if world > 1 else [1] * len(cases)
+                    previous = {}
+                    if self.skip_existing:  # the times of an earlier (possibly killed, possibly sharded) run
+                        for part in (*sorted(self.output_dir.glob("metrics.rank*.csv")), csv_path):
+                            previous.update({k: r.get("seconds") for k, r in _read_rows(part).items()})
+                    plan = {"cases": cases, "sizes": sizes, "shares": distributed.shard(sizes, world)}
+                    plan["previous"] = previous
+                except Exception as e:  # noqa: BLE001 - told to every rank, raised below
+                    error, plan = e, {"error": f"{type(e).__name__}: {e}"}
+            plan = distributed.broadcast_object(plan)
+            if "error" in plan:
+                raise error if error is not None else FvaeError(f"rank 0 could not start the run: {plan['error']}")
+            cases, previous = plan["cases"], plan["previous"]
+            mine = [cases[i] for i in plan["shares"][rank]]
             inputs = tuple(str(Path(c.path).resolve()) for c in cases)
-            csv_path = self.output_dir / "metrics.csv"
-            previous = _read_rows(csv_path) if self.skip_existing else {}
-            write_text_atomic(csv_path, ",".join(CSV_COLUMNS) + "\n")
+            part = csv_path if world == 1 else self.output_dir / f"metrics.rank{rank}.csv"
+            write_text_atomic(part, ",".join(CSV_COLUMNS) + "\n")
+            tag = f"[rank {rank}/{world}] " if world > 1 else ""
             rows, failures = [], []
-            bar = tqdm(cases, desc=f"fvae recon ({self.network.name})", unit="case", disable=not self.progress)
+            bar = tqdm(
+                mine,
+                desc=f"fvae recon ({self.network.name})" + (f" rank 0 of {world}" if world > 1 else ""),
+                unit="case",
+                disable=not self.progress or rank != 0,
+            )
             try:
                 for case in bar:
                     bar.set_postfix_str(case.name)
                     try:
                         row = self.run_case(case, forbid=inputs)
                     except Exception as e:  # go on with the other cases, report at the end
-                        log.error("%s failed: %s", case.name, e)
+                        log.error("%s%s failed: %s", tag, case.name, e)
                         log.debug(traceback.format_exc())
                         failures.append({"case": case.name, "input": case.path, "error": f"{type(e).__name__}: {e}"})
                         continue
                     if row["status"] == "skipped" and case.name in previous:  # keep the time it took when it ran
-                        row["seconds"] = _float(previous[case.name].get("seconds"))
+                        row["seconds"] = _float(previous[case.name])
                     rows.append(row)
-                    _append_row(csv_path, row)
-                    log.info("%s: PSNR %.2f dB, SSIM2d %s", case.name, row["psnr"], _fmt(row["ssim2d"]))
+                    _append_row(part, row)
+                    log.info("%s%s: PSNR %.2f dB, SSIM2d %s", tag, case.name, row["psnr"], _fmt(row["ssim2d"]))
             except KeyboardInterrupt:
-                self._write(rows, failures, n_cases=len(cases), interrupted=True)
+                if world == 1:
+                    self._write(rows, failures, n_cases=len(cases), interrupted=True)
                 log.error(
-                    "interrupted after %d of %d case(s); rerun with skip_existing true to resume", len(rows), len(cases)
+                    "%sinterrupted after %d of %d case(s); rerun with skip_existing true to resume",
+                    tag,
+                    len(rows),
+                    len(mine),
                 )
                 raise
-            summary = self._write(rows, failures, n_cases=len(cases))
-        print(self.table(rows, failures))
-        if failures:
+            gathered = distributed.gather_objects((rows, failures))
+            summary = None
+            if rank == 0:
+                order = {c.name: i for i, c in enumerate(cases)}
+                rows = sorted((r for g in gathered for r in g[0]), key=lambda r: order[r["case"]])
+                failures = sorted((f for g in gathered for f in g[1]), key=lambda f: order[f["case"]])
+                if world > 1:
+                    self._write_csv(csv_path, rows)
+                for f in self.output_dir.glob("metrics.rank*.csv"):
+                    f.unlink()  # merged (or left by an earlier sharded run whose cases are now in metrics.csv)
+                ranks = [
+                    {"rank": r, "cases": len(s), "voxels": int(sum(plan["sizes"][i] for i in s))}
+                    for r, s in enumerate(plan["shares"])
+                ]
+                summary = self._write(rows, failures, n_cases=len(cases), ranks=ranks if world > 1 else None)
+                print(self.table(rows, failures))
+            summary = distributed.broadcast_object(summary)
+        if summary["failures"]:
+            fl = summary["failures"]
             raise BatchFailure(
-                f"{len(failures)} of {len(cases)} case(s) failed:\n"
-                + "\n".join(f"  {f['case']} ({f['input']}): {f['error']}" for f in failures)
+                f"{len(fl)} of {len(cases)} case(s) failed:\n"
+                + "\n".join(f"  {f['case']} ({f['input']}): {f['error']}" for f in fl)
             )
         return summary
 
-    def _write(self, rows: list[dict], failures: list[dict], n_cases: int, interrupted: bool = False) -> dict:
-        """summary.json: statistics per metric over the finished cases, each case, the failures."""
+    @staticmethod
+    def _write_csv(path: Path, rows: list[dict]) -> None:
+        """metrics.csv with ``rows`` in one atomic write (the merge of the ranks' files)."""
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        for row in rows:
+            w.writerow({k: _fmt(row.get(k)) for k in CSV_COLUMNS})
+        write_text_atomic(path, buf.getvalue())
+
+    def _write(
+        self,
+        rows: list[dict],
+        failures: list[dict],
+        n_cases: int,
+        interrupted: bool = False,
+        ranks: list[dict] | None = None,
+    ) -> dict:
+        """summary.json: statistics per metric over the finished cases, each case, the failures; ``ranks``: the
+        share of each rank of a torchrun run (cases, voxels)."""
         stats = {}
         for k in METRIC_KEYS:
             vals = [r.get(k) for r in rows]
@@ -409,6 +478,8 @@ class ReconWorkflow:
             "n_ok": len(rows),
             "n_failed": len(failures),
             "interrupted": interrupted,
+            "world_size": len(ranks) if ranks else 1,
+            **({"ranks": ranks} if ranks else {}),
             "metrics": stats,
             "modalities": modalities,
             "n_with_warnings": sum(bool(r["warnings"]) for r in rows),

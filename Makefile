@@ -10,7 +10,7 @@ export FVAE_ASSETS ?= $(abspath ../shared/assets)
 endif
 export MPLBACKEND := Agg
 
-.PHONY: install demo test bundles bundle-check zoo-check bench bench-video clean ablation-demo monailabel-check ldm-demo
+.PHONY: install demo test bundles bundle-check zoo-check bench bench-video bench-dist clean ablation-demo monailabel-check ldm-demo
 
 install: $(STAMP)
 
@@ -54,6 +54,10 @@ bench: $(STAMP)
 bench-video: $(STAMP)
 	$(PY) bench/bench_video_vaes.py --out outputs/bench_video --models ivvae_z16_dim64 --slices 5,9
 	$(PY) bench/bench_video_vaes.py --out outputs/bench_video_lean --models leanvae_dim16 --slices 5,17,33
+
+# one dataset reconstruction (8 real CT cases) with torchrun on 1 and 2 CPU processes of 1 thread each (about 2.5 min)
+bench-dist: $(STAMP)
+	$(PY) bench/bench_distributed.py --out outputs/bench_distributed --procs 1,2
 
 # CPU demo that the generation bundle learns: its configs on 2 real CTs (TAEF2 latents), 10 + 2.5 min of training,
 # then generation from a held-back mask, trained vs untrained (about 15 min on 2 cores; outputs/ldm_demo)

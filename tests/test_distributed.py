@@ -244,3 +244,32 @@ def test_torchrun_ldm_prepare_and_stage2d(assets, tmp_path):
     loss = json.loads((tmp_path / "eval" / "train_loss.json").read_text())["loss"]
     assert len(loss) == 2  # 4 samples, 2 ranks, batch 1 -> 2 steps, logged once (rank 0)
     assert all(not k.startswith("module.") for k in ckpt["model"])
+
+
+def test_latent_cache_goes_on_after_a_failure_and_resumes(assets, tmp_path):
+    """prepare_latents: a broken case is reported after the others; skip_existing reuses only entries made with the
+    same settings."""
+    from fvae_ct.errors import BatchFailure
+    from fvae_ct.ldm import prepare_latents
+    from fvae_ct.vae import load
+
+    ct = nib.load(str(assets / "ct" / "totalseg_ct_sm_3mm.nii.gz"))
+    for i in range(2):
+        nib.save(nib.Nifti1Image(np.asarray(ct.dataobj)[:32, :32, 4 * i : 4 * i + 4].astype(np.int16), ct.affine),
+                 str(tmp_path / f"c{i}.nii.gz"))
+    (tmp_path / "bad.nii.gz").write_bytes(b"not a nifti")
+    (tmp_path / "dl.json").write_text(json.dumps([{"image": n} for n in ("c0.nii.gz", "bad.nii.gz", "c1.nii.gz")]))
+    vae, cache = load("identity"), tmp_path / "cache"
+    with pytest.raises(BatchFailure, match=r"(?s)1 of 3 case\(s\) failed .*covers the 2 cached.*bad.nii.gz"):
+        prepare_latents(str(tmp_path / "dl.json"), vae, str(cache), [1])
+    stats = json.loads((cache / "latent_stats.json").read_text())
+    z = torch.cat([torch.load(cache / f"c{i}.pt", weights_only=True)["latent"].flatten() for i in range(2)]).double()
+    assert stats["cases"] == 2 and stats["scale_factor"] == pytest.approx(1 / float(z.std(unbiased=False)), rel=1e-9)
+    mtimes = [(cache / f"c{i}.pt").stat().st_mtime_ns for i in range(2)]
+    (tmp_path / "dl.json").write_text(json.dumps([{"image": n} for n in ("c0.nii.gz", "c1.nii.gz")]))
+    again = prepare_latents(str(tmp_path / "dl.json"), vae, str(cache), [1], skip_existing="true")
+    assert [(cache / f"c{i}.pt").stat().st_mtime_ns for i in range(2)] == mtimes  # reused
+    assert again["scale_factor"] == pytest.approx(stats["scale_factor"], rel=1e-12)
+    other = prepare_latents(str(tmp_path / "dl.json"), vae, str(cache), [1], hu_window=(-500, 500), skip_existing=True)
+    assert all((cache / f"c{i}.pt").stat().st_mtime_ns != m for i, m in enumerate(mtimes))  # other settings: redone
+    assert other["scale_factor"] != pytest.approx(stats["scale_factor"], rel=1e-3)

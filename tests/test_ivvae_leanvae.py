@@ -77,6 +77,23 @@ def test_ivvae_reload_is_strict_and_exact(ivvae, ivvae_ckpt):
         load("ivvae", weights=str(ivvae_ckpt.with_name("missing.pth")))
 
 
+def test_ivvae_variant_is_taken_from_the_folder(ivvae_ckpt, tmp_path):
+    """A folder holding one IV-VAE checkpoint (e.g. only ivvae_z16_dim96.pth, the paper's) loads it, whatever its
+    variant; several that fit need the variant named."""
+    import shutil
+
+    one = tmp_path / "one"
+    one.mkdir()
+    shutil.copy(ivvae_ckpt, one / "ivvae_z4_dim8.pth")
+    vae = load("ivvae", weights=str(one), latent_scale=1.0, latent_shift=0.0)
+    assert (vae.latent_channels, vae.model.dim) == (4, 8)
+    shutil.copy(ivvae_ckpt, one / "ivvae_z8_dim8.pth")
+    with pytest.raises(WeightsError, match="several IV-VAE checkpoints \\(ivvae_z4_dim8.pth, ivvae_z8_dim8.pth\\)"):
+        load("ivvae", weights=str(one), latent_scale=1.0, latent_shift=0.0)
+    with pytest.raises(WeightsError, match="ivvae_z16_dim64.pth: checkpoint not found"):  # a named variant: its file
+        load("ivvae_z16_dim64", weights=str(one))
+
+
 @pytest.mark.parametrize("d,latent_d", [(1, 1), (5, 2), (7, 3), (9, 3)])
 def test_ivvae_shapes_determinism_ranges(ivvae, d, latent_d):
     x = clip(d)
@@ -182,6 +199,11 @@ def test_leanvae_reload_is_strict_and_exact(leanvae, leanvae_ckpt, tmp_path):
     got = leanvae.model.state_dict()
     assert got.keys() == saved.keys() and all(torch.equal(got[k], saved[k]) for k in saved)
     assert (leanvae.latent_channels, leanvae.input_range, leanvae.depth_factor) == (4, (-0.5, 0.5), 4)
+    # the official latent normalisation of the width (norm_param of the official Latte configs) is the default
+    x = clip(d=5, lo=-0.5, hi=0.5)
+    assert leanvae.scale_factor == 0.7744
+    assert torch.allclose(leanvae.encode_stage_2_inputs(x), 0.7744 * leanvae.encode(x))
+    assert load("leanvae", weights=str(leanvae_ckpt), scale_factor=1.52).scale_factor == 1.52
     # a Lightning training checkpoint: weights under "autoencoder.", losses beside them
     lightning = {"args": dict(LEAN_TINY), "state_dict": {**{f"autoencoder.{k}": v for k, v in saved.items()},
                                                           "perceptual_model.w": torch.ones(1)}}

@@ -23,6 +23,7 @@ mean is used (the official ``encode`` draws a sample), so encoding is determinis
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -375,6 +376,28 @@ def _load_state(path: Path) -> dict:
     return state
 
 
+def _variant_in_folder(weights, z_dim: int | None, dim: int | None):
+    """For a folder and an open variant: the one ``ivvae_z<z>_dim<d>.pth`` in it that fits ``z_dim`` / ``dim`` (the
+    default z16 dim64 when it is among several); ``weights`` unchanged otherwise. Several that fit: an error listing
+    them (name the variant, e.g. ``ivvae_z16_dim96``)."""
+    if weights is None or not Path(weights).is_dir() or (z_dim is not None and dim is not None):
+        return weights
+    found = []
+    for f in sorted(Path(weights).glob("ivvae_z*_dim*.pth")):
+        m = re.fullmatch(r"ivvae_z(\d+)_dim(\d+)\.pth", f.name)
+        if m and (z_dim or int(m.group(1))) == int(m.group(1)) and (dim or int(m.group(2))) == int(m.group(2)):
+            found.append(f)
+    if len(found) == 1:
+        return found[0]
+    default = Path(weights) / f"ivvae_z{z_dim or 16}_dim{dim or 64}.pth"
+    if len(found) > 1 and default not in found:
+        raise WeightsError(
+            f"{weights}: holds several IV-VAE checkpoints ({', '.join(f.name for f in found)}): name the variant, "
+            "e.g. --vae ivvae_z16_dim96"
+        )
+    return weights
+
+
 class IVVAE(FrozenVAE):
     """IV-VAE behind the frozen-VAE interface: grey slices -> RGB frames in [-1, 1], depth = time.
 
@@ -405,6 +428,7 @@ class IVVAE(FrozenVAE):
     ):
         super().__init__(tiling=tiling, scale_factor=scale_factor)
         if model is None:
+            weights = _variant_in_folder(weights, z_dim, dim)
             path = assets.weights_file(f"ivvae_z{z_dim or 16}_dim{dim or 64}", weights, assets.IVVAE_PAGE)
             state = _load_state(path)
             try:

@@ -38,6 +38,10 @@ from .streaming import CausalStream
 __all__ = ["LeanVAENet", "LeanVAE", "LEANVAE_CONFIGS", "haar", "inverse_haar"]
 
 #: Released configurations (the official defaults; only the latent width differs).
+#: the official latent normalisation by latent width: ``norm_param`` of the LeanVAE repository's Latte training
+#: configs (generation/Latte, ``vae.encode(x).mul_(norm_param)``): 0.7744 for dim4, 1.0 for dim16
+LEANVAE_NORM_PARAM = {4: 0.7744, 16: 1.0}
+
 LEANVAE_CONFIGS = {
     f"dim{d}": dict(
         embedding_dim=512,
@@ -335,6 +339,9 @@ class LeanVAE(FrozenVAE):
         weights: checkpoint file, or a folder holding ``LeanVAE-{variant}.ckpt``; ``None``: the named asset
             (``$FVAE_ASSETS/weights/leanvae/``, the cache, or Hugging Face). ``model``: a ready :class:`LeanVAENet`.
         chunk: latent frames per streamed chunk (exact; bounds memory for long volumes), ``None`` = one pass.
+        scale_factor: latent multiplier for diffusion (``encode_stage_2_inputs``); ``None``: the official
+            :data:`LEANVAE_NORM_PARAM` of the checkpoint's width (the paper's CT diffusion uses 1.52 with dim16:
+            fvae_ldm ``configs/paper.yaml`` fixes it there).
         dtype: parameter and compute dtype (fp32, bf16 or fp16).
     """
 
@@ -350,12 +357,15 @@ class LeanVAE(FrozenVAE):
         chunk: int | None = 4,
         dtype: torch.dtype = torch.float32,
         tiling: TilingConfig | None = None,
-        scale_factor: float = 1.0,
+        scale_factor: float | None = None,
         name: str | None = None,
     ):
-        super().__init__(tiling=tiling, scale_factor=scale_factor)
+        super().__init__(tiling=tiling)
         if model is None:
             model = load_leanvae_checkpoint(assets.weights_file(f"leanvae_{variant}", weights, assets.LEANVAE_PAGE))
+        if scale_factor is None:  # the official latent normalisation of this width, when it has one
+            scale_factor = LEANVAE_NORM_PARAM.get(model.latent_dim, 1.0)
+        self.scale_factor = float(scale_factor)
         self.name = name or f"leanvae_dim{model.latent_dim}"
         self.latent_channels = model.latent_dim
         self.chunk, self.dtype = chunk, dtype

@@ -10,6 +10,7 @@ Wan 2.2 (z 48) patchifies 2x2 before its 8x encoder: spatial factor 16.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import torch
 from ..errors import WeightsError
 from ..tiling import TilingConfig
 from .base import FrozenVAE
+from .wan_checkpoint import WAN_FILES, is_single_file, load_single_file
 
 __all__ = ["WanVAE", "WAN_HUB_IDS"]
 
@@ -50,12 +52,28 @@ def _from_pretrained(cls, weights: str | os.PathLike, dtype: torch.dtype):
         ) from e
 
 
+def _read_config(config) -> dict | None:
+    """A diffusers config given as a dict, a ``config.json`` or the folder holding it."""
+    if config is None or isinstance(config, dict):
+        return config
+    p = Path(config)
+    p = p / "config.json" if p.is_dir() else p
+    try:
+        return {k: v for k, v in json.loads(p.read_text()).items() if not k.startswith("_")}
+    except (OSError, ValueError) as e:
+        raise WeightsError(f"{p}: cannot read the Wan VAE config ({e})") from e
+
+
 class WanVAE(FrozenVAE):
     """Wan 2.1 / 2.2 behind the frozen-VAE interface.
 
     Args:
         model: an ``AutoencoderKLWan`` instance (tests pass tiny random ones), or ``None`` with ``weights``.
-        weights: local diffusers folder or hub id for ``from_pretrained`` (``subfolder="vae"``).
+        weights: Wan's original single file (``Wan2.1_VAE.pth`` / ``Wan2.2_VAE.pth``, or a ``.safetensors``
+            of the same tensors; loaded offline, see :mod:`fvae_ct.vae.wan_checkpoint`), a local diffusers folder,
+            or a hub id for ``from_pretrained`` (``subfolder="vae"``).
+        config: with a single file, the diffusers config it fits (a dict, or a ``config.json`` / its folder);
+            default the official one of ``name``.
         dtype: parameter dtype (fp32 default).
         decode_dtype: e.g. ``torch.bfloat16`` to decode under autocast on GPU; ``None`` = ``dtype``.
     """
@@ -72,14 +90,21 @@ class WanVAE(FrozenVAE):
         decode_dtype: torch.dtype | None = None,
         tiling: TilingConfig | None = None,
         scale_factor: float = 1.0,
+        config: dict | str | os.PathLike | None = None,
     ):
         super().__init__(tiling=tiling, scale_factor=scale_factor)
         if model is None:
             if weights is None:
-                raise WeightsError(f"{name}: give `weights` (local diffusers folder or hub id {WAN_HUB_IDS.get(name)})")
-            from diffusers import AutoencoderKLWan
+                raise WeightsError(
+                    f"{name}: give `weights` ({WAN_FILES.get(name, 'the original .pth')}, a local diffusers folder "
+                    f"or hub id {WAN_HUB_IDS.get(name)})"
+                )
+            if is_single_file(weights):
+                model = load_single_file(name, weights, dtype, _read_config(config))
+            else:
+                from diffusers import AutoencoderKLWan
 
-            model = _from_pretrained(AutoencoderKLWan, weights, dtype)
+                model = _from_pretrained(AutoencoderKLWan, weights, dtype)
         self.name = name
         self.model = model if model.dtype == dtype else model.to(dtype)
         cfg = model.config

@@ -34,6 +34,9 @@ class TilingConfig:
     - ``depth_window``: slices per window for video VAEs; ``None`` = whole volume. Image autoencoders
       treat slices independently and use ``slice_batch`` instead.
     - ``depth_overlap``: overlap between depth windows (video VAEs).
+    - ``depth_last``: ``"shift"`` (default: the last depth window is moved back to end at the last slice, so
+      every window is full) or ``"pad"`` (the paper's protocol: non-overlapping windows from slice 0, the last
+      one padded to ``depth_window`` by repeating its last slice, and cropped; needs ``depth_overlap`` 0).
     - ``slice_batch``: slices per forward pass for image autoencoders.
     - ``blend``: ``"cosine"`` (default: raised-cosine cross-fade over the overlap, ~0 weight at tile
       borders), ``"gaussian"`` (MONAI's gaussian importance map) or ``"constant"`` (plain average).
@@ -45,6 +48,7 @@ class TilingConfig:
     depth_overlap: int = 4
     slice_batch: int = 4
     blend: str = "cosine"
+    depth_last: str = "shift"
 
     def __post_init__(self):
         for k in ("tile_size", "depth_window"):
@@ -60,6 +64,12 @@ class TilingConfig:
         if self.depth_window is not None and self.depth_overlap >= self.depth_window:
             raise OptionError(
                 f"depth_overlap ({self.depth_overlap}) must be smaller than depth_window ({self.depth_window})"
+            )
+        if self.depth_last not in ("shift", "pad"):
+            raise OptionError(f"depth_last must be 'shift' or 'pad', got {self.depth_last!r}")
+        if self.depth_last == "pad" and self.depth_overlap != 0:
+            raise OptionError(
+                f"depth_last 'pad' takes non-overlapping windows: give depth_overlap 0, not {self.depth_overlap}"
             )
         if self.blend not in ("cosine", "gaussian", "constant"):
             raise OptionError(f"blend must be 'cosine', 'gaussian' or 'constant', got {self.blend!r}")
@@ -133,6 +143,20 @@ def windowed_apply(
         progress=progress,
         roi_weight_map=weights,
     )
+
+
+def padded_depth_apply(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, window: int) -> torch.Tensor:
+    """``fn`` on non-overlapping depth windows ``[k * window, (k + 1) * window)`` of ``x: [B, C, D, H, W]``, each
+    run on its own (a causal video VAE restarts its chain in every window); the last window is padded to ``window``
+    slices by repeating its last slice and cropped back. The reconstruction script of the paper's protocol."""
+    out = []
+    for a in range(0, x.shape[2], window):
+        v = x[:, :, a : a + window]
+        n = v.shape[2]
+        if n < window:
+            v = torch.cat([v, v[:, :, -1:].expand(-1, -1, window - n, -1, -1)], dim=2)
+        out.append(fn(v)[:, :, :n])
+    return torch.cat(out, dim=2)
 
 
 def depth_window_starts(depth: int, window: int, overlap: int, offset: int = 0) -> list[tuple[int, int]]:

@@ -50,11 +50,20 @@ def hu_to_unit(hu, window=DEFAULT_HU_WINDOW):
     return (np.clip(hu, lo, hi) - lo) / (hi - lo)
 
 
-def unit_to_hu(u, window=DEFAULT_HU_WINDOW):
-    """Inverse of :func:`hu_to_unit` on [0, 1], rounded to integer HU (values stay float)."""
+#: how reconstructed HU become integers: ``round`` (ours: to the nearest) or ``truncate`` (toward zero, the paper's
+#: ``astype(int16)``)
+HU_ROUNDING = ("round", "truncate")
+
+
+def unit_to_hu(u, window=DEFAULT_HU_WINDOW, rounding: str = "round"):
+    """Inverse of :func:`hu_to_unit` on [0, 1], made integer HU by ``rounding`` (values stay float)."""
+    if rounding not in HU_ROUNDING:
+        raise ValueError(f"hu_rounding must be one of {HU_ROUNDING}, got {rounding!r}")
     lo, hi = float(window[0]), float(window[1])
     v = u * (hi - lo) + lo
-    return torch.round(v) if isinstance(v, torch.Tensor) else np.round(v)
+    if isinstance(v, torch.Tensor):
+        return torch.round(v) if rounding == "round" else torch.trunc(v)
+    return np.round(v) if rounding == "round" else np.trunc(v)
 
 
 def _meta_like(data: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
@@ -88,10 +97,14 @@ class HUWindowd(MapTransform, InvertibleTransform):
         window: Sequence[float] = DEFAULT_HU_WINDOW,
         out_range: Sequence[float] = (0.0, 1.0),
         allow_missing_keys: bool = False,
+        rounding: str = "round",
     ):
         super().__init__(keys, allow_missing_keys)
         if len(window) != 2 or not float(window[0]) < float(window[1]):
             raise ValueError(f"hu_window must be [low, high] with low < high, got {window}")
+        if rounding not in HU_ROUNDING:
+            raise ValueError(f"hu_rounding must be one of {HU_ROUNDING}, got {rounding!r}")
+        self.rounding = rounding
         self.window = (float(window[0]), float(window[1]))
         self.out_range = (float(out_range[0]), float(out_range[1]))
 
@@ -110,8 +123,13 @@ class HUWindowd(MapTransform, InvertibleTransform):
             info = self.pop_transform(d, key)["extra_info"]
             a, b = info["out_range"]
             u = ((d[key] - a) / (b - a)).clamp(0.0, 1.0)
-            d[key] = _meta_like(unit_to_hu(u, info["window"]), d[key])
+            d[key] = _meta_like(unit_to_hu(u, info["window"], self.rounding), d[key])
         return d
+
+
+#: how axial slices are given to the VAE: ``display`` (ours: upright, radiological orientation) or ``file`` (the
+#: file's voxel order, as the paper's script does)
+SLICE_ORIENTATIONS = ("display", "file")
 
 
 class AxialSlicesd(MapTransform, InvertibleTransform):
@@ -124,9 +142,19 @@ class AxialSlicesd(MapTransform, InvertibleTransform):
     input's, and the inverse restores the file's voxel order exactly.
     """
 
+    def __init__(self, keys: KeysCollection, orientation: str = "display", allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        if orientation not in SLICE_ORIENTATIONS:
+            raise ValueError(f"slice_orientation must be one of {SLICE_ORIENTATIONS}, got {orientation!r}")
+        self.orientation = orientation
+
     @staticmethod
-    def layout(affine) -> tuple[list[int], list[int]]:
-        """(permutation of [C, X, Y, Z], dims of the permuted array to flip) for ``affine``."""
+    def layout(affine, orientation: str = "display") -> tuple[list[int], list[int]]:
+        """(permutation of [C, X, Y, Z], dims of the permuted array to flip) for ``affine``; ``orientation``
+        ``file``: the axial axis first, the in-plane axes in the file's voxel order, nothing flipped."""
+        if orientation == "file":
+            ax = axial_axis(affine)
+            return [0, 1 + ax] + [1 + i for i in range(3) if i != ax], []
         ornt = nib.orientations.io_orientation(np.asarray(affine, dtype=np.float64))
         world = {int(w): i for i, (w, _) in enumerate(ornt) if not np.isnan(w)}
         if sorted(world) != [0, 1, 2]:  # degenerate affine: axial axis first, file order otherwise
@@ -139,7 +167,7 @@ class AxialSlicesd(MapTransform, InvertibleTransform):
     def __call__(self, data):
         d = dict(data)
         for key in self.key_iterator(d):
-            perm, flips = self.layout(d[key].affine)
+            perm, flips = self.layout(d[key].affine, self.orientation)
             v = d[key].permute(*perm)
             d[key] = _meta_like((v.flip(flips) if flips else v).contiguous(), d[key])
             self.push_transform(d, key, extra_info={"perm": perm, "flips": flips})
@@ -230,13 +258,16 @@ def recon_preprocessing(
     input_range: Sequence[float] = (0.0, 1.0),
     working_spacing: float | None = None,
     check_hu: bool = True,
+    slice_orientation: str = "display",
+    hu_rounding: str = "round",
 ) -> Compose:
-    """File path -> ``[1, D, H, W]`` in the VAE's input range (see the module docstring); invertible."""
+    """File path -> ``[1, D, H, W]`` in the VAE's input range (see the module docstring); invertible.
+    ``slice_orientation`` / ``hu_rounding``: see :data:`SLICE_ORIENTATIONS` / :data:`HU_ROUNDING`."""
     return Compose(
         [
             LoadCTd(keys, check_hu=check_hu),
-            HUWindowd(keys, window=hu_window, out_range=input_range),
+            HUWindowd(keys, window=hu_window, out_range=input_range, rounding=hu_rounding),
             InPlaneResampled(keys, working_spacing=working_spacing),
-            AxialSlicesd(keys),
+            AxialSlicesd(keys, orientation=slice_orientation),
         ]
     )

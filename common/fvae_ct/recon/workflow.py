@@ -48,7 +48,7 @@ from ..io import (
 from ..metrics import PROTOCOL, recon_metrics, ssim_unavailable
 from ..options import parse_bool
 from ..tiling import TilingConfig
-from ..transforms import DEFAULT_HU_WINDOW, recon_preprocessing
+from ..transforms import DEFAULT_HU_WINDOW, HU_ROUNDING, SLICE_ORIENTATIONS, recon_preprocessing
 from ..vae.base import FrozenVAE
 
 __all__ = ["VAEReconInferer", "ReconWorkflow", "BatchFailure", "RECON_SUFFIX", "VAEReconstructd", "reconstruct_hu"]
@@ -73,9 +73,10 @@ class VAEReconInferer(Inferer):
         slice_batch: int = 4,
         blend: str = "cosine",
         progress: bool = False,
+        depth_last: str = "shift",
     ):
         super().__init__()
-        self.tiling = TilingConfig(tile_size, tile_overlap, depth_window, depth_overlap, slice_batch, blend)
+        self.tiling = TilingConfig(tile_size, tile_overlap, depth_window, depth_overlap, slice_batch, blend, depth_last)
         self.progress = progress
 
     def __call__(self, inputs: torch.Tensor, network: FrozenVAE, *args, **kwargs) -> torch.Tensor:
@@ -186,6 +187,8 @@ class ReconWorkflow:
         hu_window: HU window ``[low, high]``; voxels outside it are clipped (also in the output).
         working_spacing: in-plane spacing (mm) to resample to before the VAE (``None``: native grid).
         skip_existing: reuse an existing ``<case>_recon.nii.gz`` (metrics are still computed).
+        slice_orientation: ``display`` (upright axial slices, ours) or ``file`` (the file's voxel order, the paper's).
+        hu_rounding: ``round`` (ours) or ``truncate`` (toward zero, the paper's ``astype(int16)``).
         figures: write the three-view PNG per case.
         device: torch device for the VAE.
     """
@@ -202,6 +205,8 @@ class ReconWorkflow:
         check_hu: bool = True,
         device: str | torch.device | None = None,
         progress: bool = True,
+        slice_orientation: str = "display",
+        hu_rounding: str = "round",
     ):
         self.network = network if device is None else network.to(device)
         self.output_dir = Path(output_dir)
@@ -219,8 +224,13 @@ class ReconWorkflow:
         self.skip_existing = parse_bool(skip_existing, "skip_existing")
         self.figures = parse_bool(figures, "figures")
         self.progress = progress
+        if slice_orientation not in SLICE_ORIENTATIONS:
+            raise OptionError(f"slice_orientation {slice_orientation!r}: give one of {', '.join(SLICE_ORIENTATIONS)}")
+        if hu_rounding not in HU_ROUNDING:
+            raise OptionError(f"hu_rounding {hu_rounding!r}: give one of {', '.join(HU_ROUNDING)}")
+        self.slice_orientation, self.hu_rounding = slice_orientation, hu_rounding
         self.preprocessing = recon_preprocessing(
-            "image", self.hu_window, network.input_range, self.working_spacing, check_hu
+            "image", self.hu_window, network.input_range, self.working_spacing, check_hu, slice_orientation, hu_rounding
         )
 
     # ---- one case -------------------------------------------------------------------------------------
@@ -473,6 +483,8 @@ class ReconWorkflow:
             "hu_window": list(self.hu_window),
             "working_spacing_mm": self.working_spacing,
             "tiling": self.inferer.tiling.as_dict(),
+            "slice_orientation": self.slice_orientation,
+            "hu_rounding": self.hu_rounding,
             "protocol": PROTOCOL,
             "n_cases": n_cases,
             "n_ok": len(rows),

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..tiling import TilingConfig, windowed_apply
+from ..tiling import TilingConfig, padded_depth_apply, windowed_apply
 
 __all__ = ["FrozenVAE"]
 
@@ -160,6 +160,8 @@ class FrozenVAE(nn.Module, ABC):
             ):
                 out[:, :, i : i + n] = self._reconstruct_block(x[:, :, i : i + n], t)
             return out
+        if t.depth_last == "pad" and t.depth_window is not None:
+            return padded_depth_apply(lambda v: self._reconstruct_block(v, t), x, int(t.depth_window))
         return windowed_apply(
             lambda v: self._reconstruct_block(v, t), x, t.depth_window, t.depth_overlap, None, 0, t.blend, progress
         )

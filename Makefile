@@ -10,7 +10,7 @@ export FVAE_ASSETS ?= $(abspath ../shared/assets)
 endif
 export MPLBACKEND := Agg
 
-.PHONY: install demo test bundles bundle-check zoo-check bench bench-video bench-dist clean ablation-demo monailabel-check ldm-demo
+.PHONY: install demo test bundles bundle-check zoo-check bench bench-video bench-dist bench-gpu clean ablation-demo monailabel-check ldm-demo
 
 install: $(STAMP)
 
@@ -58,6 +58,11 @@ bench-video: $(STAMP)
 # one dataset reconstruction (8 real CT cases) with torchrun on 1 and 2 CPU processes of 1 thread each (about 2.5 min)
 bench-dist: $(STAMP)
 	$(PY) bench/bench_distributed.py --out outputs/bench_distributed --procs 1,2
+
+# the GPU check (full-size VAEs, fp32 / bf16, tiled / untiled, training steps; under 8 min on one H100-class GPU;
+# exits at once without CUDA)
+bench-gpu: $(STAMP)
+	$(PY) bench/bench_gpu.py --out outputs/bench_gpu
 
 # CPU demo that the generation bundle learns: its configs on 2 real CTs (TAEF2 latents), 10 + 2.5 min of training,
 # then generation from a held-back mask, trained vs untrained (about 15 min on 2 cores; outputs/ldm_demo)

@@ -105,7 +105,7 @@ def test_skip_existing_false_recomputes_and_junk_is_ignored(tmp_path):
         (["--slice_batch", "0"], "slice_batch must be >= 1, got 0"),
         (["--working_spacing", "-1"], "working_spacing -1: give a positive in-plane spacing"),
         (["--device", "cuda"], "device cuda: no CUDA GPU is available here"),
-        (["--vae", "taef2", "--vae_dtype", "bfloat16"], "vae_dtype torch.bfloat16: taef2 runs in float32 only"),
+        (["--vae", "taef2", "--vae_dtype", "float16"], "vae_dtype torch.float16: taef2 runs in float32, or bfloat16"),
         (["--vae_dtype", "float99"], "vae_dtype 'float99': not a torch dtype"),
         (["-o", "FILE"], "exists and is a file, not a folder"),
         (["-o", "FILE/sub"], "a part of the path is a file, not a folder"),

@@ -151,6 +151,8 @@ class FrozenVAE(nn.Module, ABC):
         """
         self._check(x)
         t = tiling or self.tiling
+        if self.device.type == "cuda" and x.device.type == "cpu":  # page-locked, asynchronous host -> GPU copy
+            x = x.to(torch.float32).pin_memory().to(self.device, non_blocking=True)
         x = x.to(self.device, torch.float32)
         if self.depth_factor == 1:
             out = torch.empty_like(x)

@@ -7,6 +7,8 @@ averaged back to grey. Slices run in batches of ``tiling.slice_batch`` in channe
 
 from __future__ import annotations
 
+import contextlib
+
 from pathlib import Path
 
 import torch
@@ -55,6 +57,8 @@ class TAESDVAE(FrozenVAE):
         latent_channels: 4, 16 or 32 (TAEF2).
         pool_width: 256 for TAEF2's GroupNorm pre-branch, 0 for the other family members.
         width: block width (64 upstream; tests use smaller).
+        autocast_dtype: e.g. ``torch.bfloat16``: weights stay fp32, the convolutions run under autocast (TAEF2 on
+            the sample series: -0.05 dB, ``bench/bench_gpu.py --bf16-check-cpu``); ``None``: fp32.
     """
 
     spatial_factor = 8
@@ -72,9 +76,11 @@ class TAESDVAE(FrozenVAE):
         tiling: TilingConfig | None = None,
         scale_factor: float = 1.0,
         channels_last: bool = True,
+        autocast_dtype: torch.dtype | None = None,
     ):
         super().__init__(tiling=tiling, scale_factor=scale_factor)
         self.name = name
+        self.autocast_dtype = autocast_dtype
         self.latent_channels = latent_channels
         self.encoder = TAESDEncoder(latent_channels, width=width, pool_width=pool_width)
         self.decoder = TAESDDecoder(latent_channels, width=width, pool_width=pool_width)
@@ -91,9 +97,14 @@ class TAESDVAE(FrozenVAE):
         b, c, d, h, w = v.shape
         flat = v.permute(0, 2, 1, 3, 4).reshape(b * d, c, h, w)
         n = self.tiling.slice_batch
-        out = torch.cat(
-            [fn(flat[i : i + n].contiguous(memory_format=self.memory_format)) for i in range(0, flat.shape[0], n)]
-        )
+        ctx = contextlib.nullcontext()
+        if self.autocast_dtype is not None:
+            ctx = torch.autocast(device_type=v.device.type, dtype=self.autocast_dtype)
+        with ctx:
+            parts = [
+                fn(flat[i : i + n].contiguous(memory_format=self.memory_format)) for i in range(0, flat.shape[0], n)
+            ]
+        out = torch.cat(parts).float()
         return out.reshape(b, d, *out.shape[1:]).permute(0, 2, 1, 3, 4).contiguous()
 
     def _split(self):

@@ -8,7 +8,6 @@ averaged back to grey. Slices run in batches of ``tiling.slice_batch`` in channe
 from __future__ import annotations
 
 import contextlib
-
 from pathlib import Path
 
 import torch

@@ -51,3 +51,19 @@ def test_config_validation():
         TilingConfig(blend="max")
     with pytest.raises(ValueError, match="slice_batch"):
         TilingConfig(slice_batch=0)
+
+
+def test_auto_tile_size_from_free_gpu_memory():
+    """Wan 2.1 at 512x512: about 6.4 GiB estimated (CPU-measured working memory), so whole slices with 16 GiB free,
+    tiles of 384 with 8 GiB; the smallest tile is 128; a VAE without an estimate stays untiled."""
+    from fvae_ct.recon import VAEReconInferer
+    from fvae_ct.tiling import auto_tile_size
+    from fvae_ct.vae import load
+
+    assert auto_tile_size("wan2.1", 512, 512, 16.0) is None
+    assert auto_tile_size("wan2.1", 512, 512, 8.0) == 384
+    assert auto_tile_size("wan2.2", 512, 512, 1.0) == 128
+    assert auto_tile_size("external", 512, 512, 1.0) is None
+    inf = VAEReconInferer(tile_size="auto")
+    x = torch.rand(1, 1, 2, 16, 16)
+    assert torch.equal(inf(x, load("identity")), x) and inf.tiling.tile_size is None  # CPU: whole slices

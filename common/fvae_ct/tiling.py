@@ -78,6 +78,34 @@ class TilingConfig:
         return asdict(self)
 
 
+#: working memory of one reconstruct call, fp32, as ``(GiB, GiB per pixel of a slice)``: ``a + b * h * w`` for a few
+#: slices (it grows little with depth: the video VAEs stream in chunks). Measured with peak RSS on the CPU at 128^2
+#: and 256^2 (Wan 2.1: 0.51 / 1.67 GiB, Wan 2.2: 0.59 / 1.55 GiB for 5 slices) or taken from ``make bench`` /
+#: ``make bench-video`` at 512^2 (TAEF2, IV-VAE, LeanVAE); a GPU adds cuDNN workspaces, hence the safety factor.
+WORKING_MEMORY = {
+    "taef2": (0.0, 3.0e-6),
+    "wan2.1": (0.12, 2.4e-5),
+    "wan2.2": (0.27, 2.0e-5),
+    "ivvae": (0.0, 2.1e-5),
+    "leanvae": (0.0, 2.3e-6),
+}
+
+
+def auto_tile_size(vae_name: str, h: int, w: int, free_gib: float, safety: float = 0.6) -> int | None:
+    """The x-y tile edge for a VAE on a device with ``free_gib`` free: ``None`` (whole slices) when the estimate of
+    :data:`WORKING_MEMORY` fits ``safety * free_gib``, else the largest multiple of 64 that fits (at least 128).
+    ``None`` too for a VAE without an estimate."""
+    key = next((k for k in WORKING_MEMORY if vae_name.startswith(k)), None)
+    if key is None:
+        return None
+    a, b = WORKING_MEMORY[key]
+    budget = safety * free_gib
+    if a + b * h * w <= budget:
+        return None
+    edge = math.sqrt(max(budget - a, 0.0) / b) if b > 0 else max(h, w)
+    return max(128, int(edge // 64) * 64)
+
+
 def _window(size: int, window: int | None, overlap: int) -> tuple[int, float]:
     """(roi edge, overlap fraction) for one axis; a window >= the axis means one window, no overlap."""
     if window is None or window >= size:

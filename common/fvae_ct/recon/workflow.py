@@ -17,6 +17,7 @@ import math
 import os
 import time
 import traceback
+from dataclasses import replace
 from pathlib import Path
 
 import nibabel as nib
@@ -47,7 +48,7 @@ from ..io import (
 )
 from ..metrics import PROTOCOL, recon_metrics, ssim_unavailable
 from ..options import parse_bool
-from ..tiling import TilingConfig
+from ..tiling import TilingConfig, auto_tile_size
 from ..transforms import DEFAULT_HU_WINDOW, HU_ROUNDING, SLICE_ORIENTATIONS, recon_preprocessing
 from ..vae.base import FrozenVAE
 
@@ -61,7 +62,9 @@ METRIC_KEYS = ("psnr", "ssim3d", "ssim2d", "mse", "mse_hu", "mae_hu", "seconds")
 class VAEReconInferer(Inferer):
     """MONAI ``Inferer``: ``inferer(x, vae)`` = ``vae.reconstruct(x)`` with the tiling knobs of this object.
 
-    ``x: [B, 1, D, H, W]`` in the VAE's input range -> same shape and range.
+    ``x: [B, 1, D, H, W]`` in the VAE's input range -> same shape and range. ``tile_size="auto"``: whole slices on
+    the CPU; on a GPU the tile edge :func:`fvae_ct.tiling.auto_tile_size` picks from the free GPU memory (whole
+    slices when they fit), decided per call and kept in ``self.tiling``.
     """
 
     def __init__(
@@ -76,10 +79,24 @@ class VAEReconInferer(Inferer):
         depth_last: str = "shift",
     ):
         super().__init__()
+        self.auto = tile_size == "auto"
+        tile_size = None if self.auto else tile_size
         self.tiling = TilingConfig(tile_size, tile_overlap, depth_window, depth_overlap, slice_batch, blend, depth_last)
         self.progress = progress
 
     def __call__(self, inputs: torch.Tensor, network: FrozenVAE, *args, **kwargs) -> torch.Tensor:
+        if self.auto and network.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(network.device)
+            tile = auto_tile_size(network.name, *inputs.shape[-2:], free / 2**30)
+            overlap = min(self.tiling.tile_overlap, tile // 2) if tile else self.tiling.tile_overlap
+            self.tiling = replace(self.tiling, tile_size=tile, tile_overlap=overlap)
+            log.info(
+                "%s: %s (%.1f GiB free on %s)",
+                network.name,
+                f"tiles of {tile}" if tile else "whole slices",
+                free / 2**30,
+                network.device,
+            )
         return network.reconstruct(inputs, tiling=self.tiling, progress=self.progress)
 
 

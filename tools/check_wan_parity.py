@@ -51,6 +51,15 @@ def _diffusers_config(name: str, kw: dict) -> dict:
     return cfg
 
 
+def _one_key_per_line(layouts: dict) -> str:
+    """JSON with one parameter (name and shape) per line."""
+    blocks = []
+    for name in sorted(layouts):
+        rows = ",\n".join(f"    {json.dumps(k)}: {json.dumps(v)}" for k, v in sorted(layouts[name].items()))
+        blocks.append(f"  {json.dumps(name)}: {{\n{rows}\n  }}")
+    return "{\n" + ",\n".join(blocks) + "\n}\n"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--wan-repo", required=True, type=Path)
@@ -80,7 +89,7 @@ def main(argv=None) -> int:
         print(f"{name}: {len(layouts[name])} tensors; encode max |diff| {d_enc:.3g}, decode max |diff| {d_dec:.3g}")
     if a.write_fixtures:
         a.write_fixtures.mkdir(parents=True, exist_ok=True)
-        (a.write_fixtures / "wan_keys.json").write_text(json.dumps(layouts, indent=0, sort_keys=True) + "\n")
+        (a.write_fixtures / "wan_keys.json").write_text(_one_key_per_line(layouts))
         print(f"wrote {a.write_fixtures / 'wan_keys.json'}")
     return int(worst > a.tol)
 

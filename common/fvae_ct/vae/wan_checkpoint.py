@@ -111,19 +111,33 @@ def _leaf(rest: str, to_diffusers: bool) -> str:
     return rest
 
 
-def _key_to_diffusers(key: str, cfg: dict) -> str:
-    n_res, residual = int(cfg.get("num_res_blocks", 2)), bool(cfg.get("is_residual", False))
-    top = {"conv1.": "quant_conv.", "conv2.": "post_quant_conv."}
-    for a, b in top.items():
-        if key.startswith(a):
-            return b + key[len(a) :]
+_TOP = (("conv1.", "quant_conv."), ("conv2.", "post_quant_conv."))  # official <-> diffusers, whole model
+_PART = (("conv1.", "conv_in."), ("head.0.", "norm_out."), ("head.2.", "conv_out."))  # ... in encoder / decoder
+
+
+def _shared_renames(key: str, to_diffusers: bool) -> tuple[str | None, str, str]:
+    """The renames both directions share: ``(renamed key, "", "")`` when one applies (or the key is outside the
+    encoder / decoder), else ``(None, "encoder" | "decoder", the rest of the key)``."""
+    for a, b in _TOP:
+        src, dst = (a, b) if to_diffusers else (b, a)
+        if key.startswith(src):
+            return dst + key[len(src) :], "", ""
     m = re.match(r"(encoder|decoder)\.(.*)$", key)
     if not m:
-        return key
+        return key, "", ""
     part, rest = m.groups()
-    for a, b in (("conv1.", "conv_in."), ("head.0.", "norm_out."), ("head.2.", "conv_out.")):
-        if rest.startswith(a):
-            return f"{part}.{b}{rest[len(a):]}"
+    for a, b in _PART:
+        src, dst = (a, b) if to_diffusers else (b, a)
+        if rest.startswith(src):
+            return f"{part}.{dst}{rest[len(src):]}", part, rest
+    return None, part, rest
+
+
+def _key_to_diffusers(key: str, cfg: dict) -> str:
+    n_res, residual = int(cfg.get("num_res_blocks", 2)), bool(cfg.get("is_residual", False))
+    done, part, rest = _shared_renames(key, True)
+    if done is not None:
+        return done
     m = re.match(r"middle\.(\d+)\.(.*)$", rest)
     if m:
         i, leaf = int(m.group(1)), m.group(2)
@@ -155,16 +169,9 @@ def _key_to_diffusers(key: str, cfg: dict) -> str:
 
 def _key_to_original(key: str, cfg: dict) -> str:
     n_res, residual = int(cfg.get("num_res_blocks", 2)), bool(cfg.get("is_residual", False))
-    for a, b in {"quant_conv.": "conv1.", "post_quant_conv.": "conv2."}.items():
-        if key.startswith(a):
-            return b + key[len(a) :]
-    m = re.match(r"(encoder|decoder)\.(.*)$", key)
-    if not m:
-        return key
-    part, rest = m.groups()
-    for a, b in (("conv_in.", "conv1."), ("norm_out.", "head.0."), ("conv_out.", "head.2.")):
-        if rest.startswith(a):
-            return f"{part}.{b}{rest[len(a):]}"
+    done, part, rest = _shared_renames(key, False)
+    if done is not None:
+        return done
     m = re.match(r"mid_block\.(attentions|resnets)\.(\d+)\.(.*)$", rest)
     if m:
         kind, i, leaf = m.group(1), int(m.group(2)), m.group(3)

@@ -33,8 +33,17 @@ def _torchrun(n: int, *args) -> list[str]:
             *args]
 
 
+#: gloo can abort a worker while the ranks connect (std::terminate from a TCP pair; open upstream: pytorch/gloo#514,
+#: pytorch/pytorch#188266), seen once in three loaded CI runs; a launch that died with exactly that is run once more
+GLOO_ABORT = "terminate called without an active exception"
+
+
 def _run(cmd, timeout=600):
-    return subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=timeout)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=timeout)
+    if r.returncode != 0 and GLOO_ABORT in r.stderr and "SIGABRT" in r.stderr:
+        print(f"gloo abort (upstream), launching again: {r.stderr[-600:]}")
+        r = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=timeout)
+    return r
 
 
 # ---- the split ------------------------------------------------------------------------------------------------
@@ -192,7 +201,7 @@ def test_torchrun_seg_training_online_view(assets, tmp_path):
                        "--val_interval", "2", "--val_fraction", "0.5", "--num_samples", "1", "--batch_size", "1",
                        "--patch_size", "[32,32,16]", "--init_filters", "8", "--blocks_down", "[1,1]",
                        "--blocks_up", "[1]", "--num_workers", "0"))
-    assert r.returncode == 0, r.stderr[-4000:]
+    assert r.returncode == 0, (r.stdout[-2000:] + r.stderr[-4000:])
     ckpts = sorted(p.name for p in (root / "models").iterdir())
     assert ckpts == ["model.json", "model.pt"]  # one checkpoint, written by rank 0
     state = torch.load(root / "models" / "model.pt", weights_only=True)
@@ -225,7 +234,7 @@ def test_torchrun_ldm_prepare_and_stage2d(assets, tmp_path):
     conf = BUNDLES / "fvae_ldm" / "configs"
     r = _run(_torchrun(2, "--config_file", str([str(conf / "prepare.yaml"), str(conf / "multi_gpu_prepare.yaml")]),
                        "--bundle_root", str(tmp_path)))
-    assert r.returncode == 0, r.stderr[-4000:]
+    assert r.returncode == 0, (r.stdout[-2000:] + r.stderr[-4000:])
     stats = json.loads((tmp_path / "latents" / "latent_stats.json").read_text())
     z = torch.cat([torch.load(tmp_path / "latents" / f"case{i}_ct.pt", weights_only=True)["latent"].flatten()
                    for i in range(2)]).double()
@@ -236,7 +245,7 @@ def test_torchrun_ldm_prepare_and_stage2d(assets, tmp_path):
     r = _run(_torchrun(2, "--config_file", str([str(conf / "train.yaml"), str(conf / "multi_gpu_train.yaml")]),
                        "--bundle_root", str(tmp_path), "--stage", "2d", "--samples_per_epoch", "4",
                        "--batch_size", "1", "--max_epochs", "1", "--train_depth", "4", *tiny))
-    assert r.returncode == 0, r.stderr[-4000:]
+    assert r.returncode == 0, (r.stdout[-2000:] + r.stderr[-4000:])
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["model_2d.pt"]
     ckpt = torch.load(tmp_path / "models" / "model_2d.pt", weights_only=True)
     digests = _digests(r.stdout + r.stderr)

@@ -73,8 +73,11 @@ def init(device: str | torch.device | None = None, timeout_minutes: float = DEFA
 
 
 def destroy() -> None:
-    """Leave the process group (if any)."""
+    """Leave the process group (if any), all ranks together: a barrier first, so that no rank tears down its
+    communication threads while another still talks to it."""
     if dist.is_available() and dist.is_initialized():
+        if dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -44,7 +44,7 @@ def _module(repo: Path, file: str):
 
 def _diffusers_config(name: str, kw: dict) -> dict:
     cfg = dict(base_dim=kw["dim"], z_dim=kw["z_dim"], latents_mean=[0.0] * kw["z_dim"],
-               latents_std=[1.0] * kw["z_dim"], **{k: v for k, v in COMMON.items()})
+               latents_std=[1.0] * kw["z_dim"], **COMMON)
     if name == "wan2.2":
         cfg.update(decoder_base_dim=kw["dec_dim"], is_residual=True, in_channels=12, out_channels=12, patch_size=2,
                    scale_factor_spatial=16)

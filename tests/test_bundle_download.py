@@ -3,7 +3,8 @@
 For each bundle: ``tools/build_bundles.py`` builds the archive; a local HTTP server on 127.0.0.1 serves ``dist/``
 and a mirror of the upstream files named in ``large_files.yml`` (the real files from ``FVAE_ASSETS``, at the
 upstream paths, so only the host differs); in a fresh virtual environment holding exactly the packages that the
-bundle's ``metadata.json`` lists (installed the way the model-zoo CI installs them) and NOT fvae-ct (checked first),
+bundle's ``metadata.json`` lists (installed the way the model-zoo CI installs them; what those pull in held at the
+versions of constraints.txt, so CI does not drift) and NOT fvae-ct (checked first),
 MONAI's own ``download`` (url source) fetches the archive, ``download_large_files`` fetches and hash-checks the
 weights and sample data into the bundle, and the bundle's configs run with no ``FVAE_ASSETS`` and an empty cache.
 """
@@ -42,7 +43,8 @@ def requirements(bundle: str) -> list[str]:
 def bundle_venv(bundle: str) -> Path:
     """A virtual environment with exactly the bundle's listed requirements (reused while they are unchanged)."""
     reqs = requirements(bundle)
-    key = hashlib.sha256("\n".join(reqs).encode()).hexdigest()[:12]
+    constraints = ROOT / "constraints.txt"
+    key = hashlib.sha256("\n".join(reqs).encode() + constraints.read_bytes()).hexdigest()[:12]
     venv = VENVS / f"{bundle}-{key}"
     py = venv / "bin" / "python"
     if not (venv / ".installed").is_file():
@@ -50,9 +52,14 @@ def bundle_venv(bundle: str) -> Path:
             shutil.rmtree(old, ignore_errors=True)
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
         (venv / "requirements.txt").write_text("\n".join(reqs) + "\n")
-        r = subprocess.run([str(py), "-m", "pip", "install", "-q", "-r", str(venv / "requirements.txt")],
+        pip = [str(py), "-m", "pip", "install", "-q", "-c", str(constraints)]
+        for args in (["--upgrade", "pip", "setuptools"], ["-r", str(venv / "requirements.txt")]):
+            r = subprocess.run(pip + args, capture_output=True, text=True)
+            assert r.returncode == 0, r.stderr[-3000:]
+        # every package it pulled in is pinned, at its pin (a part of the test environment's pins)
+        r = subprocess.run([sys.executable, str(ROOT / "tools" / "pins.py"), "check", "--subset", "--python", str(py)],
                            capture_output=True, text=True)
-        assert r.returncode == 0, r.stderr[-3000:]
+        assert r.returncode == 0, r.stdout + r.stderr
         (venv / ".installed").touch()
     return py
 

@@ -60,16 +60,17 @@ NOTE = (
     "run on the CPU."
 )
 MARK, END = "<!-- ZOO_CI_RESULTS -->", "<!-- /ZOO_CI_RESULTS -->"
-TOOLS = [
-    "jsonschema",
-    "black==26.10.1",
-    "isort==9.0.2",
-    "flake8==7.5.0",
-    "flake8-bugbear",
-    "flake8-comprehensions",
-    "flake8-executable",
-    "pep8-naming",
-]
+#: jsonschema (verify_metadata) and the format tools of the zoo's requirements-dev.txt, at the versions of
+#: constraints.txt (the zoo installs them unpinned)
+TOOLS = ["jsonschema", "black", "isort", "flake8", "flake8-bugbear", "flake8-comprehensions", "flake8-executable",
+         "pep8-naming"]
+#: the format checks of ``runtests.sh --codeformat`` (pytype aside), flags as the zoo passes them
+FORMAT_CHECKS = (
+    ["isort", "--check"],
+    ["black", "--skip-magic-trailing-comma", "--check"],
+    ["flake8", "--count", "--statistics"],
+)
+CONSTRAINTS = REPO / "constraints.txt"
 
 
 def sh(cmd: list, cwd: Path, env: dict | None = None, log: list | None = None, check: bool = True) -> tuple[int, str]:
@@ -188,19 +189,19 @@ def main() -> int:
     )
     log: list = []
     failed = 0
-    # the pre-merge script's first step (the zoo's requirements.txt: monai), torch held at the bundles' 2.13.0 (CPU
-    # here); then jsonschema for verify_metadata and the format tools of requirements-dev.txt
-    (work / "torch.txt").write_text("torch==2.13.0\n")
-    sh([py, "-m", "pip", "install", "-q", "-r", "requirements.txt", "-c", work / "torch.txt"], zoo, env, log)
-    sh([py, "-m", "pip", "install", "-q", *TOOLS], zoo, env)
+    # the pre-merge script's first step (the zoo's requirements.txt: monai), every package at the version of
+    # constraints.txt (torch 2.13.0, CPU here); then jsonschema for verify_metadata and the format tools
+    pin = ["-c", CONSTRAINTS]
+    sh([py, "-m", "pip", "install", "-q", "-r", "requirements.txt", *pin], zoo, env, log)
+    sh([py, "-m", "pip", "install", "-q", *TOOLS, *pin], zoo, env)
     for b in bundles:
         failed += sh([py, "ci/get_bundle_requirements.py", "--b", b], zoo, env, log)[0] != 0
         req_file = f"requirements_{b}.txt"  # the name that script writes (and prints on stdout)
-        failed += sh([py, "-m", "pip", "install", "-q", "--pre", "-r", req_file], zoo, env, log)[0] != 0
+        failed += sh([py, "-m", "pip", "install", "-q", "--pre", "-r", req_file, *pin], zoo, env, log)[0] != 0
         failed += sh([py, "ci/prepare_schema.py", "--l", b], zoo, env, log)[0] != 0
         failed += sh([py, "ci/verify_bundle.py", "-b", b, "-m", "min"], zoo, env, log)[0] != 0
         failed += sh([py, "ci/verify_bundle.py", "-b", b], zoo, env, log)[0] != 0
-        for tool in (["black", "--check"], ["isort", "--check"], ["flake8"]):
+        for tool in FORMAT_CHECKS:
             failed += sh([py, "-m", *tool, f"models/{b}"], zoo, env, log)[0] != 0
 
     lines = [

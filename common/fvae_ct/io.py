@@ -208,8 +208,7 @@ def _from_datalist(path: Path) -> list[Case]:
         key = next((k for k in ("testing", "test", "validation", "training", "data") if k in data), None)
         if key is None:
             raise InputError(
-                path,
-                "datalist JSON needs a list of {'image': ...} under 'testing', 'validation', " "'training' or 'data'",
+                path, "datalist JSON needs a list of {'image': ...} under 'testing', 'validation', 'training' or 'data'"
             )
         items = load_decathlon_datalist(str(path), is_segmentation=False, data_list_key=key, base_dir=str(base))
     elif isinstance(data, list):

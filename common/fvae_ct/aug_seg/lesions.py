@@ -56,7 +56,7 @@ def insert_lesion(
     candidates = np.argwhere(depth >= axes.max() + edge_mm)
     if len(candidates) == 0:
         raise ValueError(
-            f"no place in the organ is {axes.max() + edge_mm:.1f} mm from its surface: " "use a smaller radius_mm"
+            f"no place in the organ is {axes.max() + edge_mm:.1f} mm from its surface: use a smaller radius_mm"
         )
     centre = candidates[rng.integers(len(candidates))]
     grids = np.meshgrid(*[(np.arange(n) - c) * s for n, c, s in zip(ct.shape, centre, sp)], indexing="ij")

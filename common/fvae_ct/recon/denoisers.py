@@ -110,10 +110,7 @@ def _bilateral(x, spacing, window):
     sig = max(body_noise_sigma(x), 1.0) / (hi - lo)  # noise in the filter's [0, 1] units
 
     return _per_slice(
-        x,
-        lambda s: denoise_bilateral(s, sigma_color=3.0 * sig, sigma_spatial=1.0, win_size=5, mode="edge"),
-        lo,
-        hi,
+        x, lambda s: denoise_bilateral(s, sigma_color=3.0 * sig, sigma_spatial=1.0, win_size=5, mode="edge"), lo, hi
     )
 
 

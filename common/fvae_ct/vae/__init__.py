@@ -272,7 +272,7 @@ def load(
         dtype = getattr(torch, dtype)
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise OptionError(
-            f"device {device}: no CUDA GPU is available here (torch.cuda.is_available() is False); " "use --device cpu"
+            f"device {device}: no CUDA GPU is available here (torch.cuda.is_available() is False); use --device cpu"
         )
     if isinstance(tiling, dict):
         tiling = TilingConfig(**tiling)

@@ -24,10 +24,7 @@ from .wan_checkpoint import WAN_FILES, is_single_file, load_single_file
 __all__ = ["WanVAE", "WAN_HUB_IDS"]
 
 #: diffusers repositories holding the official weights (``subfolder="vae"``).
-WAN_HUB_IDS = {
-    "wan2.1": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
-    "wan2.2": "Wan-AI/Wan2.2-TI2V-5B-Diffusers",
-}
+WAN_HUB_IDS = {"wan2.1": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "wan2.2": "Wan-AI/Wan2.2-TI2V-5B-Diffusers"}
 
 
 def _from_pretrained(cls, weights: str | os.PathLike, dtype: torch.dtype):

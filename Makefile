@@ -16,8 +16,9 @@ export MPLBACKEND := Agg
 
 install: $(STAMP)
 
-# a fresh environment whenever the pins or the install recipe change; every package at its pin in constraints.txt
-$(STAMP): pyproject.toml Makefile constraints.txt
+# a fresh environment whenever the project's requirements or the pins change; every package at its pin in
+# constraints.txt (after changing this recipe: rm $(STAMP))
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv --clear $(VENV)
 	$(PIP_INSTALL) --upgrade pip setuptools
 	# the project, its test tools (pytest, black / isort / flake8 + plugins); built with the pinned setuptools
@@ -85,13 +86,20 @@ ablation-demo: $(STAMP)
 
 # A real MONAI Label 0.8.5 server (monaibundle app, 127.0.0.1, offline) serving the PACKAGED fvae_aug_seg archive:
 # HTTP info / datastore / infer (shape, affine, label ids) / a tiny train, then the server is stopped. Separate venv:
-# monailabel needs torch 2.14.1 + torchvision 0.29.1 (about 8 GB) and pydicom 2 (its DICOM code breaks on pydicom 3)
+# monailabel needs torch 2.14.1 + torchvision 0.29.1 (about 8 GB) and pydicom 2 (its DICOM code breaks on pydicom 3);
+# every package at the pins of constraints.txt ([test] + [monailabel]), rebuilt when that file changes
 MLVENV  := .venv-monailabel
 MLCHECK := outputs/mlcheck
-monailabel-check: $(STAMP)
-	test -f $(MLVENV)/.installed || ($(PYTHON) -m venv $(MLVENV) && $(MLVENV)/bin/pip install -q \
-	    torch==2.14.1 torchvision==0.29.1 monailabel==0.8.5 pydicom==2.4.4 dicomweb-client==0.59.1 "pynetdicom<3" \
-	    nibabel && touch $(MLVENV)/.installed)
+$(MLVENV)/.installed: constraints.txt $(STAMP)
+	$(PYTHON) -m venv --clear $(MLVENV)
+	$(PY) tools/pins.py export --env monailabel > $(MLVENV)/constraints.txt
+	$(MLVENV)/bin/pip install -q -c $(MLVENV)/constraints.txt --upgrade pip setuptools
+	$(MLVENV)/bin/pip install -q -c $(MLVENV)/constraints.txt torch torchvision monailabel pydicom dicomweb-client \
+	    pynetdicom nibabel
+	$(PY) tools/pins.py check --env monailabel --python $(MLVENV)/bin/python
+	touch $@
+
+monailabel-check: $(STAMP) $(MLVENV)/.installed
 	rm -rf $(MLCHECK)
 	$(VENV)/bin/fvae make-lesion-set $(MLCHECK)/lesions --n_cases 4
 	$(PY) tools/build_bundles.py --out $(MLCHECK)/dist --bundles fvae_aug_seg --unpack $(MLCHECK)/bundle

@@ -192,6 +192,7 @@ def main() -> int:
     # the pre-merge script's first step (the zoo's requirements.txt: monai), every package at the version of
     # constraints.txt (torch 2.13.0, CPU here); then jsonschema for verify_metadata and the format tools
     pin = ["-c", CONSTRAINTS]
+    sh([py, "-m", "pip", "install", "-q", "--upgrade", "pip", "setuptools", *pin], zoo, env)
     sh([py, "-m", "pip", "install", "-q", "-r", "requirements.txt", *pin], zoo, env, log)
     sh([py, "-m", "pip", "install", "-q", *TOOLS, *pin], zoo, env)
     for b in bundles:
@@ -203,6 +204,9 @@ def main() -> int:
         failed += sh([py, "ci/verify_bundle.py", "-b", b], zoo, env, log)[0] != 0
         for tool in FORMAT_CHECKS:
             failed += sh([py, "-m", *tool, f"models/{b}"], zoo, env, log)[0] != 0
+    # what the zoo's steps installed is held at the pins (no drift between two runs of this script)
+    pins_check = [sys.executable, REPO / "tools" / "pins.py", "check", "--subset", "--python", py]
+    failed += sh(pins_check, zoo, env, log)[0] != 0
 
     lines = [
         f"Model-zoo snapshot {commit}; `python tools/zoo_ci.py --zoo <zoo>` ({time.strftime('%Y-%m-%d')}), "

@@ -206,7 +206,7 @@ def test_paper_stage3d_timestep_draw():
         LDMPrepareBatch(make_scheduler(), timesteps="cosine")
 
 
-def test_paper_overlay_sets_the_official_recipe_and_runs_end_to_end(assets, tmp_path):
+def test_paper_overlay_sets_the_official_recipe_and_runs_end_to_end(assets, tmp_path, monkeypatch):
     """configs/paper.yaml layered on prepare / train / inference: the recipe reaches the components (checked on the
     parsed configs), and prepare -> 2d -> 3d -> generate runs with tiny sizes (identity VAE instead of LeanVAE)."""
     from conftest import PY, ROOT, run
@@ -225,6 +225,13 @@ def test_paper_overlay_sets_the_official_recipe_and_runs_end_to_end(assets, tmp_
     p.read_config([str(conf / "train.yaml"), str(conf / "paper.yaml")])
     p.update({"stage": "3d", "batch_size": 4})
     assert p.get_parsed_content("learning_rate") == pytest.approx(2e-5)
+    # the official rule scales by the number of GPUs too (torchrun's WORLD_SIZE): 5e-6 x 4 x 4 = 8e-5
+    with monkeypatch.context() as mp:
+        mp.setenv("WORLD_SIZE", "4")
+        q = ConfigParser()
+        q.read_config([str(conf / "train.yaml"), str(conf / "paper.yaml")])
+        q.update({"stage": "3d", "batch_size": 4})
+        assert q.get_parsed_content("learning_rate") == pytest.approx(8e-5)
     assert p.get_parsed_content("timesteps") == "paper_3d" and p.get_parsed_content("ema_decay") == 0.0
     p["stage"] = "2d"
     assert p.get_parsed_content("learning_rate") == pytest.approx(2e-6) and p.get_parsed_content("ema_decay") == 0.9999
@@ -240,7 +247,7 @@ def test_paper_overlay_sets_the_official_recipe_and_runs_end_to_end(assets, tmp_
     stats = json.loads((tmp_path / "latents" / "latent_stats.json").read_text())
     assert stats["mask_encoding"] == "vae" and stats["mask_label_scale"] == 400
     assert stats["text_encoder"]["max_length"] == 512
-    assert (stats["mask_gain"], stats["body_mask"], stats["scale_factor"]) == (0.5, True, 1.52)
+    assert (stats["mask_gain"], stats["body_mask"], stats["scale_factor"]) == (1.0, True, 1.52)
     for stage in ("2d", "3d"):
         r = run([PY, "-m", "monai.bundle", "run", "--config_file", train_cfg, *tiny, "--stage", stage,
                  "--samples_per_epoch", "4", "--batch_size", "2", "--max_epochs", "1"])

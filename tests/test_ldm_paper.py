@@ -148,8 +148,47 @@ def test_paper_yaml_switches_the_new_settings_on():
     for base in ("prepare.yaml", "train.yaml", "inference.yaml"):
         p = ConfigParser()
         p.read_config([str(conf / base), str(conf / "paper.yaml")])
-        assert (p["mask_gain"], p["body_mask"], p["scale_factor"]) == (0.5, True, 1.52)
+        assert (p["mask_gain"], p["body_mask"], p["scale_factor"]) == (1.0, True, 1.52)
         assert (p["consistency"], p["ddim_spacing"]) == ("conv_every", "ldm")
+        if base == "train.yaml":
+            assert p["init_3d_from"] == "model"
     p = ConfigParser()
     p.read_config(str(conf / "prepare.yaml"))
     assert (p["mask_gain"], p["body_mask"], p["scale_factor"]) == (1.0, False, None)
+
+
+def _paper(base: str):
+    from conftest import ROOT
+    from monai.bundle import ConfigParser
+
+    conf = ROOT / "bundles" / "fvae_ldm" / "configs"
+    p = ConfigParser()
+    p.read_config([str(conf / base), str(conf / "paper.yaml")])
+    return p
+
+
+def test_paper_mask_mapping_is_the_official_one_in_leanvae_range():
+    """The official loader writes ``(id / 400 * 2 - 1) / 2`` into LeanVAE's input; the paper overlay must give the
+    same values with LeanVAE's real input range (a (-1, 1) range would hide a factor of two)."""
+    from fvae_ct.ldm.workflow import vae_mask_input
+    from fvae_ct.vae import LeanVAE
+
+    p = _paper("prepare.yaml")
+    assert p["vae"] == "leanvae_dim16"
+    lo_hi = LeanVAE.input_range
+    assert tuple(lo_hi) == (-0.5, 0.5)
+    ids = torch.tensor([0.0, 1.0, 5.0, 117.0, 200.0, 400.0]).view(1, 2, 3)
+    ours = vae_mask_input(ids, p["mask_label_scale"], lo_hi, p["mask_gain"])
+    official = (ids / 400 * 2 - 1) / 2
+    assert torch.allclose(ours, official, atol=1e-7), (ours, official)
+    assert float(ours.min()) == -0.5 and float(ours.max()) == 0.5
+
+
+def test_paper_stage3d_starts_from_the_raw_2d_weights():
+    """Official ``init_from_ckpt`` loads the 2D checkpoint's model weights (its ``model_ema.*`` keys are ignored)."""
+    p = _paper("train.yaml")
+    ref_model, ref_ema = tiny_unet(seed=1), tiny_unet(seed=2)
+    ckpt = {"model": ref_model.state_dict(), "ema": {f"unet.{k}": v for k, v in ref_ema.state_dict().items()}}
+    net = load_stage2d(PseudoThreeDUNet(tiny_unet(seed=3), mode="conv_every"), ckpt, p["init_3d_from"])
+    got = net.unet.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in ref_model.state_dict().items())

@@ -23,6 +23,7 @@ __all__ = [
     "is_distributed",
     "rank",
     "world_size",
+    "launch_world_size",
     "is_main",
     "barrier",
     "gather_objects",
@@ -87,6 +88,12 @@ def rank() -> int:
 
 def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def launch_world_size() -> int:
+    """Processes of this launch as torchrun announces them (``WORLD_SIZE``; 1 without torchrun), readable before the
+    process group exists (a config's learning rate is parsed before ``init``)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def is_main() -> bool:

@@ -246,7 +246,7 @@ def test_paper_overlay_sets_the_official_recipe_and_runs_end_to_end(assets, tmp_
     assert r.returncode == 0, r.stderr[-3000:]
     stats = json.loads((tmp_path / "latents" / "latent_stats.json").read_text())
     assert stats["mask_encoding"] == "vae" and stats["mask_label_scale"] == 400
-    assert stats["text_encoder"]["max_length"] == 512
+    assert stats["text_encoder"]["max_length"] == 512 and stats["text_encoder"]["padding"] == "attend"
     assert (stats["mask_gain"], stats["body_mask"], stats["scale_factor"]) == (1.0, True, 1.52)
     for stage in ("2d", "3d"):
         r = run([PY, "-m", "monai.bundle", "run", "--config_file", train_cfg, *tiny, "--stage", stage,

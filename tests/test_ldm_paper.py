@@ -192,3 +192,46 @@ def test_paper_stage3d_starts_from_the_raw_2d_weights():
     net = load_stage2d(PseudoThreeDUNet(tiny_unet(seed=3), mode="conv_every"), ckpt, p["init_3d_from"])
     got = net.unet.state_dict()
     assert all(torch.equal(got[k], v) for k, v in ref_model.state_dict().items())
+
+
+def tiny_bert(folder, seed: int = 0):
+    """A tiny random ``BertModel`` + ``BertTokenizer`` (lower-casing, a small word-piece vocabulary) saved to ``folder``:
+    the classes CXR-BERT-specialized loads with, at toy size."""
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    words = "liver lung lesion no focal the of in is normal mild effusion heart size".split()
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words, *[f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz"]]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizer(str(folder / "vocab.txt"), do_lower_case=True).save_pretrained(folder)
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=64)
+    BertModel(cfg).eval().save_pretrained(folder)
+    return folder
+
+
+def test_text_padding_attend_is_the_official_text_path(tmp_path):
+    """``attend``: the official tokenisation (max_length padding, truncation, BERT given its attention mask,
+    last_hidden_state) and no mask for the denoiser; ``mask``: padding cut and marked."""
+    from transformers import BertModel, BertTokenizer
+
+    from fvae_ct.ldm.diffusion import FrozenTextEncoder
+
+    folder = tiny_bert(tmp_path / "bert")
+    texts = ["No focal lesion in the liver.", "Mild effusion"]
+    official_tok = BertTokenizer.from_pretrained(folder)
+    tok = official_tok(texts, padding="max_length", truncation=True, max_length=16, return_tensors="pt")
+    with torch.no_grad():
+        official = BertModel.from_pretrained(folder).eval()(
+            input_ids=tok.input_ids, attention_mask=tok.attention_mask
+        )[0]
+    enc = FrozenTextEncoder(str(folder), max_length=16, padding="attend")
+    emb, mask = enc.encode(texts)
+    assert emb.shape == official.shape == (2, 16, 32)
+    assert float((emb - official).abs().max()) <= 1e-6
+    assert bool(mask.all()) and not bool(tok.attention_mask.all())  # the denoiser attends to the padding too
+    ours, omask = FrozenTextEncoder(str(folder), max_length=16).encode(texts)
+    assert ours.shape[1] == int(tok.attention_mask.sum(1).max()) < 16 and not bool(omask.all())
+    with pytest.raises(OptionError, match="text_padding must be one of mask, attend"):
+        FrozenTextEncoder(str(folder), padding="none")

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from monai.inferers import Inferer
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, RFlowScheduler
 
+from ..errors import OptionError
 from ..options import parse_bool
 from ..tiling import TilingConfig, shifted_depth_apply
 
@@ -62,10 +63,20 @@ class FrozenTextEncoder(torch.nn.Module):
 
     ``name``: ``None`` = the offline all-MiniLM-L6-v2 (E = 384); or any BERT-like folder / hub id
     (e.g. ``microsoft/BiomedVLP-CXR-BERT-specialized``, E = 768).
+    ``padding``: ``mask`` (ours: padded to the longest text of the batch, the returned mask marks the padding so the
+    denoiser never attends to it) or ``attend`` (the official code: padded to ``max_length``, the encoder still sees
+    its attention mask, but the returned mask is all ones: the denoiser attends to every token, padding included).
     """
 
-    def __init__(self, name: str | None = None, max_length: int = 128, device: str | torch.device = "cpu"):
+    PADDING = ("mask", "attend")
+
+    def __init__(
+        self, name: str | None = None, max_length: int = 128, device: str | torch.device = "cpu", padding: str = "mask"
+    ):
         super().__init__()
+        if padding not in self.PADDING:
+            raise OptionError(f"text_padding must be one of {', '.join(self.PADDING)}, got {padding!r}")
+        self.padding = padding
         from transformers import AutoModel, AutoTokenizer
 
         path = name or minilm_path()
@@ -82,11 +93,13 @@ class FrozenTextEncoder(torch.nn.Module):
 
     @torch.no_grad()
     def encode(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        pad = "max_length" if self.padding == "attend" else True
         tok = self.tokenizer(
-            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+            list(texts), padding=pad, truncation=True, max_length=self.max_length, return_tensors="pt"
         ).to(self.model.device)
         out = self.model(**tok).last_hidden_state
-        return out.float(), tok["attention_mask"].to(torch.int64)
+        mask = tok["attention_mask"].to(torch.int64)
+        return out.float(), torch.ones_like(mask) if self.padding == "attend" else mask
 
 
 def null_text(batch: int, dim: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:

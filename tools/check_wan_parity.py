@@ -3,8 +3,8 @@
 Needs a local clone of the official repository (nothing of it is copied into this repository):
 
     git clone https://github.com/Wan-Video/Wan2.2 /path/Wan2.2     # holds wan/modules/vae2_1.py and vae2_2.py
-    pip install einops                                             # imported by the official modules
-    python tools/check_wan_parity.py --wan-repo /path/Wan2.2 [--write-fixtures tests/fixtures]
+    # einops (imported by the official modules): pinned in the make install environment
+    .venv/bin/python tools/check_wan_parity.py --wan-repo /path/Wan2.2 [--write-fixtures tests/fixtures]
 
 For Wan 2.1 and 2.2 it builds the official ``WanVAE_`` at a small width with random weights, converts its state dict
 with :func:`fvae_ct.vae.wan_checkpoint.original_to_diffusers` into diffusers' ``AutoencoderKLWan`` (strict), encodes

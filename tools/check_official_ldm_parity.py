@@ -12,7 +12,8 @@ Everything runs on the CPU in fp32 with seeded random weights (no released weigh
    official code hard-codes 17 slices) for one and two volumes, and at depths 5 and 9 against the official UNet
    whose temporal convs are told that depth (its ``PseudoConv3d`` with ``f`` = depth, otherwise its own code);
 3. a whole DDIM run (10 steps, eta 0 and 1, the same initial and step noise) of the official ``DDIMSampler`` (its
-   buffers kept on the CPU: its ``register_buffer`` moves them to CUDA) on the official UNet (``apply_model`` as its ``DiffusionWrapper`` does it: image and mask latents concatenated on
+   buffers kept on the CPU: its ``register_buffer`` moves them to CUDA) on the official UNet (``apply_model`` as
+   its ``DiffusionWrapper`` does it: image and mask latents concatenated on
    channels, text as cross-attention context; schedule from its ``make_beta_schedule``) against
    :func:`fvae_ct.ldm.diffusion.sample_latents` with the bundle's sampler settings;
 4. the text path: a tiny random ``BertModel`` through the official calls (``BertTokenizer(do_lower_case=True)``,
@@ -156,7 +157,7 @@ def main(argv=None) -> int:
     ctx_dim, w = 24, a.width
     torch.manual_seed(0)
     off = openaimodel.UNetModel(**{**OFFICIAL_UNET, "model_channels": w, "context_dim": ctx_dim}, use_checkpoint=False)
-    for n, p in off.named_parameters():
+    for p in off.parameters():
         p.add_(0.05 * torch.randn_like(p))  # zero-initialised outputs and identity temporal convs get weight
     off.eval()
     ema = {k: v + 0.01 * torch.randn_like(v) for k, v in off.state_dict().items()}
@@ -197,7 +198,8 @@ def main(argv=None) -> int:
     x, t = torch.randn(1, 32, 17, 16, 16, generator=g), torch.tensor([500])
     ctx = torch.randn(1, 11, ctx_dim, generator=g)
     want = volume(ref_ema.eval()(slices(x), t.repeat(17), context=ctx.repeat(17, 1, 1)), 1)
-    row("noise prediction with the checkpoint's EMA copy (model_ema.*)", float((want - ours_ema.eval()(x, t, ctx)).abs().max()), 1e-5)
+    got = ours_ema.eval()(x, t, ctx)
+    row("noise prediction with the checkpoint's EMA copy (model_ema.*)", float((want - got).abs().max()), 1e-5)
 
     # 3. a whole DDIM run: official DDIMSampler vs the bundle's sampler, the same noise
     host = OfficialHost(off, util)

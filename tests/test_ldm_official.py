@@ -162,3 +162,56 @@ def test_lightning_classes_in_a_checkpoint_are_read_as_inert_data(tmp_path, monk
     (key,) = ckpt["callbacks"]
     assert key.__name__ == "ModelCheckpoint" and key is not ModelCheckpoint
     assert load_official_checkpoint(tmp_path / "pl.ckpt", official_denoiser(model_channels=32, context_dim=24))
+
+
+def test_bundle_generates_with_an_official_layout_checkpoint(tmp_path):
+    """``inference.yaml`` + ``paper_pretrained.yaml`` with a tiny official-layout checkpoint (and a tiny LeanVAE with
+    16 latent channels, a tiny CXR-BERT-like encoder): a CT on the mask's grid, int16 HU in the window."""
+    import nibabel as nib
+    import numpy as np
+    from conftest import PY, run
+    from test_ldm_paper import tiny_bert
+    from transformers import BertModel
+
+    from fvae_ct.vae.leanvae import LeanVAENet
+
+    torch.manual_seed(0)
+    args = dict(embedding_dim=32, latent_dim=16, ista_iter_num=1, ista_layer_num=1, l_dim=16, h_dim=16,
+                sep_num_layer=1, fusion_num_layer=1)
+    torch.save({"args": args, "state_dict": LeanVAENet(**args).state_dict()}, tmp_path / "lean.ckpt")
+    bert_dir = tiny_bert(tmp_path / "cxr-bert")  # hidden size 32: the UNet's context width follows it
+    text = BertModel.from_pretrained(bert_dir)
+    with torch.no_grad():
+        for p in text.parameters():
+            p.mul_(1.5)  # the checkpoint's text weights differ from the folder's: they are the ones used
+    sd = {PREFIX + k: v for k, v in to_official(tiny_32(), 32).items()}
+    sd.update({f"text_transformer.{k}": v for k, v in text.state_dict().items()})
+    torch.save({"epoch": 70, "state_dict": sd}, tmp_path / "official.ckpt")
+    lab = np.zeros((24, 20, 9), np.int16)
+    lab[4:18, 3:15, 1:8] = 5
+    lab[8:12, 6:10, 3:6] = 21
+    affine = np.diag([-1.2, -1.2, 2.5, 1.0])
+    affine[:3, 3] = [30.0, 20.0, -40.0]
+    nib.save(nib.Nifti1Image(lab, affine), tmp_path / "organs.nii.gz")
+    conf = ROOT / "bundles" / "fvae_ldm" / "configs"
+    r = run([PY, "-m", "monai.bundle", "run", "--config_file",
+             f"['{conf / 'inference.yaml'}','{conf / 'paper_pretrained.yaml'}']", "--bundle_root", str(tmp_path),
+             "--official_checkpoint", str(tmp_path / "official.ckpt"), "--official_width", "32",
+             "--vae_weights", str(tmp_path / "lean.ckpt"), "--text_encoder", str(bert_dir),
+             "--mask", str(tmp_path / "organs.nii.gz"), "--report", "No focal lesion in the liver.",
+             "--output_dir", str(tmp_path / "gen"), "--steps", "3"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = nib.load(tmp_path / "gen" / "organs_generated.nii.gz")
+    assert out.shape == lab.shape and np.allclose(out.affine, affine) and out.get_data_dtype() == np.int16
+    vol = np.asarray(out.dataobj)
+    assert vol.min() >= -1000 and vol.max() <= 1000 and vol.std() > 0
+
+
+def tiny_32(seed: int = 6):
+    """A tiny official denoiser whose context width is the tiny BERT's (32)."""
+    torch.manual_seed(seed)
+    net = official_denoiser(model_channels=32, context_dim=32)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return net.eval()

@@ -206,7 +206,7 @@ def tiny_bert(folder, seed: int = 0):
     BertTokenizer(str(folder / "vocab.txt"), do_lower_case=True).save_pretrained(folder)
     torch.manual_seed(seed)
     cfg = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=64, max_position_embeddings=64)
+                     intermediate_size=64, max_position_embeddings=512)
     BertModel(cfg).eval().save_pretrained(folder)
     return folder
 

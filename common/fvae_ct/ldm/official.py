@@ -30,6 +30,9 @@ __all__ = [
     "convert_official_unet",
     "safe_load",
     "load_official_checkpoint",
+    "official_stats",
+    "load_pretrained",
+    "text_width",
 ]
 
 #: ``unet_config.params`` of the official configs (``configs/latent-diffusion/full_ct_3d_with_body_mask.yaml``)
@@ -234,7 +237,10 @@ def load_official_checkpoint(path: str | Path, network, use_ema: bool = True, te
     trained without EMA), else the weights. ``text_model``: a ``transformers.BertModel`` that receives the file's
     ``text_transformer.*`` weights when present (strict). Returns what was read:
     ``{"source": "ema"|"model", "text": bool, "temporal": bool, "epoch", "global_step"}``."""
-    ckpt = safe_load(path)
+    return _apply(safe_load(path), path, network, use_ema, text_model)
+
+
+def _apply(ckpt: dict, path, network, use_ema: bool, text_model) -> dict:
     sd = ckpt.get("state_dict", ckpt)
     unet = {k[len(PREFIX) :]: v for k, v in sd.items() if k.startswith(PREFIX)}
     if not unet:
@@ -273,3 +279,43 @@ def load_official_checkpoint(path: str | Path, network, use_ema: bool = True, te
         "epoch": ckpt.get("epoch"),
         "global_step": ckpt.get("global_step"),
     }
+
+
+def text_width(text_encoder: str) -> int:
+    """Hidden size of a BERT-like text encoder (a folder or hub id), read from its config: 768 for CXR-BERT."""
+    from transformers import AutoConfig
+
+    local = Path(str(text_encoder)).exists()
+    return int(AutoConfig.from_pretrained(str(text_encoder), local_files_only=local).hidden_size)
+
+
+def official_stats(text_encoder: str, text_dim: int = 768, vae: str = "leanvae_dim16") -> dict:
+    """What ``latent_stats.json`` would record for the official model (it has no latent cache): LeanVAE-dim16 latents
+    and VAE-encoded masks, both x 1.52; label id / 400 in LeanVAE's range; body-masked training images; CXR-BERT
+    (``text_encoder``: its folder or hub id), 512 tokens, all attended."""
+    return {
+        "vae": vae,
+        "latent_channels": 16,
+        "mask_channels": 16,
+        "mask_encoding": "vae",
+        "classes": [],
+        "mask_label_scale": 400.0,
+        "mask_gain": 1.0,
+        "body_mask": True,
+        "scale_factor": OFFICIAL_SCHEDULE["scale_factor"],
+        "mask_scale_factor": OFFICIAL_SCHEDULE["scale_factor"],
+        "scale_factor_fixed": True,
+        "text_encoder": {"name": str(text_encoder), "dim": int(text_dim), "max_length": 512, "padding": "attend"},
+        "text_dim": int(text_dim),
+    }
+
+
+def load_pretrained(path: str | Path, model_channels: int = 224, context_dim: int = 768, use_ema: bool = True) -> dict:
+    """The official checkpoint as the bundle's inference uses it: ``{"network": official_denoiser loaded, in eval
+    mode, "text": the file's text_transformer.* weights or None, "info": what load_official_checkpoint read}``."""
+    network = official_denoiser(model_channels=model_channels, context_dim=context_dim)
+    ckpt = safe_load(path)
+    info = _apply(ckpt, path, network, use_ema, None)
+    sd = ckpt.get("state_dict", ckpt)
+    text = {k[len("text_transformer.") :]: v for k, v in sd.items() if k.startswith("text_transformer.")}
+    return {"network": network.eval(), "text": text or None, "info": info}

@@ -386,6 +386,8 @@ class GenerateWorkflow:
         network: the trained denoiser; vae: the frozen VAE of the latent space; stats: latent_stats.json dict.
         inferer: a :class:`~fvae_ct.ldm.SamplingInferer` (scheduler, steps, guidance, seed, depth windows);
             ``None``: its defaults (DDIM 20 steps, guidance 2, 16-slice windows overlapping by 4).
+        text_weights: a state dict for the text encoder's transformer, when the model file carries one (the
+            official checkpoint's ``text_transformer.*``); the tokenizer and config come from the recorded encoder.
     """
 
     def __init__(
@@ -398,6 +400,7 @@ class GenerateWorkflow:
         text_encoder: str | None = None,
         hu_window=(-1000.0, 1000.0),
         multiple: int = 4,
+        text_weights: dict | None = None,
     ):
         self.network, self.vae, self.stats = network.eval(), vae, stats
         self.output_dir = Path(output_dir)
@@ -418,6 +421,14 @@ class GenerateWorkflow:
                     f"text encoder {rec['name']!r} gives {self.text_encoder.dim}-d embeddings, the model was trained "
                     f"on {rec['dim']}-d ones"
                 )
+            if text_weights:  # the text transformer's weights stored with the model (the official checkpoint)
+                bad = self.text_encoder.model.load_state_dict(text_weights, strict=False)
+                missing = [k for k in bad.missing_keys if not k.endswith("position_ids")]
+                if missing or bad.unexpected_keys:
+                    raise OptionError(
+                        f"the model's text weights do not fit {rec['name']!r}: missing {missing[:3]}, "
+                        f"unexpected {bad.unexpected_keys[:3]}"
+                    )
         self.hu_window = hu_window
         self.multiple = multiple
 

@@ -166,7 +166,8 @@ def test_lightning_classes_in_a_checkpoint_are_read_as_inert_data(tmp_path, monk
 
 def test_bundle_generates_with_an_official_layout_checkpoint(tmp_path):
     """``inference.yaml`` + ``paper_pretrained.yaml`` with a tiny official-layout checkpoint (and a tiny LeanVAE with
-    16 latent channels, a tiny CXR-BERT-like encoder): a CT on the mask's grid, int16 HU in the window."""
+    16 latent channels, a tiny CXR-BERT-like encoder), the official long-volume procedure: a CT on the mask's grid,
+    int16 HU in the window."""
     import nibabel as nib
     import numpy as np
     from conftest import PY, run
@@ -187,9 +188,9 @@ def test_bundle_generates_with_an_official_layout_checkpoint(tmp_path):
     sd = {PREFIX + k: v for k, v in to_official(tiny_32(), 32).items()}
     sd.update({f"text_transformer.{k}": v for k, v in text.state_dict().items()})
     torch.save({"epoch": 70, "state_dict": sd}, tmp_path / "official.ckpt")
-    lab = np.zeros((24, 20, 9), np.int16)
-    lab[4:18, 3:15, 1:8] = 5
-    lab[8:12, 6:10, 3:6] = 21
+    lab = np.zeros((24, 20, 80), np.int16)  # 80 slices: two official windows, a second pass, one swapped seam
+    lab[4:18, 3:15, 1:78] = 5
+    lab[8:12, 6:10, 30:50] = 21
     affine = np.diag([-1.2, -1.2, 2.5, 1.0])
     affine[:3, 3] = [30.0, 20.0, -40.0]
     nib.save(nib.Nifti1Image(lab, affine), tmp_path / "organs.nii.gz")
@@ -201,6 +202,8 @@ def test_bundle_generates_with_an_official_layout_checkpoint(tmp_path):
              "--mask", str(tmp_path / "organs.nii.gz"), "--report", "No focal lesion in the liver.",
              "--output_dir", str(tmp_path / "gen"), "--steps", "3"])
     assert r.returncode == 0, r.stderr[-3000:]
+    # official long volume: windows [0, 65) and [15, 80) (re-injected), then the second pass over [32, 80)
+    assert r.stderr.count("denoising:   0%") == 3, r.stderr[-2000:]
     out = nib.load(tmp_path / "gen" / "organs_generated.nii.gz")
     assert out.shape == lab.shape and np.allclose(out.affine, affine) and out.get_data_dtype() == np.int16
     vol = np.asarray(out.dataobj)

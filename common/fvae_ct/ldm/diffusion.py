@@ -31,6 +31,7 @@ from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, RFlowSchedul
 from ..errors import OptionError
 from ..options import parse_bool
 from ..tiling import TilingConfig, shifted_depth_apply
+from .long_volume import reinject
 
 __all__ = [
     "FrozenTextEncoder",
@@ -306,8 +307,12 @@ class SamplingInferer(Inferer):
         depth_shift: bool = True,
         eta: float = 0.0,
         ddim_spacing: str = "ldm",
+        long_volume: str = "blend",
     ):
         super().__init__()
+        if long_volume not in ("blend", "official"):
+            raise OptionError(f"long_volume must be 'blend' or 'official', got {long_volume!r}")
+        self.long_volume = long_volume
         if depth_overlap is None:  # half the window (measured seam-free with the shifting grid)
             depth_overlap = int(depth_window) // 2 if depth_window else 0
         TilingConfig(depth_window=depth_window, depth_overlap=depth_overlap)  # the same checks as everywhere
@@ -317,7 +322,11 @@ class SamplingInferer(Inferer):
         self.depth_shift = parse_bool(depth_shift, "depth_shift")
         self.eta = float(eta)
 
-    def __call__(self, inputs, network, *args, mask=None, context=None, context_mask=None, **kwargs):
+    def __call__(
+        self, inputs, network, *args, mask=None, context=None, context_mask=None, previous=None, seed_offset=0, **kw
+    ):
+        """``previous``: a latent slice to re-inject into the first one (``long_volume: official``); ``seed_offset``:
+        added to the seed (one window of several)."""
         shape = tuple(inputs.shape) if isinstance(inputs, torch.Tensor) else tuple(inputs)
         return sample_latents(
             network,
@@ -328,12 +337,13 @@ class SamplingInferer(Inferer):
             context_mask,
             self.guidance,
             self.steps,
-            self.seed,
+            self.seed + int(seed_offset),
             self.depth_window,
             self.depth_overlap,
             progress=self.progress,
             depth_shift=self.depth_shift,
             eta=self.eta,
+            previous=previous,
         )
 
 
@@ -376,6 +386,7 @@ def sample_latents(
     progress: bool = False,
     depth_shift: bool = True,
     eta: float = 0.0,
+    previous: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Generate latents ``[1, C, d, h, w]`` (scaled) from noise, with CFG and blended depth windows.
 
@@ -385,7 +396,9 @@ def sample_latents(
     ``frac(i * 0.618) * stride``), so the slices at window edges, where a depth-coupled model sees the least
     context, change every step instead of forming a seam (measured with an exact AR(1) denoiser in
     ``tests/test_ldm_seams.py``). ``eta``: DDIM stochasticity (0 deterministic, our default; 1 the paper's), its
-    noise drawn from a generator seeded by ``seed``.
+    noise drawn from a generator seeded by ``seed``. ``previous [1, C, 1, h, w]`` (DDIM): re-injected into the first
+    latent slice before the first step and after every step, the official way (:func:`fvae_ct.ldm.long_volume.reinject`
+    with ``alpha_cumprod[T - 1]``, then ``alpha_cumprod[index]`` for DDIM step index ``S - 1 .. 0``).
     """
     from tqdm.auto import tqdm
 
@@ -401,6 +414,11 @@ def sample_latents(
     else:
         scheduler.set_timesteps(steps, device=device)
     ts = list(scheduler.timesteps)
+    if previous is not None:
+        if isinstance(scheduler, RFlowScheduler):
+            raise ValueError("re-injecting a previous latent is the official DDIM procedure (scheduler ddpm)")
+        ac, inject_gen = scheduler.alphas_cumprod, torch.Generator().manual_seed(int(seed) + 2)
+        z = reinject(z, previous, ac[-1], inject_gen)
     for i, t in enumerate(tqdm(ts, desc="denoising", disable=not progress)):
         tt = torch.full((z.shape[0],), int(t), device=device, dtype=torch.long)
 
@@ -421,4 +439,6 @@ def sample_latents(
                 if eta
                 else scheduler.step(eps, int(t), z)
             )
+        if previous is not None:  # the DDIM step index into the 1000-step table, as the official code does
+            z = reinject(z, previous, ac[len(ts) - 1 - i], inject_gen)
     return z

@@ -7,6 +7,7 @@ holds ``scale_factor`` (1 / std of all latents, or a fixed number) and what prod
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -27,6 +28,7 @@ from ..io import _atomic, case_name, case_voxels, load_ct, load_labels, save_nif
 from ..options import parse_bool
 from ..transforms import from_slices, recon_preprocessing, to_slices, unit_to_hu
 from .diffusion import FrozenTextEncoder, SamplingInferer, onehot_mask_latent
+from .long_volume import official_long_volume
 
 __all__ = [
     "read_report",
@@ -432,22 +434,14 @@ class GenerateWorkflow:
         self.hu_window = hu_window
         self.multiple = multiple
 
-    @torch.no_grad()
-    def run(self, mask: str, report: str | None = None, name: str | None = None) -> Path:
-        mask_img = nib.load(str(mask))
-        affine = mask_img.affine
-        shape = mask_img.shape[:3]
-        lab = torch.from_numpy(to_slices(load_labels(str(mask), affine, shape), affine)[0])  # [D, H, W]
-        d, h, w = lab.shape
-        latent_shape = self.vae.latent_shape((d, h, w))
-        cond = (
-            onehot_mask_latent(
+    def _mask_condition(self, lab: torch.Tensor, mask: str) -> tuple[torch.Tensor | None, tuple]:
+        """Label slices ``[D, H, W]`` -> (the mask condition on the latent grid or ``None``, the latent shape)."""
+        latent_shape = self.vae.latent_shape(tuple(lab.shape))
+        if self.stats["mask_encoding"] == "onehot":
+            cond = onehot_mask_latent(
                 lab, self.stats["classes"], self.vae.spatial_factor, self.vae.depth_factor, latent_shape
             )[None]
-            if self.stats["mask_encoding"] == "onehot"
-            else None
-        )
-        if self.stats["mask_encoding"] == "vae":
+        else:
             try:
                 u = vae_mask_input(
                     lab, self.stats["mask_label_scale"], self.vae.input_range, self.stats.get("mask_gain") or 1.0
@@ -455,12 +449,15 @@ class GenerateWorkflow:
             except ValueError as e:
                 raise InputError(mask, str(e)) from None
             cond = self.vae.encode(u[None, None]) * float(self.stats["mask_scale_factor"])
+        return cond, latent_shape
+
+    def _generate(self, lab, mask, ctx, cmask, previous=None, seed_offset=0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Label slices ``[D, H, W]`` -> (decoded slices ``[D, H, W]`` in the VAE's range, the last latent slice)."""
+        d, h, w = lab.shape
+        cond, latent_shape = self._mask_condition(lab, mask)
         m = self.multiple
         ph, pw = (-latent_shape[1]) % m, (-latent_shape[2]) % m
         cond = F.pad(cond, (0, pw, 0, ph, 0, 0), mode="replicate") if cond is not None else None
-        ctx = cmask = None
-        if self.text_encoder is not None:
-            ctx, cmask = self.text_encoder.encode([read_report(report)])
         dev = next(self.network.parameters()).device
         z = self.inferer(
             (1, self.stats["latent_channels"], latent_shape[0], latent_shape[1] + ph, latent_shape[2] + pw),
@@ -468,11 +465,36 @@ class GenerateWorkflow:
             mask=cond.to(dev) if cond is not None else None,
             context=ctx.to(dev) if ctx is not None else None,
             context_mask=cmask.to(dev) if cmask is not None else None,
+            previous=previous,
+            seed_offset=seed_offset,
         )
-        z = z[:, :, :, : latent_shape[1], : latent_shape[2]] / self.stats["scale_factor"]
-        x = self.vae.decode(z)[:, :, :d, :h, :w].cpu()  # VAE range, slice layout
+        x = self.vae.decode(z[:, :, :, : latent_shape[1], : latent_shape[2]] / self.stats["scale_factor"])
+        return x[0, 0, :d, :h, :w].cpu(), z[:, :, -1:]
+
+    @torch.no_grad()
+    def run(self, mask: str, report: str | None = None, name: str | None = None) -> Path:
+        mask_img = nib.load(str(mask))
+        affine = mask_img.affine
+        shape = mask_img.shape[:3]
+        lab = torch.from_numpy(to_slices(load_labels(str(mask), affine, shape), affine)[0])  # [D, H, W]
+        d, h, w = lab.shape
+        ctx = cmask = None
+        if self.text_encoder is not None:
+            ctx, cmask = self.text_encoder.encode([read_report(report)])
+        if getattr(self.inferer, "long_volume", "blend") == "official":
+            # image-space windows of (window - 1) x depth factor + 1 slices (65 for 17 LeanVAE latents), two passes
+            lw, f = int(self.inferer.depth_window), self.vae.depth_factor
+            window = (lw - 1) * f + 1 if f > 1 else lw
+            calls = itertools.count()  # every window draws its own noise (3 seeds: start, steps, re-injection)
+
+            def generate(start, stop, previous):
+                return self._generate(lab[start:stop], mask, ctx, cmask, previous, seed_offset=3 * next(calls))
+
+            x = official_long_volume(generate, d, window, window // 2, window // 4, lw - 1, f)
+        else:
+            x = self._generate(lab, mask, ctx, cmask)[0]
         lo, hi = self.vae.input_range
-        hu = unit_to_hu(((x[0, 0] - lo) / (hi - lo)).clamp(0, 1), self.hu_window)  # [D, H, W]
+        hu = unit_to_hu(((x - lo) / (hi - lo)).clamp(0, 1), self.hu_window)  # [D, H, W]
         vol = from_slices(hu.numpy(), affine).astype(np.int16)  # the mask's voxel order
         name = name or case_name(mask).replace("_seg", "") + "_generated"
         # the mask's header (qform / sform matrices and codes) is the output's: same grid, same geometry

@@ -58,6 +58,7 @@ zoo-check: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/bench_taef2.py --out outputs/bench
 	$(PY) bench/bench_memory.py --out outputs/bench_memory --slices 20,60,180
+	$(PY) bench/bench_official_ldm.py --out outputs/bench_official_ldm
 
 bench-video: $(STAMP)
 	$(PY) bench/bench_video_vaes.py --out outputs/bench_video --models ivvae_z16_dim64 --slices 5,9

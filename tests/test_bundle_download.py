@@ -43,8 +43,9 @@ def requirements(bundle: str) -> list[str]:
 def bundle_venv(bundle: str) -> Path:
     """A virtual environment with exactly the bundle's listed requirements (reused while they are unchanged)."""
     reqs = requirements(bundle)
-    constraints = ROOT / "constraints.txt"
-    key = hashlib.sha256("\n".join(reqs).encode() + constraints.read_bytes()).hexdigest()[:12]
+    pins = subprocess.run([sys.executable, str(ROOT / "tools" / "pins.py"), "export", "--env", "bundles"],
+                          capture_output=True, text=True, check=True).stdout  # [test] + [bundles] of constraints.txt
+    key = hashlib.sha256("\n".join(reqs).encode() + pins.encode()).hexdigest()[:12]
     venv = VENVS / f"{bundle}-{key}"
     py = venv / "bin" / "python"
     if not (venv / ".installed").is_file():
@@ -52,13 +53,14 @@ def bundle_venv(bundle: str) -> Path:
             shutil.rmtree(old, ignore_errors=True)
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
         (venv / "requirements.txt").write_text("\n".join(reqs) + "\n")
-        pip = [str(py), "-m", "pip", "install", "-q", "-c", str(constraints)]
+        (venv / "constraints.txt").write_text(pins)
+        pip = [str(py), "-m", "pip", "install", "-q", "-c", str(venv / "constraints.txt")]
         for args in (["--upgrade", "pip", "setuptools"], ["-r", str(venv / "requirements.txt")]):
             r = subprocess.run(pip + args, capture_output=True, text=True)
             assert r.returncode == 0, r.stderr[-3000:]
-        # every package it pulled in is pinned, at its pin (a part of the test environment's pins)
-        r = subprocess.run([sys.executable, str(ROOT / "tools" / "pins.py"), "check", "--subset", "--python", str(py)],
-                           capture_output=True, text=True)
+        # every package it pulled in is pinned, at its pin
+        check = [sys.executable, str(ROOT / "tools" / "pins.py"), "check", "--env", "bundles", "--subset", "--python"]
+        r = subprocess.run([*check, str(py)], capture_output=True, text=True)
         assert r.returncode == 0, r.stdout + r.stderr
         (venv / ".installed").touch()
     return py

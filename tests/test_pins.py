@@ -87,3 +87,14 @@ def test_readme_names_the_pinned_format_tool_versions():
     said = text[text.index("The vendored code is checked") :].split("(the zoo's CI installs")[0]
     for tool in ("black", "isort", "flake8", "flake8-bugbear", "flake8-comprehensions", "flake8-executable", "pep8-naming"):
         assert f"{tool} {TEST[tool]}" in said, f"README: {tool} is pinned at {TEST[tool]}"
+
+
+def test_sections_are_layers_in_file_order():
+    """[bundles] = [test] + what a bundle's requirements pull in; [monailabel] = both + its own, then its overrides."""
+    bundles, own = pins.pins_for("bundles", SECTIONS)
+    assert set(TEST) < set(bundles) and own == set(SECTIONS["bundles"]) and "sentence-transformers" in own
+    assert all(bundles[k] == v for k, v in TEST.items())
+    ml, _ = pins.pins_for("monailabel", SECTIONS)
+    assert set(bundles) < set(ml)
+    with pytest.raises(SystemExit, match="no '# \\[nope\\]' section"):
+        pins.pins_for("nope", SECTIONS)

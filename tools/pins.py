@@ -3,12 +3,14 @@
     python tools/pins.py check [--env test] [--python .venv/bin/python] [--subset]
     python tools/pins.py export --env monailabel > constraints-monailabel.txt
 
-``constraints.txt`` has one section per environment, headed ``# [name] ...``:
+``constraints.txt`` has one section per environment, headed ``# [name] ...``; each adds to the sections above it:
 - ``[test]``: the test environment (``make install``: library, test tools, lint plugins, the JAX reference stack,
-  pip and setuptools). The bundle-check, model-zoo and MONAI Label environments install with it as constraints too.
-- ``[monailabel]``: what only the ``make monailabel-check`` environment installs (MONAI Label and its server stack),
-  and ``#! name==version`` lines for the packages that environment holds at another version than ``[test]`` (pip
-  reads them as comments, so the whole file stays one valid constraints file for pip).
+  pip and setuptools);
+- ``[bundles]``: what a bundle's ``metadata.json`` requirements pull in beyond that (the bundle-check and model-zoo
+  environments: ``[test]`` + ``[bundles]``);
+- ``[monailabel]``: what the ``make monailabel-check`` environment adds (MONAI Label and its server stack), and
+  ``#! name==version`` lines for the packages it holds at another version than the sections above (pip reads them
+  as comments, so the whole file stays one valid constraints file for pip).
 
 ``check`` compares ``pip list`` of an interpreter with the section of its environment and fails, one line per
 package, on an installed package with no pin (unpinned), a version other than its pin (drifted) and, unless
@@ -65,14 +67,19 @@ def read(path: Path = CONSTRAINTS) -> dict[str, dict[str, str]]:
 
 
 def pins_for(env: str, sections: dict[str, dict[str, str]]) -> tuple[dict[str, str], set[str]]:
-    """(the pins of one environment, the names its own section holds). ``test`` is its own section; any other
-    environment is ``[test]`` with its section's packages added and its ``#!`` overrides applied."""
-    if env not in sections:
-        raise SystemExit(f"no '# [{env}]' section in {CONSTRAINTS.name}; sections: {', '.join(sorted(sections))}")
-    if env == "test":
-        return dict(sections["test"]), set(sections["test"])
+    """(the pins of one environment, the names its own section holds). Sections are layers in file order: an
+    environment holds its own section and every section above it, then its ``#!`` overrides."""
+    if env not in sections or env.endswith("!"):
+        names = ", ".join(k for k in sections if not k.endswith("!"))
+        raise SystemExit(f"no '# [{env}]' section in {CONSTRAINTS.name}; sections: {names}")
+    pins: dict[str, str] = {}
+    for name, section in sections.items():
+        if not name.endswith("!"):
+            pins.update(section)
+        if name == env:
+            break
     own = {**sections[env], **sections.get(f"{env}!", {})}
-    return {**sections["test"], **own}, set(own)
+    return {**pins, **own}, set(own)
 
 
 def installed(python: str) -> dict[str, str]:

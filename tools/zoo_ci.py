@@ -70,7 +70,6 @@ FORMAT_CHECKS = (
     ["black", "--skip-magic-trailing-comma", "--check"],
     ["flake8", "--count", "--statistics"],
 )
-CONSTRAINTS = REPO / "constraints.txt"
 
 
 def sh(cmd: list, cwd: Path, env: dict | None = None, log: list | None = None, check: bool = True) -> tuple[int, str]:
@@ -191,7 +190,10 @@ def main() -> int:
     failed = 0
     # the pre-merge script's first step (the zoo's requirements.txt: monai), every package at the version of
     # constraints.txt (torch 2.13.0, CPU here); then jsonschema for verify_metadata and the format tools
-    pin = ["-c", CONSTRAINTS]
+    pins = subprocess.run([sys.executable, REPO / "tools" / "pins.py", "export", "--env", "bundles"],
+                          capture_output=True, text=True, check=True).stdout
+    (work / "constraints.txt").write_text(pins)  # [test] + [bundles] of constraints.txt
+    pin = ["-c", work / "constraints.txt"]
     sh([py, "-m", "pip", "install", "-q", "--upgrade", "pip", "setuptools", *pin], zoo, env)
     sh([py, "-m", "pip", "install", "-q", "-r", "requirements.txt", *pin], zoo, env, log)
     sh([py, "-m", "pip", "install", "-q", *TOOLS, *pin], zoo, env)
@@ -205,7 +207,7 @@ def main() -> int:
         for tool in FORMAT_CHECKS:
             failed += sh([py, "-m", *tool, f"models/{b}"], zoo, env, log)[0] != 0
     # what the zoo's steps installed is held at the pins (no drift between two runs of this script)
-    pins_check = [sys.executable, REPO / "tools" / "pins.py", "check", "--subset", "--python", py]
+    pins_check = [sys.executable, REPO / "tools" / "pins.py", "check", "--env", "bundles", "--subset", "--python", py]
     failed += sh(pins_check, zoo, env, log)[0] != 0
 
     lines = [

@@ -1,0 +1,62 @@
+"""The ablation's statistics: one empty-label rule for Dice and NSD, lesion-wise detection, bootstrap CIs."""
+
+import numpy as np
+import torch
+from monai.metrics import DiceMetric
+
+from fvae_ct.aug_seg import SpacingSurfaceDiceMetric
+from fvae_ct.aug_seg.stats import apply_empty_rule, hierarchical_bootstrap, lesion_detection
+
+
+def _onehot(lab, n=2):
+    from monai.data import MetaTensor
+
+    t = torch.nn.functional.one_hot(torch.as_tensor(lab).long(), n).permute(3, 0, 1, 2)[None].float()
+    return MetaTensor(t, affine=torch.diag(torch.tensor([2.0, 2.0, 3.0, 1.0])))
+
+
+def test_monai_disagrees_on_an_empty_ground_truth_and_the_rule_makes_both_zero():
+    gt = np.zeros((12, 12, 6), int)
+    fp = gt.copy()
+    fp[2:4, 2:4, 2:4] = 1
+    y, p = _onehot(gt), _onehot(fp)
+    dice = DiceMetric(include_background=False)(p, y).item()
+    nsd = SpacingSurfaceDiceMetric(class_thresholds=[2.0], include_background=False)(p, y).item()
+    assert np.isnan(dice) and nsd == 0.0  # what MONAI gives: the false positive vanishes from a Dice mean
+    both, counts = zip(*(apply_empty_rule([v], [True], [False]) for v in (dice, nsd)))
+    assert [b[0] for b in both] == [0.0, 0.0] and counts[0] == {"empty_gt": 1, "empty_gt_false_positive": 1}
+    v, c = apply_empty_rule([np.nan, 0.0, 0.8], [True, True, False], [True, False, False])
+    assert v.tolist() == [1.0, 0.0, 0.8] and c == {"empty_gt": 2, "empty_gt_false_positive": 1}
+    assert np.nanmean(v) == np.mean(v)  # nothing left undefined
+
+
+def test_lesion_detection_by_connected_components():
+    gt = np.zeros((20, 20, 10), int)
+    gt[2:5, 2:5, 2:5] = 2      # lesion A (hit)
+    gt[12:15, 12:15, 5:8] = 2  # lesion B (missed)
+    gt[0:20, 0:2, :] = 1       # another class is ignored
+    pred = np.zeros_like(gt)
+    pred[4:6, 4:6, 4:6] = 2    # touches A
+    pred[8, 8, 1] = 2          # false positive ...
+    pred[9, 9, 2] = 2          # ... diagonal neighbour: the same component (26-connectivity)
+    assert lesion_detection(pred, gt, 2) == {"lesions": 2, "detected": 1, "false_positives": 1}
+    assert lesion_detection(gt, gt, 2) == {"lesions": 2, "detected": 2, "false_positives": 0}
+    assert lesion_detection(np.zeros_like(gt), gt, 2) == {"lesions": 2, "detected": 0, "false_positives": 0}
+
+
+def test_hierarchical_bootstrap_covers_case_and_seed_spread():
+    rng = np.random.default_rng(0)
+    d = rng.normal(0.1, 1.0, 400)
+    m, lo, hi = hierarchical_bootstrap(d, n_boot=4000)
+    assert abs(m - d.mean()) < 1e-12
+    assert abs((hi - lo) / 2 - 1.96 * d.std() / 20) < 0.02  # one seed: the usual case bootstrap
+    m, lo, hi = hierarchical_bootstrap(np.full((3, 5), 0.25))
+    assert m == lo == hi == 0.25
+    # three seeds, one of them shifted: the seed spread widens the interval beyond the case bootstrap's
+    seeds = np.stack([d[:50], d[:50] + 1.0, d[:50]])
+    _, lo_s, hi_s = hierarchical_bootstrap(seeds, n_boot=4000)
+    _, lo_c, hi_c = hierarchical_bootstrap(seeds.mean(0), n_boot=4000)
+    assert hi_s - lo_s > 1.5 * (hi_c - lo_c)
+    assert np.isnan(hierarchical_bootstrap(np.array([np.nan, np.nan]))[0])
+    with_nan = np.array([0.5, np.nan, 0.5])
+    assert hierarchical_bootstrap(with_nan)[:1] == (0.5,)

@@ -2,10 +2,9 @@
 
 import numpy as np
 import torch
-from monai.metrics import DiceMetric
-
 from fvae_ct.aug_seg import SpacingSurfaceDiceMetric
 from fvae_ct.aug_seg.stats import apply_empty_rule, hierarchical_bootstrap, lesion_detection
+from monai.metrics import DiceMetric
 
 
 def _onehot(lab, n=2):

@@ -59,3 +59,51 @@ def test_hierarchical_bootstrap_covers_case_and_seed_spread():
     assert np.isnan(hierarchical_bootstrap(np.array([np.nan, np.nan]))[0])
     with_nan = np.array([0.5, np.nan, 0.5])
     assert hierarchical_bootstrap(with_nan)[:1] == (0.5,)
+
+
+# ---- the scorer of saved label maps (every arm, SegResNet or nnU-Net) -------------------------------------------
+def _save(tmp_path, name, arr, affine):
+    import nibabel as nib
+
+    p = tmp_path / f"{name}.nii.gz"
+    nib.save(nib.Nifti1Image(arr.astype(np.uint8), affine), str(p))
+    return p
+
+
+def test_score_case_values_empty_rule_detection_and_grid(tmp_path):
+    import pytest
+    from fvae_ct.aug_seg.scoring import score_case, summarise
+    from fvae_ct.errors import InputError
+
+    aff = np.diag([2.0, 2.0, 3.0, 1.0])
+    gt = np.zeros((20, 20, 10), np.uint8)
+    gt[2:12, 2:12, 2:8] = 1  # organ: 600 voxels
+    gt[4:6, 4:6, 3:5] = 2  # lesion A (8 voxels, inside the organ)
+    gt[9:11, 9:11, 5:7] = 2  # lesion B (8 voxels)
+    pred = gt.copy()
+    pred[9:11, 9:11, 5:7] = 1  # lesion B missed
+    pred[15:17, 15:17, 2:4] = 2  # a false-positive component
+    g, p = _save(tmp_path, "gt", gt, aff), _save(tmp_path, "pred", pred, aff)
+    s = score_case(p, g, [1, 2], [2.0, 2.0], lesion_classes=[2])
+    organ_gt, organ_pred = (gt == 1).sum(), (pred == 1).sum()
+    assert s["dice_1"] == pytest.approx(2 * ((gt == 1) & (pred == 1)).sum() / (organ_gt + organ_pred))
+    assert s["dice_2"] == pytest.approx(2 * 8 / (16 + 16))  # 8 shared of 16 + 16
+    assert (s["lesions_2"], s["detected_2"], s["fp_2"]) == (2, 1, 1)
+    assert s["gt_empty_2"] == 0.0 and s["pred_empty_2"] == 0.0
+    # an empty ground truth: a false positive scores 0 in both metrics, an empty prediction 1 in both
+    gt0 = np.where(gt == 2, 1, gt).astype(np.uint8)
+    s0 = score_case(p, _save(tmp_path, "gt0", gt0, aff), [1, 2], [2.0, 2.0], lesion_classes=[2])
+    assert (s0["dice_2"], s0["nsd_2"], s0["gt_empty_2"], s0["fp_2"]) == (0.0, 0.0, 1.0, 2)
+    s1 = score_case(_save(tmp_path, "p0", gt0, aff), _save(tmp_path, "g0", gt0, aff), [1, 2], [2.0, 2.0], [2])
+    assert (s1["dice_2"], s1["nsd_2"], s1["dice_1"], s1["nsd_1"]) == (1.0, 1.0, 1.0, 1.0)
+    summ = summarise([s, s0, s1], [1, 2], [2])
+    assert summ["empty_gt_2"] == 2 and summ["empty_gt_fp_2"] == 1
+    assert summ["sensitivity_2"] == pytest.approx(1 / 2) and summ["fp_per_case_2"] == pytest.approx(1.0)
+    assert summ["dice_2"] == pytest.approx((0.5 + 0.0 + 1.0) / 3) and np.isfinite(summ["nsd"])
+    # another grid (affine shifted by 5 mm) or a missing file: one line naming the file
+    moved = aff.copy()
+    moved[0, 3] = 5.0
+    with pytest.raises(InputError, match="does not match"):
+        score_case(_save(tmp_path, "moved", pred, moved), g, [1, 2], [2.0, 2.0])
+    with pytest.raises(InputError, match="does not exist"):
+        score_case(tmp_path / "none.nii.gz", g, [1], [2.0])

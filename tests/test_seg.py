@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 
@@ -239,28 +240,69 @@ def test_bundle_configs_parse_with_property_ids():
 
 
 # ---- ablation runner ----------------------------------------------------------------------------------------
-def test_paired_bootstrap_known_values():
-    from fvae_ct.aug_seg.ablation import paired_bootstrap
+def test_split_is_disjoint_fixed_and_arms_are_compute_matched(tmp_path):
+    from fvae_ct.aug_seg.ablation import arm_overrides, split_cases
 
-    assert paired_bootstrap(np.full(7, 0.04)) == pytest.approx((0.04, 0.04, 0.04))
-    d = np.random.default_rng(0).normal(0.05, 0.02, 200)
-    mean, lo, hi = paired_bootstrap(d, n_boot=4000)
-    se = d.std() / np.sqrt(d.size)
-    assert lo < mean < hi and abs((hi - lo) - 2 * 1.96 * se) < 0.3 * (2 * 1.96 * se)
+    ds = tmp_path / "list.json"
+    ds.write_text(json.dumps([{"image": f"im{i}.nii.gz", "label": f"lb{i}.nii.gz"} for i in range(10)]))
+    a, b = split_cases(str(ds), None, 0.2, 0.3, seed=1), split_cases(str(ds), None, 0.2, 0.3, seed=1)
+    names = {k: [d["image"] for d in v] for k, v in a.items()}
+    assert names == {k: [d["image"] for d in v] for k, v in b.items()}  # seeded: the same split for every arm
+    assert [len(v) for v in names.values()] == [5, 2, 3] and len(set(sum(names.values(), []))) == 10
+    assert all(os.path.isabs(p) for p in sum(names.values(), []))
+    assert split_cases(str(ds), None, 0.2, 0.3, seed=2)["test"] != a["test"]
+    with pytest.raises(ValueError, match="cannot give"):
+        split_cases(str(ds), None, 0.5, 0.5)
+    # the same crops per optimisation step: a two-view arm takes half as many crops per case
+    views = {"gaussian": str(tmp_path / "g")}
+    assert arm_overrides("none", 2, views)["num_samples"] == 2 and arm_overrides("union", 2, views)["num_samples"] == 1
+    assert arm_overrides("prob", 2, views)["num_samples"] == 2
+    assert arm_overrides("gaussian", 4, views) == {"recon_mode": "precomputed", "recon_mix": "union",
+                                                   "num_samples": 2, "recon_dir": views["gaussian"]}
+    with pytest.raises(ValueError, match="even"):
+        arm_overrides("union", 3, views)
+    # evaluate.yaml's eval_datalist (val_fraction 0): every case is scored, none held back
+    assert len(build_datalists(str(ds), val_fraction=0.0)["train"]) == 10
 
 
 def test_ablation_runner_on_synthetic_lesions(assets, tmp_path):
     ds = make_lesion_set(tmp_path / "set", assets / "ct" / "totalseg_ct_sm_3mm.nii.gz",
                          assets / "ct" / "totalseg_ct_sm_3mm_seg.nii.gz", n_cases=8, seed=5)
     out = tmp_path / "abl"
-    r = run([PY, "-m", "fvae_ct.cli", "ablate-seg", "--datalist", ds, "--arms", "none,union", "-o", str(out),
-             "--val_fraction", "0.5", "--max_epochs", "4", "--val_interval", "4", "--learning_rate", "0.003", *TINY])
+    args = [PY, "-m", "fvae_ct.cli", "ablate-seg", "--datalist", ds, "--arms", "none,union,gaussian", "-o", str(out),
+            "--seeds", "0,1", "--val_fraction", "0.25", "--test_fraction", "0.25", "--max_epochs", "2",
+            "--val_interval", "2", "--learning_rate", "0.003", *TINY]
+    r = run(args)
     assert r.returncode == 0, r.stderr[-3000:]
-    rows = {x["arm"]: x for x in json.loads((out / "ablation.json").read_text())["rows"]}
-    assert set(rows) == {"none", "union"} and rows["union"]["n_cases"] == 4
-    # the same 4 validation cases in both arms, paired: the difference is the difference of the means
-    assert rows["union"]["nsd_diff"] == pytest.approx(rows["union"]["nsd_mean"] - rows["none"]["nsd_mean"], abs=1e-9)
+    res = json.loads((out / "ablation.json").read_text())
+    rows = {x["arm"]: x for x in res["rows"]}
+    split = res["split"]
+    assert set(rows) == {"none", "union", "gaussian"} and [len(split[k]) for k in ("train", "val", "test")] == [4, 2, 2]
+    assert not set(split["test"]) & (set(split["train"]) | set(split["val"]))
+    # scored on the test cases only, with the bundle's inference (label maps on the input grid)
+    for arm in rows:
+        for s in (0, 1):
+            preds = sorted(p.name for p in (out / arm / f"seed{s}" / "test_pred").glob("*_seg.nii.gz"))
+            assert preds == sorted(f"{c}_seg.nii.gz" for c in split["test"])
+    lab = nib.load(str(tmp_path / "set" / "labelsTr" / f"{split['test'][0]}.nii.gz"))
+    pred = nib.load(str(out / "none" / "seed0" / "test_pred" / f"{split['test'][0]}_seg.nii.gz"))
+    assert pred.shape == lab.shape and np.allclose(pred.affine, lab.affine)
+    # compute-matched: the same steps and crops per step in every arm
+    assert {(r["steps"], r["crops_per_step"]) for r in rows.values()} == {(2 * 2, 2 * 2)}
+    # per-case rows of every arm x seed x test case; the table is their mean, the difference paired
+    with open(out / "per_case.csv") as f:
+        per_case = list(csv.DictReader(f))
+    assert len(per_case) == 3 * 2 * 2
+    nsd = lambda arm: np.mean([(float(r["nsd_1"]) + float(r["nsd_2"])) / 2 for r in per_case if r["arm"] == arm])  # noqa: E731
+    assert rows["none"]["nsd"] == pytest.approx(nsd("none"), abs=1e-5)
+    assert rows["union"]["nsd_diff"] == pytest.approx(nsd("union") - nsd("none"), abs=1e-5)
     assert rows["union"]["nsd_ci_low"] <= rows["union"]["nsd_diff"] <= rows["union"]["nsd_ci_high"]
-    assert len(list((out / "recon").glob("*_recon.nii.gz"))) == 8  # prepared once, by the recon workflow
+    assert 0 <= rows["gaussian"]["sensitivity_2"] <= 1 and rows["none"]["empty_gt_2"] == 0
+    assert len(list((out / "recon").glob("*_recon.nii.gz"))) == 6  # training + validation, by the recon workflow
+    assert len(list((out / "views" / "gaussian_1vox").glob("*_recon.nii.gz"))) == 4  # the control view, training only
     md = (out / "ablation.md").read_text()
-    assert "| none |" in md and "| union |" in md and "95% CI" in md
+    assert "| none |" in md and "| gaussian |" in md and "95% CI" in md and "held-out test" in md
+    # a second call reuses the finished runs (same settings) and gives the same table
+    t = (out / "none" / "seed0" / "scores.json").stat().st_mtime
+    assert run(args).returncode == 0 and (out / "none" / "seed0" / "scores.json").stat().st_mtime == t
+    assert json.loads((out / "ablation.json").read_text())["rows"] == res["rows"]

@@ -140,24 +140,33 @@ class CLI:
     def ablate_seg(
         self,
         datalist: str,
-        arms: str = "none,union",
+        arms: str = "none,union,gaussian",
         output_dir: str | None = None,
         recon_dir: str | None = None,
-        seed: int = 0,
+        seeds: str = "0,1,2",
+        split_seed: int = 0,
+        val_fraction: float = 0.2,
+        test_fraction: float = 0.3,
+        num_samples: int = 2,
+        lesion_classes=None,
         n_boot: int = 10000,
         **overrides,
     ) -> None:
-        """Train + evaluate the fvae_aug_seg bundle per arm (none, union, prob, online) on the same split,
-        seeds and budget; write ablation.csv / .md with mean Dice and NSD, the paired difference to the first
-        arm and its bootstrap 95 % CI. Extra --key value pairs override the bundle config (e.g. --max_epochs)."""
+        """Train the fvae_aug_seg bundle per arm (none, union, prob, online; controls gaussian, nlm) and seed on one
+        train / validation / test split with the same steps and crops per step; score the held-out test split;
+        write ablation.csv / .md / .json (Dice, NSD, detection, empty-label counts, paired differences to the first
+        arm with bootstrap 95 % CIs over seeds and cases). Extra --key value pairs override the bundle config."""
         from .aug_seg.ablation import ablate_seg
 
         output_dir = output_dir or overrides.pop("o", None)  # fire leaves -o among the free overrides
         if output_dir is None:
             sys.exit("fvae ablate-seg: give an output folder with -o / --output_dir")
+        if "seed" in overrides:
+            sys.exit("fvae ablate-seg: training seeds are --seeds (e.g. --seeds 0,1,2); the split's is --split_seed")
         if isinstance(arms, (list, tuple)):
             arms = ",".join(arms)
-        ablate_seg(datalist, arms, output_dir, recon_dir, seed, n_boot, **overrides)
+        ablate_seg(datalist, arms, output_dir, recon_dir, seeds, split_seed, val_fraction, test_fraction,
+                   num_samples, lesion_classes, n_boot, **overrides)  # fmt: skip
 
     def make_lesion_set(
         self, output_dir: str, n_cases: int = 6, ct: str | None = None, seg: str | None = None, seed: int = 0

@@ -1,24 +1,40 @@
-"""The segmentation ablation: the same split, seeds and budget, with and without the reconstruction view.
+"""The segmentation ablation: arms that differ only in the training view, scored on a held-out test split.
 
-``fvae ablate-seg --datalist dataset.json --arms none,union -o out`` trains and evaluates the
-fvae_aug_seg bundle once per arm (through ``monai.bundle``: the bundle's own configs, nothing
-re-implemented), then writes a table with mean Dice and NSD per arm, the paired per-case difference to
-the first arm and its bootstrap 95 % confidence interval. This is how a user reproduces the paper's
-table (NSD +3.6 lung tumour, +4.2 pancreatic tumour) on their own data.
+``fvae ablate-seg --datalist dataset.json --arms none,union,gaussian -o out`` trains the fvae_aug_seg bundle
+(through ``monai.bundle``: the bundle's own train and inference configs) once per arm and seed, and:
+
+- splits the labelled cases once (``split_seed``) into train / validation / test: validation picks the checkpoint
+  (best Dice), the test split is never trained on nor used for selection, and only it is scored;
+- trains every arm with each of ``seeds`` (3 by default) and the same budget: the same epochs and steps, and the
+  same crops per step (arms that add a view per crop take half as many crops per case: ``num_samples // 2``);
+- has a control arm with a classical-filter view in place of the reconstruction (``gaussian``, ``nlm``);
+- scores the saved test label maps with :func:`fvae_ct.aug_seg.scoring.score_case` (one empty-label rule for Dice
+  and NSD, counted; lesion-wise detection) and gives each arm's paired difference to the first arm with a bootstrap
+  95 % CI over seeds and cases (:func:`fvae_ct.aug_seg.stats.hierarchical_bootstrap`).
+
+Writes ``splits/`` (the split, as datalists), ``<arm>/seed<k>/`` (each run: models, test predictions, scores),
+``per_case.csv``, ``ablation.csv`` / ``.md`` / ``.json``.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
+import math
+import os
+import time
 from pathlib import Path
 
 import numpy as np
 
-from ..io import write_text_atomic
+from ..io import case_name, write_text_atomic
+from .scoring import score_case, summarise
+from .stats import hierarchical_bootstrap
+from .workflow import DEFAULT_NETWORK, _read_datalist
 
-__all__ = ["ARMS", "ablate_seg", "read_per_case", "paired_bootstrap"]
+__all__ = ["ARMS", "VIEW_ARMS", "split_cases", "arm_overrides", "ablate_seg"]
 
 log = logging.getLogger("fvae_ct")
 
@@ -27,98 +43,248 @@ ARMS = {
     "none": {"recon_mode": "none"},
     "union": {"recon_mode": "precomputed", "recon_mix": "union"},
     "prob": {"recon_mode": "precomputed", "recon_mix": "prob", "recon_prob": 0.5},
+    "gaussian": {"recon_mode": "precomputed", "recon_mix": "union"},
+    "nlm": {"recon_mode": "precomputed", "recon_mix": "union"},
     "online": {"recon_mode": "online", "recon_mix": "union"},
 }
+#: control arms: the view is a classical filter (fvae_ct.recon.DENOISERS) instead of the VAE reconstruction
+VIEW_ARMS = {"gaussian": "gaussian_1vox", "nlm": "nlm"}
+_LESION_WORDS = ("lesion", "tumour", "tumor", "nodule", "metasta", "cancer")
 
 
-def read_per_case(path: str | Path) -> dict[str, np.ndarray]:
-    """``{case file: per-class values}`` from a MONAI MetricsSaver ``*_raw.csv`` (the ``mean`` column dropped)."""
-    out = {}
-    with open(path) as f:
-        for row in csv.DictReader(f):
-            out[row["filename"]] = np.array([float(v) for k, v in row.items() if k.startswith("class")])
-    return out
+def _absolute(item: dict) -> dict:
+    return {k: os.path.abspath(v) if k in ("image", "label", "image_recon") else v for k, v in item.items()}
 
 
-def paired_bootstrap(diffs: np.ndarray, n_boot: int = 10000, seed: int = 0) -> tuple[float, float, float]:
-    """(mean, 2.5th, 97.5th percentile) of the mean of paired differences, resampling cases with replacement."""
-    diffs = np.asarray(diffs, dtype=np.float64)
-    if diffs.size == 0:
-        return float("nan"), float("nan"), float("nan")
-    idx = np.random.default_rng(seed).integers(0, diffs.size, (n_boot, diffs.size))
-    means = diffs[idx].mean(1)
-    return float(diffs.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+def split_cases(datalist: str, dataset_dir=None, val_fraction=0.2, test_fraction=0.3, seed=0) -> dict[str, list]:
+    """``{"train", "val", "test"}`` items. The datalist's own ``validation`` list is the validation split when present;
+    the test split is a seeded draw of ``test_fraction`` of the other labelled cases (at least one), the validation
+    split (if not given) a draw of ``val_fraction`` of all (at least one); the rest trains."""
+    train, val = _read_datalist(datalist, dataset_dir)
+    train, val = [_absolute(d) for d in train], (None if val is None else [_absolute(d) for d in val])
+    rng = np.random.default_rng(seed)
+    order = [train[i] for i in rng.permutation(len(train))]
+    n_all = len(order) + len(val or [])
+    n_test = max(1, round(test_fraction * n_all))
+    n_val = 0 if val is not None else max(1, round(val_fraction * n_all))
+    if len(order) - n_test - n_val < 1:
+        raise ValueError(f"{len(order)} labelled cases cannot give {n_test} test, {n_val} validation and 1 training")
+    test, order = order[:n_test], order[n_test:]
+    if val is None:
+        val, order = order[:n_val], order[n_val:]
+    return {"train": order, "val": val, "test": test}
+
+
+def arm_overrides(arm: str, num_samples: int, view_dirs: dict[str, str]) -> dict:
+    """The bundle overrides of one arm: its view settings, its recon folder (control arms) and ``num_samples``
+    (halved where each crop becomes two samples, so that every arm sees the same crops per step)."""
+    ov = dict(ARMS[arm])
+    two_views = _views_per_crop(ov) == 2
+    if two_views and num_samples % 2:
+        raise ValueError(
+            f"num_samples must be even to compute-match arm {arm!r} (two views per crop), got {num_samples}"
+        )
+    ov["num_samples"] = num_samples // 2 if two_views else num_samples
+    if arm in VIEW_ARMS:
+        ov["recon_dir"] = view_dirs[arm]
+    return ov
+
+
+def _views_per_crop(ov: dict) -> int:
+    """2 where each crop trains as the original and its view (``union``), else 1."""
+    return 2 if ov["recon_mode"] != "none" and ov.get("recon_mix") == "union" else 1
+
+
+def _write_split(root: Path, split: dict) -> tuple[Path, Path]:
+    """``splits/trainval.json`` (MSD layout: training + validation) and ``splits/test/`` (links to the test images)."""
+    sdir = root / "splits"
+    (sdir / "test").mkdir(parents=True, exist_ok=True)
+    trainval = sdir / "trainval.json"
+    write_text_atomic(trainval, json.dumps({"training": split["train"], "validation": split["val"]}, indent=1))
+    write_text_atomic(sdir / "test.json", json.dumps(split["test"], indent=1))
+    for d in split["test"]:
+        link = sdir / "test" / Path(d["image"]).name
+        if not link.is_symlink():
+            os.symlink(os.path.abspath(d["image"]), link)
+    return trainval, sdir / "test"
+
+
+def _prepare_views(root: Path, arms, train_items) -> dict[str, str]:
+    """Classical-filter views of the training cases, named like reconstructions (``<case>_recon.nii.gz``)."""
+    from ..recon import RECON_SUFFIX
+    from .nnunet_data import filtered_view
+
+    dirs = {}
+    for arm in arms:
+        if arm in VIEW_ARMS:
+            dirs[arm] = str(root / "views" / VIEW_ARMS[arm])
+            Path(dirs[arm]).mkdir(parents=True, exist_ok=True)
+            for d in train_items:
+                filtered_view(d["image"], VIEW_ARMS[arm], Path(dirs[arm]) / f"{case_name(d['image'])}{RECON_SUFFIX}")
+    return dirs
+
+
+def _run(run_root: Path, trainval, test_dir, split, overrides, scoring) -> list[dict]:
+    """Train one arm/seed, segment the test split with the bundle's inference config, score; reuse a finished run
+    with the same settings (``scores.json``)."""
+    from ..bundle import run_bundle
+
+    done = run_root / "scores.json"
+    settings = json.loads(json.dumps({"overrides": overrides, "scoring": scoring}, default=str))
+    if done.is_file():
+        saved = json.loads(done.read_text())
+        if saved.get("settings") == settings:
+            log.info("ablation: %s already done, reused", run_root)
+            return saved["rows"]
+    t0 = time.time()
+    run_bundle("fvae_aug_seg", "train.yaml", bundle_root=str(run_root), datalist=str(trainval), **overrides)
+    t_train = time.time() - t0
+    pred_dir = run_root / "test_pred"
+    run_bundle(
+        "fvae_aug_seg", "inference.yaml", bundle_root=str(run_root), input=str(test_dir), output_dir=str(pred_dir)
+    )
+    rows = []
+    for d in split["test"]:
+        pred = pred_dir / f"{case_name(d['image'])}_seg.nii.gz"
+        rows.append({"case": case_name(d["image"]), **score_case(pred, d["label"], **scoring)})
+    write_text_atomic(done, json.dumps({"settings": settings, "train_seconds": t_train, "rows": rows}, indent=1))
+    return rows
+
+
+def _csv(rows: list[dict]) -> str:
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, cols, lineterminator="\n")
+    w.writeheader()
+    w.writerows([{k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows])
+    return buf.getvalue()
 
 
 def ablate_seg(
     datalist: str,
-    arms=("none", "union"),
+    arms=("none", "union", "gaussian"),
     output_dir: str = "ablation",
     recon_dir: str | None = None,
-    seed: int = 0,
+    seeds=(0, 1, 2),
+    split_seed: int = 0,
+    val_fraction: float = 0.2,
+    test_fraction: float = 0.3,
+    num_samples: int = 2,
+    lesion_classes=None,
     n_boot: int = 10000,
     **overrides,
 ) -> list[dict]:
-    """Train + evaluate each arm with identical split / seeds / budget; write ``ablation.csv`` and ``.md``.
+    """Run the ablation (module docstring) and return the table's rows (one per arm).
 
-    ``overrides`` go to every run (``max_epochs``, ``patch_size``, ``class_names``, ``scored_classes``,
-    ``nsd_tolerance_mm``, ``vae`` ...). Precomputed arms share one reconstruction folder, filled once by the
-    bundle's ``prepare`` run (the fvae_recon workflow).
+    ``overrides`` go to every training run (``max_epochs``, ``patch_size``, ``class_names``, ``scored_classes``,
+    ``nsd_tolerance_mm``, ``vae`` ...). The reconstruction arms share one folder, filled once by the bundle's
+    ``prepare`` run (the fvae_recon workflow). ``lesion_classes``: scored ids for the detection metric (default:
+    scored classes whose name says lesion / tumour / nodule).
     """
     from ..bundle import run_bundle
 
     arms = [a.strip() for a in (arms.split(",") if isinstance(arms, str) else arms)]
+    seeds = [int(s) for s in (str(seeds).strip("[]()").split(",") if isinstance(seeds, (str, int)) else seeds)]
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
         raise ValueError(f"unknown arms {unknown}; valid: {', '.join(ARMS)}")
+    if not seeds:
+        raise ValueError("give at least one seed")
     root = Path(output_dir)
     root.mkdir(parents=True, exist_ok=True)
+    class_names = list(overrides.get("class_names", DEFAULT_NETWORK["class_names"]))
+    scored = [int(c) for c in overrides.get("scored_classes", [1, 2])]
+    tol = [float(t) for t in overrides.get("nsd_tolerance_mm", [2.0] * len(scored))]
+    if lesion_classes is None:
+        lesion_classes = [c for c in scored if any(w in class_names[c].lower() for w in _LESION_WORDS)]
+    scoring = {"scored_classes": scored, "tolerances_mm": tol, "lesion_classes": [int(c) for c in lesion_classes]}
+
+    split = split_cases(datalist, overrides.pop("dataset_dir", None), val_fraction, test_fraction, split_seed)
+    trainval, test_dir = _write_split(root, split)
     recon_dir = str(recon_dir or root / "recon")
-    common = {"datalist": str(datalist), "recon_dir": recon_dir, "seed": seed, **overrides}
-    if any(ARMS[a]["recon_mode"] == "precomputed" for a in arms):
-        log.info("ablation: reconstructing every case into %s", recon_dir)
-        run_bundle("fvae_aug_seg", "train.yaml", run_id="prepare", bundle_root=str(root / "prepare"), **common)
-    results = {}
+    common = {"recon_dir": recon_dir, **overrides}
+    if any(ARMS[a]["recon_mode"] == "precomputed" and a not in VIEW_ARMS for a in arms):
+        log.info("ablation: reconstructing the training cases into %s", recon_dir)
+        run_bundle("fvae_aug_seg", "train.yaml", run_id="prepare", bundle_root=str(root / "prepare"),
+                   datalist=str(trainval), **common)  # fmt: skip
+    view_dirs = _prepare_views(root, arms, split["train"])
+
+    batch, epochs = int(overrides.get("batch_size", 2)), int(overrides.get("max_epochs", 200))
+    steps = epochs * math.ceil(len(split["train"]) / batch)
+    per_case, results = [], {}
     for arm in arms:
-        arm_root = str(root / arm)
-        log.info("ablation: arm %s", arm)
-        run_bundle("fvae_aug_seg", "train.yaml", bundle_root=arm_root, **common, **ARMS[arm])
-        run_bundle("fvae_aug_seg", ["train.yaml", "evaluate.yaml"], bundle_root=arm_root, **common, **ARMS[arm])
-        results[arm] = {m: read_per_case(Path(arm_root) / "eval" / f"val_{m}_raw.csv") for m in ("mean_dice", "nsd")}
+        ov = {**common, **arm_overrides(arm, num_samples, view_dirs)}
+        crops = batch * ov["num_samples"] * _views_per_crop(ov)
+        results[arm] = {"crops_per_step": crops, "seeds": {}}
+        for s in seeds:
+            log.info("ablation: arm %s, seed %d", arm, s)
+            rows = _run(root / arm / f"seed{s}", trainval, test_dir, split, {**ov, "seed": s}, scoring)
+            results[arm]["seeds"][s] = {r["case"]: r for r in rows}
+            per_case += [{"arm": arm, "seed": s, **r} for r in rows]
+    write_text_atomic(root / "per_case.csv", _csv(per_case))
+
+    cases = [case_name(d["image"]) for d in split["test"]]
     base = arms[0]
-    rows = []
+    table = []
     for arm in arms:
-        row = {"arm": arm}
-        for m, label in (("mean_dice", "dice"), ("nsd", "nsd")):
-            per = results[arm][m]
-            vals = np.array([v.mean() for v in per.values()])
-            row[f"{label}_mean"] = float(vals.mean()) if vals.size else float("nan")
-            cls = np.array(list(per.values()))
-            for c in range(cls.shape[1] if cls.ndim == 2 else 0):
-                row[f"{label}_class{c}"] = float(cls[:, c].mean())
-            common_cases = sorted(set(per) & set(results[base][m]))
-            diffs = np.array([per[k].mean() - results[base][m][k].mean() for k in common_cases])
-            d, lo, hi = paired_bootstrap(diffs, n_boot, seed) if arm != base else (0.0, 0.0, 0.0)
-            row.update({f"{label}_diff": d, f"{label}_ci_low": lo, f"{label}_ci_high": hi})
-        row["n_cases"] = len(results[arm]["nsd"])
-        rows.append(row)
-    cols = list(dict.fromkeys(k for r in rows for k in r))
-    lines = [",".join(cols)] + [
-        ",".join(f"{r.get(k, ''):.6g}" if isinstance(r.get(k), float) else str(r.get(k, "")) for k in cols)
-        for r in rows
-    ]
-    write_text_atomic(root / "ablation.csv", "\n".join(lines) + "\n")
-    md = [f"| arm | Dice | NSD | Dice - {base} [95% CI] | NSD - {base} [95% CI] | cases |", "|---|---|---|---|---|---|"]
-    for r in rows:
-        md.append(
-            f"| {r['arm']} | {r['dice_mean']:.4f} | {r['nsd_mean']:.4f} | "
-            f"{r['dice_diff']:+.4f} [{r['dice_ci_low']:+.4f}, {r['dice_ci_high']:+.4f}] | "
-            f"{r['nsd_diff']:+.4f} [{r['nsd_ci_low']:+.4f}, {r['nsd_ci_high']:+.4f}] | {r['n_cases']} |"
-        )
-    text = "\n".join(md)
+        by_seed = [summarise([results[arm]["seeds"][s][c] for c in cases], scored, scoring["lesion_classes"])
+                   for s in seeds]  # fmt: skip
+        row = {"arm": arm, "seeds": len(seeds), "test_cases": len(cases), "steps": steps,
+               "crops_per_step": results[arm]["crops_per_step"]}  # fmt: skip
+        for k in by_seed[0]:
+            if k == "cases":
+                continue
+            v = np.array([b[k] for b in by_seed], dtype=np.float64)
+            row[k] = float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
+            if k in ("dice", "nsd"):
+                row[f"{k}_seed_sd"] = float(np.std(v, ddof=1)) if len(v) > 1 else float("nan")
+        for m in ("dice", "nsd"):
+            d = np.array([[_case_mean(results, arm, s, c, m, scored) - _case_mean(results, base, s, c, m, scored)
+                           for c in cases] for s in seeds])  # fmt: skip
+            mean, lo, hi = hierarchical_bootstrap(d, n_boot, split_seed) if arm != base else (0.0, 0.0, 0.0)
+            row.update({f"{m}_diff": mean, f"{m}_ci_low": lo, f"{m}_ci_high": hi})
+        table.append(row)
+    write_text_atomic(root / "ablation.csv", _csv(table))
+    text = _markdown(table, base, split, scored, scoring["lesion_classes"], seeds)
     write_text_atomic(root / "ablation.md", text + "\n")
     write_text_atomic(
-        root / "ablation.json", json.dumps({"arms": arms, "rows": rows, "overrides": common}, indent=2, default=str)
-    )
+        root / "ablation.json",
+        json.dumps({"arms": arms, "seeds": seeds, "rows": table, "scoring": scoring, "overrides": common,
+                    "split": {k: [case_name(d["image"]) for d in v] for k, v in split.items()}}, indent=2, default=str),
+    )  # fmt: skip
     print(text)
-    return rows
+    return table
+
+
+def _case_mean(results, arm, seed, case, metric, scored) -> float:
+    """One test case's score of one run, mean over the scored classes."""
+    return float(np.nanmean([results[arm]["seeds"][seed][case][f"{metric}_{k}"] for k in scored]))
+
+
+def _markdown(table, base, split, scored, lesion_classes, seeds) -> str:
+    lines = [
+        f"Checkpoint: best validation Dice on {len(split['val'])} validation cases; scored on {len(split['test'])} "
+        f"held-out test cases (never trained on or used for selection); {len(split['train'])} training cases; seeds "
+        f"{', '.join(map(str, seeds))}. Empty ground truth: Dice = NSD = 1 if the prediction is empty too, else 0. "
+        f"Scores: mean over seeds of the mean over test cases and classes {scored}; +- SD over seeds; difference to "
+        f"{base} paired by seed and case, 95 % CI by bootstrap over seeds and cases.",
+        "",
+    ]
+    det = [f"det. sens. {c} | FP/case {c}" for c in lesion_classes]
+    lines.append("| arm | steps x crops | Dice | NSD | Dice - " + base + " [95% CI] | NSD - " + base + " [95% CI] | "
+                 + "".join(f"{d} | " for d in det) + "empty GT (FP) |")  # fmt: skip
+    lines.append("|---" * (7 + 2 * len(lesion_classes)) + "|")
+    for r in table:
+        cells = [
+            r["arm"],
+            f"{r['steps']} x {r['crops_per_step']}",
+            f"{r['dice']:.4f} +- {r['dice_seed_sd']:.4f}",
+            f"{r['nsd']:.4f} +- {r['nsd_seed_sd']:.4f}",
+            f"{r['dice_diff']:+.4f} [{r['dice_ci_low']:+.4f}, {r['dice_ci_high']:+.4f}]",
+            f"{r['nsd_diff']:+.4f} [{r['nsd_ci_low']:+.4f}, {r['nsd_ci_high']:+.4f}]",
+        ]
+        for c in lesion_classes:
+            cells += [f"{r[f'sensitivity_{c}']:.3f}", f"{r[f'fp_per_case_{c}']:.2f}"]
+        cells.append(", ".join(f"{c}: {r[f'empty_gt_{c}']:.0f} ({r[f'empty_gt_fp_{c}']:.1f})" for c in scored))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -88,14 +88,15 @@ def build_datalists(
     works too).
 
     The split is the datalist's ``validation`` list when present, else a seeded shuffle holding out
-    ``val_fraction`` of the cases (at least one): the same split for every arm of an ablation.
+    ``val_fraction`` of the cases (at least one; none at 0, as for evaluate.yaml's ``eval_datalist``): the same split
+    for every arm.
     """
     if recon_mode not in RECON_MODES:
         raise ValueError(f"recon_mode must be one of {RECON_MODES}, got {recon_mode!r}")
     train, val = _read_datalist(datalist, dataset_dir)
     if val is None:
         order = np.random.default_rng(seed).permutation(len(train))
-        n_val = max(1, int(round(val_fraction * len(train)))) if len(train) > 1 else 0
+        n_val = max(1, int(round(val_fraction * len(train)))) if len(train) > 1 and val_fraction > 0 else 0
         val = [train[i] for i in order[:n_val]]
         train = [train[i] for i in order[n_val:]]
     for item in (*train, *val):

@@ -1,47 +1,15 @@
-"""nnU-Net v2 through MONAI's integration on CPU: plan + preprocess (nnUNetV2Runner), a tiny training
-(get_nnunet_trainer driven by MONAI's SupervisedTrainer), MONAI's bundle layout, ModelnnUNetWrapper inference.
-
-Needs ``nnunetv2`` (not yet in the pinned test environment: skipped without it)."""
+"""nnU-Net v2 through the bundle's configs and MONAI's integration, on CPU: nnunet_train.yaml (the arm's raw dataset,
+nnUNetV2Runner plan + preprocess, get_nnunet_trainer driven by MONAI's SupervisedTrainer, MONAI's nnU-Net bundle
+layout) and nnunet_inference.yaml (ModelnnUNetWrapper, label map on the input's grid). A tiny plan: small crops,
+1 epoch of 2 iterations. ``nnunetv2`` is pinned in the test environment (constraints.txt)."""
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import nibabel as nib
 import numpy as np
-import pytest
+from conftest import PY, ROOT, run
 
-pytest.importorskip("nnunetv2")
-
-SCRIPT = textwrap.dedent(
-    """
-    import json, sys
-    import numpy as np, nibabel as nib, torch
-    from monai.data import list_data_collate
-    from monai.transforms import LoadImage
-    from fvae_ct.aug_seg import nnunet as N
-    from fvae_ct.aug_seg.nnunet_data import export_arm
-
-    def main():
-        work, data = sys.argv[1], json.loads(sys.argv[2])
-        N.set_paths(work)
-        export_arm(data, "gaussian", work + "/nnUNet_raw", work + "/nnUNet_preprocessed", 21,
-                   ["background", "organ", "lesion"], view_dir=work + "/views")
-        N.plan_and_preprocess(work, 21, n_proc=1)
-        model = N.train(work, 21, work + "/bundle/models", max_epochs=1, epoch_length=2, progress=False)
-        x = LoadImage(image_only=True, ensure_channel_first=True)(data["test"][0]["image"])
-        y = N.predictor(work + "/bundle/models", mirroring=False)(list_data_collate([{"image": x}])["image"])
-        aff = y.affine[0] if y.affine.ndim == 3 else y.affine
-        print(json.dumps({"model": str(model), "shape": list(y.shape), "dtype": str(y.dtype),
-                          "ids": torch.unique(y).tolist(), "affine_equal": bool(np.allclose(aff, x.affine)),
-                          "in_shape": list(x.shape)}))
-
-    if __name__ == "__main__":
-        main()
-    """
-)
+CONF = ROOT / "bundles" / "fvae_aug_seg" / "configs"
 
 
 def _crop(src, dst, box):
@@ -53,7 +21,7 @@ def _crop(src, dst, box):
     nib.save(nib.Nifti1Image(data, aff, img.header), str(dst))
 
 
-def test_tiny_nnunet_plans_trains_and_serves_on_cpu(assets, tmp_path):
+def test_tiny_nnunet_arm_trains_and_serves_through_the_bundle_configs(assets, tmp_path):
     from fvae_ct.aug_seg.lesions import make_lesion_set
 
     dl = make_lesion_set(tmp_path / "les", assets / "ct" / "totalseg_ct_sm_3mm.nii.gz",
@@ -66,18 +34,34 @@ def test_tiny_nnunet_plans_trains_and_serves_on_cpu(assets, tmp_path):
         box = [(max(0, c[0] - 20), max(0, c[0] - 20) + 40), (max(0, c[1] - 20), max(0, c[1] - 20) + 40), (0, 30)]
         pair = {}
         for k in ("image", "label"):
-            out = tmp_path / f"{k}_{i}.nii.gz"
+            out = tmp_path / "crops" / f"{k}_{i}.nii.gz"
+            out.parent.mkdir(exist_ok=True)
             _crop(tmp_path / "les" / it[k], out, box)
-            pair[k] = str(out)
+            pair[k] = f"crops/{k}_{i}.nii.gz"
         crops.append(pair)
-    data = {"train": crops[:2], "val": crops[2:3], "test": crops[3:]}
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    r = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / "w"), json.dumps(data)], env=env,
-                       capture_output=True, text=True, timeout=1200)
+    (tmp_path / "crops.json").write_text(json.dumps(crops))
+    root = tmp_path / "b"
+    r = run([PY, "-m", "monai.bundle", "run", "--config_file", f"['{CONF / 'train.yaml'}','{CONF / 'nnunet_train.yaml'}']",
+             "--meta_file", str(CONF / "metadata.json"), "--datalist", str(tmp_path / "crops.json"),
+             "--bundle_root", str(root), "--nnunet_arm", "gaussian", "--val_fraction", "0.25", "--test_fraction", "0.25",
+             "--nnunet_max_epochs", "1", "--nnunet_epoch_length", "2", "--nnunet_num_processes", "1"])
     assert r.returncode == 0, r.stderr[-3000:]
-    out = json.loads(r.stdout.strip().splitlines()[-1])
-    models = tmp_path / "w" / "bundle" / "models"
+    models = root / "models" / "nnunet"
     assert sorted(p.name for p in models.iterdir()) == ["dataset.json", "fold_0", "nnunet_checkpoint.pth", "plans.json"]
+    raw = json.loads((root / "nnunet" / "nnUNet_raw" / "Dataset501_fvae_gaussian" / "dataset.json").read_text())
     assert json.loads((models / "dataset.json").read_text())["fvae_arm"] == "gaussian"
-    assert out["shape"] == [1, *out["in_shape"]] and out["affine_equal"]
-    assert out["dtype"] == "torch.uint8" and set(out["ids"]) <= {0, 1, 2}
+    # the split of train.yaml's rule: 2 training cases (each with its gaussian view), 1 validation, 1 test
+    views = sorted(c["view"] for c in raw["fvae_cases"].values())
+    assert views == ["gaussian_1vox", "gaussian_1vox", "original", "original", "original"] and len(raw["fvae_test"]) == 1
+    test_case = raw["fvae_test"][0]
+    assert test_case not in {c["source"] for c in raw["fvae_cases"].values()}
+    # serve it: nnunet_inference.yaml on the held-out case, label map on its grid, uint8 ids of the classes
+    src = tmp_path / "crops" / f"{test_case}.nii.gz"
+    r = run([PY, "-m", "monai.bundle", "run", "--config_file", str(CONF / "nnunet_inference.yaml"),
+             "--meta_file", str(CONF / "metadata.json"), "--bundle_root", str(root), "--input", str(src),
+             "--output_dir", str(tmp_path / "pred"), "--mirroring", "false"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    pred, img = nib.load(str(tmp_path / "pred" / f"{test_case}_seg.nii.gz")), nib.load(str(src))
+    assert pred.shape == img.shape and np.allclose(pred.affine, img.affine)
+    arr = np.asarray(pred.dataobj)
+    assert arr.dtype == np.uint8 and set(np.unique(arr).tolist()) <= {0, 1, 2}

@@ -241,7 +241,8 @@ def test_bundle_configs_parse_with_property_ids():
 
 # ---- ablation runner ----------------------------------------------------------------------------------------
 def test_split_is_disjoint_fixed_and_arms_are_compute_matched(tmp_path):
-    from fvae_ct.aug_seg.ablation import arm_overrides, split_cases
+    from fvae_ct.aug_seg import split_cases
+    from fvae_ct.aug_seg.ablation import arm_overrides
 
     ds = tmp_path / "list.json"
     ds.write_text(json.dumps([{"image": f"im{i}.nii.gz", "label": f"lb{i}.nii.gz"} for i in range(10)]))
@@ -263,6 +264,12 @@ def test_split_is_disjoint_fixed_and_arms_are_compute_matched(tmp_path):
         arm_overrides("union", 3, views)
     # evaluate.yaml's eval_datalist (val_fraction 0): every case is scored, none held back
     assert len(build_datalists(str(ds), val_fraction=0.0)["train"]) == 10
+    # without a test split, the training config's split is the same rule (SegResNet and nnU-Net see the same cases)
+    bd, sc = build_datalists(str(ds), seed=3), split_cases(str(ds), None, 0.2, 0.0, seed=3)
+    assert bd["val"] == sc["val"] and bd["train"] == sc["train"] and sc["test"] == []
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps([{"image": "a.nii.gz", "label": "b.nii.gz"}]))
+    assert [len(v) for v in split_cases(str(one), None, 0.2).values()] == [1, 0, 0]  # a single labelled case trains
 
 
 def test_ablation_runner_on_synthetic_lesions(assets, tmp_path):

@@ -32,9 +32,9 @@ import numpy as np
 from ..io import case_name, write_text_atomic
 from .scoring import score_case, summarise
 from .stats import hierarchical_bootstrap
-from .workflow import DEFAULT_NETWORK, _read_datalist
+from .workflow import DEFAULT_NETWORK, split_cases
 
-__all__ = ["ARMS", "VIEW_ARMS", "split_cases", "arm_overrides", "ablate_seg"]
+__all__ = ["ARMS", "VIEW_ARMS", "arm_overrides", "ablate_seg"]
 
 log = logging.getLogger("fvae_ct")
 
@@ -50,29 +50,6 @@ ARMS = {
 #: control arms: the view is a classical filter (fvae_ct.recon.DENOISERS) instead of the VAE reconstruction
 VIEW_ARMS = {"gaussian": "gaussian_1vox", "nlm": "nlm"}
 _LESION_WORDS = ("lesion", "tumour", "tumor", "nodule", "metasta", "cancer")
-
-
-def _absolute(item: dict) -> dict:
-    return {k: os.path.abspath(v) if k in ("image", "label", "image_recon") else v for k, v in item.items()}
-
-
-def split_cases(datalist: str, dataset_dir=None, val_fraction=0.2, test_fraction=0.3, seed=0) -> dict[str, list]:
-    """``{"train", "val", "test"}`` items. The datalist's own ``validation`` list is the validation split when present;
-    the test split is a seeded draw of ``test_fraction`` of the other labelled cases (at least one), the validation
-    split (if not given) a draw of ``val_fraction`` of all (at least one); the rest trains."""
-    train, val = _read_datalist(datalist, dataset_dir)
-    train, val = [_absolute(d) for d in train], (None if val is None else [_absolute(d) for d in val])
-    rng = np.random.default_rng(seed)
-    order = [train[i] for i in rng.permutation(len(train))]
-    n_all = len(order) + len(val or [])
-    n_test = max(1, round(test_fraction * n_all))
-    n_val = 0 if val is not None else max(1, round(val_fraction * n_all))
-    if len(order) - n_test - n_val < 1:
-        raise ValueError(f"{len(order)} labelled cases cannot give {n_test} test, {n_val} validation and 1 training")
-    test, order = order[:n_test], order[n_test:]
-    if val is None:
-        val, order = order[:n_val], order[n_val:]
-    return {"train": order, "val": val, "test": test}
 
 
 def arm_overrides(arm: str, num_samples: int, view_dirs: dict[str, str]) -> dict:

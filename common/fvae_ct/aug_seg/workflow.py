@@ -32,6 +32,7 @@ from ..recon import RECON_SUFFIX
 
 __all__ = [
     "build_datalists",
+    "split_cases",
     "recon_inputs",
     "ReconPathd",
     "SaveNetworkConfig",
@@ -75,6 +76,31 @@ def _read_datalist(datalist: str, dataset_dir: str | None) -> tuple[list[dict], 
     return items, None
 
 
+def _absolute(item: dict) -> dict:
+    return {k: os.path.abspath(v) if k in ("image", "label", "image_recon") else v for k, v in item.items()}
+
+
+def split_cases(datalist: str, dataset_dir=None, val_fraction=0.2, test_fraction=0.0, seed=0) -> dict[str, list]:
+    """``{"train", "val", "test"}`` items (absolute paths): the one split rule of training, nnU-Net export and
+    ablation. The datalist's own ``validation`` list is the validation split when present; the test split is a seeded
+    draw of ``test_fraction`` of the other labelled cases (at least one; none at 0); the validation split (if not
+    given) a draw of ``val_fraction`` of all (at least one; none at 0 or with a single case); the rest trains."""
+    train, val = _read_datalist(datalist, dataset_dir)
+    train, val = [_absolute(d) for d in train], (None if val is None else [_absolute(d) for d in val])
+    rng = np.random.default_rng(seed)
+    order = [train[i] for i in rng.permutation(len(train))]
+    n_all = len(order) + len(val or [])
+    n_test = max(1, round(test_fraction * n_all)) if test_fraction > 0 else 0
+    rest = len(order) - n_test
+    n_val = 0 if val is not None or val_fraction <= 0 or rest < 2 else max(1, round(val_fraction * n_all))
+    if rest - n_val < 1:
+        raise ValueError(f"{len(order)} labelled cases cannot give {n_test} test, {n_val} validation and 1 training")
+    test, order = order[:n_test], order[n_test:]
+    if val is None:
+        val, order = order[:n_val], order[n_val:]
+    return {"train": order, "val": val, "test": test}
+
+
 def build_datalists(
     datalist: str,
     dataset_dir: str | None = None,
@@ -93,12 +119,8 @@ def build_datalists(
     """
     if recon_mode not in RECON_MODES:
         raise ValueError(f"recon_mode must be one of {RECON_MODES}, got {recon_mode!r}")
-    train, val = _read_datalist(datalist, dataset_dir)
-    if val is None:
-        order = np.random.default_rng(seed).permutation(len(train))
-        n_val = max(1, int(round(val_fraction * len(train)))) if len(train) > 1 and val_fraction > 0 else 0
-        val = [train[i] for i in order[:n_val]]
-        train = [train[i] for i in order[n_val:]]
+    split = split_cases(datalist, dataset_dir, val_fraction, 0.0, seed)
+    train, val = split["train"], split["val"]
     for item in (*train, *val):
         if recon_mode != "precomputed":
             item.pop("image_recon", None)
@@ -124,6 +146,10 @@ class ReconPathd(MapTransform):
         self.output_key = output_key
         self._workflow = None
 
+    def path_of(self, image) -> Path:
+        """``<recon_dir>/<case>_recon.nii.gz`` of an image path (made or not)."""
+        return self.recon_dir / f"{case_name(image)}{RECON_SUFFIX}"
+
     def __call__(self, data):
         from ..io import Case
 
@@ -132,7 +158,7 @@ class ReconPathd(MapTransform):
             if d.get(self.output_key):
                 continue
             name = case_name(d[key])
-            path = self.recon_dir / f"{name}{RECON_SUFFIX}"
+            path = self.path_of(d[key])
             if not path.is_file():
                 if self.workflow_factory is None:
                     raise InputError(

@@ -21,14 +21,14 @@ def _crop(src, dst, box):
     nib.save(nib.Nifti1Image(data, aff, img.header), str(dst))
 
 
-def test_tiny_nnunet_arm_trains_and_serves_through_the_bundle_configs(assets, tmp_path):
+def _crop_set(assets, tmp_path, n_cases) -> str:
+    """A datalist of small crops (40 x 40 x 30) around the lesions of a synthetic lesion set: a tiny nnU-Net plan."""
     from fvae_ct.aug_seg.lesions import make_lesion_set
 
     dl = make_lesion_set(tmp_path / "les", assets / "ct" / "totalseg_ct_sm_3mm.nii.gz",
-                         assets / "ct" / "totalseg_ct_sm_3mm_seg.nii.gz", n_cases=4, seed=2)
-    items = json.loads(open(dl).read())["training"]
+                         assets / "ct" / "totalseg_ct_sm_3mm_seg.nii.gz", n_cases=n_cases, seed=2)
     crops = []
-    for i, it in enumerate(items):  # small crops around the lesion: a tiny plan (patch) keeps this a CPU test
+    for i, it in enumerate(json.loads(open(dl).read())["training"]):
         lab = np.asarray(nib.load(str(tmp_path / "les" / it["label"])).dataobj)
         c = np.argwhere(lab == 2).mean(0).astype(int)
         box = [(max(0, c[0] - 20), max(0, c[0] - 20) + 40), (max(0, c[1] - 20), max(0, c[1] - 20) + 40), (0, 30)]
@@ -40,6 +40,11 @@ def test_tiny_nnunet_arm_trains_and_serves_through_the_bundle_configs(assets, tm
             pair[k] = f"crops/{k}_{i}.nii.gz"
         crops.append(pair)
     (tmp_path / "crops.json").write_text(json.dumps(crops))
+    return str(tmp_path / "crops.json")
+
+
+def test_tiny_nnunet_arm_trains_and_serves_through_the_bundle_configs(assets, tmp_path):
+    _crop_set(assets, tmp_path, 4)
     root = tmp_path / "b"
     r = run([PY, "-m", "monai.bundle", "run", "--config_file", f"['{CONF / 'train.yaml'}','{CONF / 'nnunet_train.yaml'}']",
              "--meta_file", str(CONF / "metadata.json"), "--datalist", str(tmp_path / "crops.json"),
@@ -65,3 +70,26 @@ def test_tiny_nnunet_arm_trains_and_serves_through_the_bundle_configs(assets, tm
     assert pred.shape == img.shape and np.allclose(pred.affine, img.affine)
     arr = np.asarray(pred.dataobj)
     assert arr.dtype == np.uint8 and set(np.unique(arr).tolist()) <= {0, 1, 2}
+
+
+def test_nnunet_arms_in_the_ablation_table(assets, tmp_path):
+    """nnU-Net arms land in the same table as SegResNet arms: same split, same scorer, nnU-Net's own budget."""
+    ds = _crop_set(assets, tmp_path, 5)
+    out = tmp_path / "abl"
+    r = run([PY, "-m", "fvae_ct.cli", "ablate-seg", "--datalist", ds, "--arms", "nnunet_none,nnunet_union", "-o", str(out),
+             "--seeds", "0", "--val_fraction", "0.2", "--test_fraction", "0.2", "--nnunet_max_epochs", "1",
+             "--nnunet_epoch_length", "2", "--nnunet_num_processes", "1", "--nnunet_mirroring", "false", "--n_boot", "200"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((out / "ablation.json").read_text())
+    rows = {x["arm"]: x for x in res["rows"]}
+    assert [len(res["split"][k]) for k in ("train", "val", "test")] == [3, 1, 1]
+    # nnU-Net's budget: 1 epoch x 2 iterations, the plan's batch size, the same in both arms
+    assert rows["nnunet_none"]["steps"] == rows["nnunet_union"]["steps"] == 2
+    assert rows["nnunet_none"]["crops_per_step"] == rows["nnunet_union"]["crops_per_step"] >= 2
+    raw = out / "nnunet_union" / "seed0" / "nnunet" / "nnUNet_raw" / "Dataset501_fvae_union" / "dataset.json"
+    views = sorted(c["view"] for c in json.loads(raw.read_text())["fvae_cases"].values())
+    assert views == ["original"] * 4 + ["recon"] * 3  # train cases twice, the validation case once
+    test_case = res["split"]["test"][0]
+    assert (out / "nnunet_union" / "seed0" / "test_pred" / f"{test_case}_seg.nii.gz").is_file()
+    assert 0 <= rows["nnunet_union"]["dice"] <= 1 and 0 <= rows["nnunet_none"]["nsd"] <= 1
+    assert len(list((out / "recon").glob("*_recon.nii.gz"))) == 3  # the VAE reconstructions of the training cases

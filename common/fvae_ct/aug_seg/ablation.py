@@ -24,6 +24,8 @@ import json
 import logging
 import math
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -49,12 +51,23 @@ ARMS = {
 }
 #: control arms: the view is a classical filter (fvae_ct.recon.DENOISERS) instead of the VAE reconstruction
 VIEW_ARMS = {"gaussian": "gaussian_1vox", "nlm": "nlm"}
+#: nnU-Net v2 arms ``nnunet_<arm>`` (nnunet_train.yaml / nnunet_inference.yaml; views of
+#: :data:`fvae_ct.aug_seg.nnunet_data.NNUNET_ARMS`): every arm runs nnU-Net's fixed iterations per epoch
+NNUNET = "nnunet_"
 _LESION_WORDS = ("lesion", "tumour", "tumor", "nodule", "metasta", "cancer")
+
+
+def valid_arm(arm: str) -> bool:
+    from .nnunet_data import NNUNET_ARMS
+
+    return arm in ARMS or (arm.startswith(NNUNET) and arm[len(NNUNET) :] in NNUNET_ARMS)
 
 
 def arm_overrides(arm: str, num_samples: int, view_dirs: dict[str, str]) -> dict:
     """The bundle overrides of one arm: its view settings, its recon folder (control arms) and ``num_samples``
     (halved where each crop becomes two samples, so that every arm sees the same crops per step)."""
+    if arm.startswith(NNUNET):
+        return {"nnunet_arm": arm[len(NNUNET) :]}
     ov = dict(ARMS[arm])
     two_views = _views_per_crop(ov) == 2
     if two_views and num_samples % 2:
@@ -69,7 +82,7 @@ def arm_overrides(arm: str, num_samples: int, view_dirs: dict[str, str]) -> dict
 
 def _views_per_crop(ov: dict) -> int:
     """2 where each crop trains as the original and its view (``union``), else 1."""
-    return 2 if ov["recon_mode"] != "none" and ov.get("recon_mix") == "union" else 1
+    return 2 if ov.get("recon_mode", "none") != "none" and ov.get("recon_mix") == "union" else 1
 
 
 def _write_split(root: Path, split: dict) -> tuple[Path, Path]:
@@ -101,31 +114,56 @@ def _prepare_views(root: Path, arms, train_items) -> dict[str, str]:
     return dirs
 
 
-def _run(run_root: Path, trainval, test_dir, split, overrides, scoring) -> list[dict]:
-    """Train one arm/seed, segment the test split with the bundle's inference config, score; reuse a finished run
-    with the same settings (``scores.json``)."""
+def _run_in_subprocess(name: str, config, **overrides) -> None:
+    """:func:`fvae_ct.bundle.run_bundle` in a new Python process (arguments as JSON: literals, never code)."""
+    code = "import json, sys; from fvae_ct.bundle import run_bundle; a = json.loads(sys.argv[1]); run_bundle(*a[0], **a[1])"
+    args = json.dumps([[name, config], overrides], default=str)
+    r = subprocess.run([sys.executable, "-c", code, args], check=False)
+    if r.returncode:
+        raise RuntimeError(f"{name} {config} failed (exit code {r.returncode}; its log is above)")
+
+
+def _run(run_root: Path, trainval, test_dir, split, overrides, scoring, infer_overrides) -> list[dict]:
+    """Train one arm/seed, segment the test split with the bundle's inference config (SegResNet or nnU-Net), score;
+    reuse a finished run with the same settings (``scores.json``)."""
     from ..bundle import run_bundle
 
     done = run_root / "scores.json"
-    settings = json.loads(json.dumps({"overrides": overrides, "scoring": scoring}, default=str))
+    settings = json.loads(
+        json.dumps({"overrides": overrides, "scoring": scoring, "infer": infer_overrides}, default=str)
+    )
     if done.is_file():
         saved = json.loads(done.read_text())
         if saved.get("settings") == settings:
             log.info("ablation: %s already done, reused", run_root)
             return saved["rows"]
+    nnunet = "nnunet_arm" in overrides
+    run = _run_in_subprocess if nnunet else run_bundle  # nnU-Net reads its folders once per process
     t0 = time.time()
-    run_bundle("fvae_aug_seg", "train.yaml", bundle_root=str(run_root), datalist=str(trainval), **overrides)
+    train = ["train.yaml", "nnunet_train.yaml"] if nnunet else "train.yaml"
+    run("fvae_aug_seg", train, bundle_root=str(run_root), datalist=str(trainval), **overrides)
     t_train = time.time() - t0
     pred_dir = run_root / "test_pred"
-    run_bundle(
-        "fvae_aug_seg", "inference.yaml", bundle_root=str(run_root), input=str(test_dir), output_dir=str(pred_dir)
-    )
+    infer = "nnunet_inference.yaml" if nnunet else "inference.yaml"
+    run("fvae_aug_seg", infer, bundle_root=str(run_root), input=str(test_dir), output_dir=str(pred_dir),
+        **(infer_overrides if nnunet else {}))  # fmt: skip
     rows = []
     for d in split["test"]:
         pred = pred_dir / f"{case_name(d['image'])}_seg.nii.gz"
         rows.append({"case": case_name(d["image"]), **score_case(pred, d["label"], **scoring)})
     write_text_atomic(done, json.dumps({"settings": settings, "train_seconds": t_train, "rows": rows}, indent=1))
     return rows
+
+
+def _budget(arm: str, run_root: Path, ov: dict, steps: int, batch: int) -> tuple[int, int]:
+    """(optimisation steps, samples per step) of a finished run: SegResNet from the settings, nnU-Net from its plan
+    (``epochs x iterations per epoch``, the plan's batch size)."""
+    if not arm.startswith(NNUNET):
+        return steps, batch * ov["num_samples"] * _views_per_crop(ov)
+    plans = json.loads((run_root / "models" / "nnunet" / "plans.json").read_text())
+    conf = plans["configurations"][ov.get("nnunet_configuration", "3d_fullres")]
+    epochs, length = ov.get("nnunet_max_epochs") or 1000, ov.get("nnunet_epoch_length") or 250
+    return int(epochs) * int(length), int(conf["batch_size"])
 
 
 def _csv(rows: list[dict]) -> str:
@@ -149,6 +187,7 @@ def ablate_seg(
     num_samples: int = 2,
     lesion_classes=None,
     n_boot: int = 10000,
+    nnunet_mirroring=True,
     **overrides,
 ) -> list[dict]:
     """Run the ablation (module docstring) and return the table's rows (one per arm).
@@ -156,15 +195,20 @@ def ablate_seg(
     ``overrides`` go to every training run (``max_epochs``, ``patch_size``, ``class_names``, ``scored_classes``,
     ``nsd_tolerance_mm``, ``vae`` ...). The reconstruction arms share one folder, filled once by the bundle's
     ``prepare`` run (the fvae_recon workflow). ``lesion_classes``: scored ids for the detection metric (default:
-    scored classes whose name says lesion / tumour / nodule).
+    scored classes whose name says lesion / tumour / nodule). nnU-Net arms (``nnunet_none``, ``nnunet_union``,
+    ``nnunet_gaussian`` ...) take ``nnunet_*`` overrides (``nnunet_max_epochs``, ``nnunet_epoch_length``, ...) and
+    segment the test split with ``nnunet_mirroring`` (nnU-Net's test-time mirroring; ``false`` is 8x faster).
     """
+    from ..options import parse_bool
+
     from ..bundle import run_bundle
 
     arms = [a.strip() for a in (arms.split(",") if isinstance(arms, str) else arms)]
     seeds = [int(s) for s in (str(seeds).strip("[]()").split(",") if isinstance(seeds, (str, int)) else seeds)]
-    unknown = [a for a in arms if a not in ARMS]
+    unknown = [a for a in arms if not valid_arm(a)]
     if unknown:
-        raise ValueError(f"unknown arms {unknown}; valid: {', '.join(ARMS)}")
+        raise ValueError(f"unknown arms {unknown}; valid: {', '.join(ARMS)}, and nnunet_<arm> for nnU-Net arms")
+    infer = {"mirroring": parse_bool(nnunet_mirroring, "nnunet_mirroring")}
     if not seeds:
         raise ValueError("give at least one seed")
     root = Path(output_dir)
@@ -180,7 +224,7 @@ def ablate_seg(
     trainval, test_dir = _write_split(root, split)
     recon_dir = str(recon_dir or root / "recon")
     common = {"recon_dir": recon_dir, **overrides}
-    if any(ARMS[a]["recon_mode"] == "precomputed" and a not in VIEW_ARMS for a in arms):
+    if any(a in ARMS and ARMS[a]["recon_mode"] == "precomputed" and a not in VIEW_ARMS for a in arms):
         log.info("ablation: reconstructing the training cases into %s", recon_dir)
         run_bundle("fvae_aug_seg", "train.yaml", run_id="prepare", bundle_root=str(root / "prepare"),
                    datalist=str(trainval), **common)  # fmt: skip
@@ -191,11 +235,11 @@ def ablate_seg(
     per_case, results = [], {}
     for arm in arms:
         ov = {**common, **arm_overrides(arm, num_samples, view_dirs)}
-        crops = batch * ov["num_samples"] * _views_per_crop(ov)
-        results[arm] = {"crops_per_step": crops, "seeds": {}}
+        results[arm] = {"seeds": {}}
         for s in seeds:
             log.info("ablation: arm %s, seed %d", arm, s)
-            rows = _run(root / arm / f"seed{s}", trainval, test_dir, split, {**ov, "seed": s}, scoring)
+            rows = _run(root / arm / f"seed{s}", trainval, test_dir, split, {**ov, "seed": s}, scoring, infer)
+            results[arm]["budget"] = _budget(arm, root / arm / f"seed{s}", ov, steps, batch)
             results[arm]["seeds"][s] = {r["case"]: r for r in rows}
             per_case += [{"arm": arm, "seed": s, **r} for r in rows]
     write_text_atomic(root / "per_case.csv", _csv(per_case))
@@ -206,8 +250,8 @@ def ablate_seg(
     for arm in arms:
         by_seed = [summarise([results[arm]["seeds"][s][c] for c in cases], scored, scoring["lesion_classes"])
                    for s in seeds]  # fmt: skip
-        row = {"arm": arm, "seeds": len(seeds), "test_cases": len(cases), "steps": steps,
-               "crops_per_step": results[arm]["crops_per_step"]}  # fmt: skip
+        row = {"arm": arm, "seeds": len(seeds), "test_cases": len(cases), "steps": results[arm]["budget"][0],
+               "crops_per_step": results[arm]["budget"][1]}  # fmt: skip
         for k in by_seed[0]:
             if k == "cases":
                 continue

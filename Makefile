@@ -99,7 +99,7 @@ $(MLVENV)/.installed: constraints.txt $(STAMP)
 	$(PY) tools/pins.py export --env monailabel > $(MLVENV)/constraints.txt
 	$(MLVENV)/bin/pip install -q -c $(MLVENV)/constraints.txt --upgrade pip setuptools
 	$(MLVENV)/bin/pip install -q -c $(MLVENV)/constraints.txt torch torchvision monailabel pydicom dicomweb-client \
-	    pynetdicom nibabel
+	    pynetdicom nibabel nnunetv2
 	$(PY) tools/pins.py check --env monailabel --python $(MLVENV)/bin/python
 	touch $@
 

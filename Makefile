@@ -89,7 +89,8 @@ ablation-demo: $(STAMP)
 	    --learning_rate 0.003 $(TINY)
 
 # A real MONAI Label 0.8.5 server (monaibundle app, 127.0.0.1, offline) serving the PACKAGED fvae_aug_seg archive:
-# HTTP info / datastore / infer (shape, affine, label ids) / a tiny train, then the server is stopped. Separate venv:
+# HTTP info / datastore / infer (shape, affine, label ids) / a tiny train, then the server is stopped; then a second
+# server serves a tiny nnU-Net v2 model the bundle trained (infer only). Separate venv:
 # monailabel needs torch 2.14.1 + torchvision 0.29.1 (about 8 GB) and pydicom 2 (its DICOM code breaks on pydicom 3);
 # every package at the pins of constraints.txt ([test] + [monailabel]), rebuilt when that file changes
 MLVENV  := .venv-monailabel
@@ -113,6 +114,18 @@ monailabel-check: $(STAMP) $(MLVENV)/.installed
 	cp $(MLCHECK)/run/models/model.pt $(MLCHECK)/run/models/model.json $(MLCHECK)/bundle/fvae_aug_seg/models/
 	$(MLVENV)/bin/python tools/check_monailabel.py --bundle $(MLCHECK)/bundle/fvae_aug_seg \
 	    --images $(MLCHECK)/lesions/imagesTr --labels $(MLCHECK)/lesions/labelsTr --work $(MLCHECK)/server --port 8123
+	# an nnU-Net v2 model trained by the bundle (nnunet_train.yaml, tiny: 1 epoch of 2 iterations on CPU), served by
+	# the same archive's inference.yaml (models/model.json names it), infer only (MONAI Label trains the SegResNet)
+	$(PY) tools/build_bundles.py --out $(MLCHECK)/dist_nnunet --bundles fvae_aug_seg --unpack $(MLCHECK)/bundle_nnunet
+	$(PY) -m monai.bundle run --config_file "['$(MLCHECK)/bundle_nnunet/fvae_aug_seg/configs/train.yaml', \
+	    '$(MLCHECK)/bundle_nnunet/fvae_aug_seg/configs/nnunet_train.yaml']" --datalist $(MLCHECK)/lesions/dataset.json \
+	    --bundle_root $(MLCHECK)/run_nnunet --nnunet_arm none --nnunet_max_epochs 1 --nnunet_epoch_length 2 \
+	    --nnunet_num_processes 1
+	cp -r $(MLCHECK)/run_nnunet/models/model.pt $(MLCHECK)/run_nnunet/models/model.json \
+	    $(MLCHECK)/run_nnunet/models/nnunet $(MLCHECK)/bundle_nnunet/fvae_aug_seg/models/
+	$(MLVENV)/bin/python tools/check_monailabel.py --bundle $(MLCHECK)/bundle_nnunet/fvae_aug_seg \
+	    --images $(MLCHECK)/lesions/imagesTr --labels $(MLCHECK)/lesions/labelsTr --work $(MLCHECK)/server_nnunet \
+	    --port 8124 --no-train
 
 clean:
 	rm -rf outputs .pytest_cache dist .venv-bundles

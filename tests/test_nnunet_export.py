@@ -128,3 +128,19 @@ def test_labels_outside_the_classes_are_refused_naming_the_file(splits, tmp_path
         export_arm(s2, "none", tmp_path / "raw", tmp_path / "pre", 12, CLASSES)
     with pytest.raises(ValueError, match="unknown nnU-Net arm"):
         export_arm(s, "mixup", tmp_path / "raw", tmp_path / "pre", 12, CLASSES)
+
+
+def test_wrapper_gets_the_true_spacing_batched_or_not():
+    """MONAI's ModelnnUNetWrapper reads pixdim of a collated batch or the affine's diagonal; ours gives nnU-Net the
+    voxel sizes in the file's order for an unbatched image (MONAI Label) and a permuted, flipped affine."""
+    import torch
+    from monai.data import MetaTensor
+
+    from fvae_ct.aug_seg.nnunet import _spacing_meta
+
+    aff = torch.tensor([[0.0, 0.0, -3.0, 10.0], [-0.8, 0.0, 0.0, 5.0], [0.0, 0.7, 0.0, 1.0], [0.0, 0.0, 0.0, 1.0]])
+    x = MetaTensor(torch.zeros(1, 1, 4, 5, 6), affine=aff)  # unbatched meta: affine [4, 4]
+    pix = _spacing_meta(x)["pixdim"]
+    assert pix.shape == (1, 8) and torch.allclose(pix[0, 1:4], torch.tensor([0.8, 0.7, 3.0], dtype=torch.float64))
+    xb = MetaTensor(torch.zeros(1, 1, 4, 5, 6), affine=aff[None])  # collated batch: affine [1, 4, 4]
+    assert torch.equal(_spacing_meta(xb)["pixdim"], pix)

@@ -1,6 +1,7 @@
 """nnU-Net v2 through the bundle's configs and MONAI's integration, on CPU: nnunet_train.yaml (the arm's raw dataset,
 nnUNetV2Runner plan + preprocess, get_nnunet_trainer driven by MONAI's SupervisedTrainer, MONAI's nnU-Net bundle
-layout) and nnunet_inference.yaml (ModelnnUNetWrapper, label map on the input's grid). A tiny plan: small crops,
+layout, models/model.pt + model.json naming it) and inference.yaml serving it (ModelnnUNetWrapper, label map on the
+input's grid). A tiny plan: small crops,
 1 epoch of 2 iterations. ``nnunetv2`` is pinned in the test environment (constraints.txt)."""
 
 import json
@@ -60,9 +61,22 @@ def test_tiny_nnunet_arm_trains_and_serves_through_the_bundle_configs(assets, tm
     assert views == ["gaussian_1vox", "gaussian_1vox", "original", "original", "original"] and len(raw["fvae_test"]) == 1
     test_case = raw["fvae_test"][0]
     assert test_case not in {c["source"] for c in raw["fvae_cases"].values()}
-    # serve it: nnunet_inference.yaml on the held-out case, label map on its grid, uint8 ids of the classes
+    # models/model.json names the model; model.pt holds the fold's weights under the wrapper's keys (MONAI Label loads it)
+    import torch
+
+    assert json.loads((root / "models" / "model.json").read_text()) == {
+        "network": "nnunet", "nnunet_fold": 0, "class_names": ["background", "organ", "lesion"]}
+    fold = torch.load(models / "fold_0" / "model.pt", weights_only=False)["network_weights"]
+    served = torch.load(root / "models" / "model.pt", weights_only=True)
+    assert set(served) == {f"network_weights.{k}" for k in fold}
+    assert all(torch.equal(served[f"network_weights.{k}"], v) for k, v in fold.items())
+    # SegResNet training into this bundle_root would overwrite the nnU-Net model: refused in one line
+    r = run([PY, "-m", "monai.bundle", "run", "--config_file", str(CONF / "train.yaml"), "--bundle_root", str(root),
+             "--datalist", str(tmp_path / "crops.json"), "--max_epochs", "1"])
+    assert r.returncode != 0 and "holds a trained nnunet model" in r.stderr
+    # serve it: the bundle's inference.yaml on the held-out case, label map on its grid, uint8 ids of the classes
     src = tmp_path / "crops" / f"{test_case}.nii.gz"
-    r = run([PY, "-m", "monai.bundle", "run", "--config_file", str(CONF / "nnunet_inference.yaml"),
+    r = run([PY, "-m", "monai.bundle", "run", "--config_file", str(CONF / "inference.yaml"),
              "--meta_file", str(CONF / "metadata.json"), "--bundle_root", str(root), "--input", str(src),
              "--output_dir", str(tmp_path / "pred"), "--mirroring", "false"])
     assert r.returncode == 0, r.stderr[-3000:]

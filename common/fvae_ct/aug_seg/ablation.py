@@ -51,7 +51,7 @@ ARMS = {
 }
 #: control arms: the view is a classical filter (fvae_ct.recon.DENOISERS) instead of the VAE reconstruction
 VIEW_ARMS = {"gaussian": "gaussian_1vox", "nlm": "nlm"}
-#: nnU-Net v2 arms ``nnunet_<arm>`` (nnunet_train.yaml / nnunet_inference.yaml; views of
+#: nnU-Net v2 arms ``nnunet_<arm>`` (nnunet_train.yaml, then inference.yaml serves the model; views of
 #: :data:`fvae_ct.aug_seg.nnunet_data.NNUNET_ARMS`): every arm runs nnU-Net's fixed iterations per epoch
 NNUNET = "nnunet_"
 _LESION_WORDS = ("lesion", "tumour", "tumor", "nodule", "metasta", "cancer")
@@ -144,8 +144,7 @@ def _run(run_root: Path, trainval, test_dir, split, overrides, scoring, infer_ov
     run("fvae_aug_seg", train, bundle_root=str(run_root), datalist=str(trainval), **overrides)
     t_train = time.time() - t0
     pred_dir = run_root / "test_pred"
-    infer = "nnunet_inference.yaml" if nnunet else "inference.yaml"
-    run("fvae_aug_seg", infer, bundle_root=str(run_root), input=str(test_dir), output_dir=str(pred_dir),
+    run("fvae_aug_seg", "inference.yaml", bundle_root=str(run_root), input=str(test_dir), output_dir=str(pred_dir),
         **(infer_overrides if nnunet else {}))  # fmt: skip
     rows = []
     for d in split["test"]:

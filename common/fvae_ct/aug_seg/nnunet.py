@@ -8,6 +8,8 @@
   defaults: 1000 x 250), with MONAI's progress bar and stats. The final weights are written in nnU-Net's layout and
   converted by :func:`monai.apps.nnunet.convert_nnunet_to_monai_bundle` into the bundle's ``models/``: no
   checkpoint is chosen by validation (``best_model.pt`` = the final weights), so the validation split stays unbiased.
+- :func:`export_servable`: ``models/model.pt`` + ``models/model.json`` naming the nnU-Net model, so that the bundle's
+  ``inference.yaml`` (and MONAI Label, which needs ``models/model.pt``) serves it.
 - :func:`predictor`: :class:`monai.apps.nnunet.ModelnnUNetWrapper` on any device (MONAI's
   ``get_nnunet_monai_predictor`` is CUDA-only): nnU-Net's own preprocessing, sliding window and export; input a
   ``MetaTensor`` ``[1, 1, X, Y, Z]`` (HU, the file's voxel order), output ``[1, 1, X, Y, Z]`` label ids, same meta.
@@ -22,10 +24,20 @@ import sys
 from pathlib import Path
 
 import torch
+from monai.apps.nnunet import ModelnnUNetWrapper
+from monai.data import MetaTensor
 
 from ..errors import InputError
 
-__all__ = ["set_paths", "plan_and_preprocess", "train", "predictor", "MODEL_FILES"]
+__all__ = [
+    "set_paths",
+    "plan_and_preprocess",
+    "train",
+    "predictor",
+    "export_servable",
+    "SpacingnnUNetWrapper",
+    "MODEL_FILES",
+]
 
 log = logging.getLogger("fvae_ct")
 
@@ -192,11 +204,29 @@ def _convert_into(models: Path, nt, fold: int) -> None:
                 os.replace(p, dst)
 
 
+def _spacing_meta(x) -> dict:
+    """``{"pixdim": [[1, sx, sy, sz, 1, 1, 1, 1]]}`` from the image's affine (column norms: voxel sizes in the file's
+    order, as nnU-Net's NibabelIO reads them), for a batched or an unbatched ``MetaTensor``."""
+    aff = torch.as_tensor(x.affine, dtype=torch.float64)
+    aff = aff[0] if aff.ndim == 3 else aff
+    s = torch.linalg.norm(aff[:3, :3], dim=0)
+    return {"pixdim": torch.cat([torch.ones(1, dtype=torch.float64), s, torch.ones(4, dtype=torch.float64)])[None]}
+
+
+class SpacingnnUNetWrapper(ModelnnUNetWrapper):
+    """MONAI's wrapper, fed the true voxel spacing: it reads ``meta["pixdim"][0]`` (right for a collated batch only;
+    MONAI Label sends one unbatched image) or else the affine's diagonal (wrong for a rotated or permuted affine).
+    Input / output as :class:`~monai.apps.nnunet.ModelnnUNetWrapper`: ``[1, 1, X, Y, Z]``, the input's meta kept."""
+
+    def forward(self, x):
+        y = super().forward(MetaTensor(x.as_tensor(), meta=_spacing_meta(x)))
+        return MetaTensor(y.as_tensor(), meta=x.meta)
+
+
 def predictor(
     models_dir: str, fold: int = 0, device: str | torch.device = "cpu", mirroring: bool = True, tile: float = 0.5
 ):
     """:class:`monai.apps.nnunet.ModelnnUNetWrapper` for ``models_dir/fold_<k>/model.pt`` on ``device``."""
-    from monai.apps.nnunet import ModelnnUNetWrapper
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
     models = Path(models_dir)
@@ -216,4 +246,25 @@ def predictor(
         verbose_preprocessing=False,
         allow_tqdm=False,
     )
-    return ModelnnUNetWrapper(p, str(models / f"fold_{fold}"))
+    return SpacingnnUNetWrapper(p, str(models / f"fold_{fold}"))
+
+
+def export_servable(models_dir: str, fold: int, class_names) -> Path:
+    """``models_dir/model.pt`` (the fold's network weights under :class:`~monai.apps.nnunet.ModelnnUNetWrapper`'s
+    state-dict keys, from ``models_dir/nnunet/fold_<k>/model.pt``) and ``models_dir/model.json``
+    (``{"network": "nnunet", "nnunet_fold": k, "class_names": [...]}``), both written atomically."""
+    import json
+
+    from ..io import write_text_atomic
+
+    models = Path(models_dir)
+    src = models / "nnunet" / f"fold_{fold}" / "model.pt"
+    if not src.is_file():
+        raise InputError(src, "no trained nnU-Net fold to serve (train with nnunet_train.yaml)")
+    weights = torch.load(src, map_location="cpu", weights_only=False)["network_weights"]
+    tmp = models / f".model.pt.{os.getpid()}.tmp"
+    torch.save({f"network_weights.{k}": v for k, v in weights.items()}, tmp)
+    os.replace(tmp, models / "model.pt")
+    meta = {"network": "nnunet", "nnunet_fold": int(fold), "class_names": list(class_names)}
+    write_text_atomic(models / "model.json", json.dumps(meta, indent=1))
+    return models / "model.pt"

@@ -198,8 +198,11 @@ class SaveNetworkConfig:
         return write_text_atomic(self.path, json.dumps(self.config, indent=1))
 
 
-#: the bundle's default network and input settings (SegResNet), used when no models/model.json exists
+#: the bundle's default network and input settings (SegResNet), used when no models/model.json exists; ``network``
+#: names the model type (``segresnet`` or ``nnunet``: nnunet_train.yaml writes ``network`` and ``nnunet_fold``)
 DEFAULT_NETWORK = {
+    "network": "segresnet",
+    "nnunet_fold": 0,
     "class_names": ["background", "organ", "lesion"],
     "init_filters": 16,
     "blocks_down": [1, 2, 2, 4],
@@ -209,9 +212,11 @@ DEFAULT_NETWORK = {
 }
 
 
-def trained_network(bundle_root: str, defaults: dict | None = None) -> dict:
+def trained_network(bundle_root: str, defaults: dict | None = None, network: str | None = None) -> dict:
     """:data:`DEFAULT_NETWORK` (or ``defaults``) updated with ``<bundle_root>/models/model.json`` (written with
-    ``models/model.pt`` by :class:`SaveNetworkConfig`) when present: the sizes the saved weights fit."""
+    ``models/model.pt`` by :class:`SaveNetworkConfig` or nnunet_train.yaml) when present: the model the saved weights
+    fit. ``network``: the model type a training config writes; a saved model of another type is refused (training
+    would overwrite it)."""
     defaults = DEFAULT_NETWORK if defaults is None else defaults
     p = Path(bundle_root) / "models" / "model.json"
     if not p.is_file():
@@ -220,7 +225,14 @@ def trained_network(bundle_root: str, defaults: dict | None = None) -> dict:
         saved = json.loads(p.read_text())
     except json.JSONDecodeError as e:
         raise InputError(p, f"not valid JSON ({e})") from e
-    return {**defaults, **{k: v for k, v in saved.items() if k in defaults}}
+    out = {**defaults, **{k: v for k, v in saved.items() if k in defaults}}
+    if network is not None and out["network"] != network:
+        raise InputError(
+            p,
+            f"this bundle_root holds a trained {out['network']} model, which training a {network} would overwrite: "
+            "train into another --bundle_root",
+        )
+    return out
 
 
 def recon_inputs(datalist: str, dataset_dir: str | None = None) -> list[str]:

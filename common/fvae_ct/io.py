@@ -36,6 +36,7 @@ __all__ = [
     "spacing_of",
     "case_name",
     "load_labels",
+    "read_labels",
     "folder_lock",
     "is_own_output",
     "OUTPUT_MARK",
@@ -404,12 +405,9 @@ def _log_reader_warnings(p: Path, caught) -> None:
         log.log(logging.DEBUG if env else logging.WARNING, "%s: reader %s: %s", p, w.category.__name__, msg)
 
 
-def load_labels(path: str | os.PathLike, affine, shape) -> np.ndarray:
-    """An integer label map resampled (nearest neighbour, through the two affines) onto a reference grid.
-
-    Label maps written by other tools often store the same grid with flipped axes (the TotalSegmentator
-    label map of the sample DICOM series does); mapping world coordinates keeps organs where they are.
-    """
+def read_labels(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """(integer label map ``[X, Y, Z]`` int32, its affine) of a NIfTI file; a missing, unreadable, non-3D or
+    non-integer file is an :class:`InputError` naming it."""
     p = Path(path)
     if not p.is_file():
         raise InputError(p, "label map does not exist")
@@ -424,16 +422,25 @@ def load_labels(path: str | os.PathLike, affine, shape) -> np.ndarray:
         raise InputError(p, f"label map must be 3D, got shape {lab.shape}")
     if not np.allclose(lab, np.round(lab)):
         raise InputError(p, "label map holds non-integer values")
-    lab = np.round(lab).astype(np.int32)
+    return np.round(lab).astype(np.int32), np.asarray(img.affine, dtype=np.float64)
+
+
+def load_labels(path: str | os.PathLike, affine, shape) -> np.ndarray:
+    """An integer label map resampled (nearest neighbour, through the two affines) onto a reference grid.
+
+    Label maps written by other tools often store the same grid with flipped axes (the TotalSegmentator
+    label map of the sample DICOM series does); mapping world coordinates keeps organs where they are.
+    """
+    lab, lab_affine = read_labels(path)
     ref = np.asarray(affine, dtype=np.float64)
-    if lab.shape == tuple(shape) and np.allclose(img.affine, ref, atol=1e-3):
+    if lab.shape == tuple(shape) and np.allclose(lab_affine, ref, atol=1e-3):
         return lab
     from scipy.ndimage import affine_transform
 
-    m = np.linalg.inv(img.affine) @ ref
+    m = np.linalg.inv(lab_affine) @ ref
     out = affine_transform(lab, m[:3, :3], offset=m[:3, 3], output_shape=tuple(shape), order=0, cval=0)
     if not out.any():
-        raise InputError(p, "label map does not overlap the image (check both affines)")
+        raise InputError(path, "label map does not overlap the image (check both affines)")
     return out
 
 

@@ -13,35 +13,16 @@ SegResNet (the bundle's ``inference.yaml``) and nnU-Net predictions alike are fi
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import torch
 from monai.metrics import compute_dice, compute_surface_dice
 
 from ..errors import InputError
+from ..io import read_labels
 from .stats import apply_empty_rule, lesion_detection
 
 __all__ = ["score_case", "summarise"]
-
-
-def _load_labels(path) -> tuple[np.ndarray, np.ndarray]:
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(p, "label map does not exist")
-    try:
-        img = nib.load(str(p))
-        arr = np.asarray(img.dataobj)
-    except Exception as e:  # noqa: BLE001 - a broken file is the user's problem, named in one line
-        raise InputError(p, f"not a readable NIfTI label map ({e})") from e
-    if arr.ndim == 4 and arr.shape[-1] == 1:
-        arr = arr[..., 0]
-    if arr.ndim != 3:
-        raise InputError(p, f"a label map must be 3D, got shape {arr.shape}")
-    if not np.all(np.equal(np.mod(arr, 1), 0)):
-        raise InputError(p, "label map has non-integer values")
-    return arr.astype(np.int64), np.asarray(img.affine, dtype=np.float64)
 
 
 def score_case(
@@ -55,8 +36,8 @@ def score_case(
     scored_classes = [int(c) for c in scored_classes]
     if len(tolerances_mm) != len(scored_classes):
         raise ValueError(f"one NSD tolerance per scored class: {list(tolerances_mm)} for classes {scored_classes}")
-    pred, pa = _load_labels(pred_path)
-    gt, ga = _load_labels(label_path)
+    pred, pa = read_labels(pred_path)
+    gt, ga = read_labels(label_path)
     if pred.shape != gt.shape or not np.allclose(pa, ga, atol=atol_mm):
         raise InputError(
             pred_path, f"prediction grid {pred.shape} does not match the ground truth {gt.shape} of {label_path}"

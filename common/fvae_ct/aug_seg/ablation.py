@@ -198,9 +198,8 @@ def ablate_seg(
     ``nnunet_gaussian`` ...) take ``nnunet_*`` overrides (``nnunet_max_epochs``, ``nnunet_epoch_length``, ...) and
     segment the test split with ``nnunet_mirroring`` (nnU-Net's test-time mirroring; ``false`` is 8x faster).
     """
-    from ..options import parse_bool
-
     from ..bundle import run_bundle
+    from ..options import parse_bool
 
     arms = [a.strip() for a in (arms.split(",") if isinstance(arms, str) else arms)]
     seeds = [int(s) for s in (str(seeds).strip("[]()").split(",") if isinstance(seeds, (str, int)) else seeds)]

@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -28,6 +29,7 @@ from monai.apps.nnunet import ModelnnUNetWrapper
 from monai.data import MetaTensor
 
 from ..errors import InputError
+from ..io import write_text_atomic
 
 __all__ = [
     "set_paths",
@@ -226,7 +228,8 @@ class SpacingnnUNetWrapper(ModelnnUNetWrapper):
 def predictor(
     models_dir: str, fold: int = 0, device: str | torch.device = "cpu", mirroring: bool = True, tile: float = 0.5
 ):
-    """:class:`monai.apps.nnunet.ModelnnUNetWrapper` for ``models_dir/fold_<k>/model.pt`` on ``device``."""
+    """:class:`SpacingnnUNetWrapper` (MONAI's ``ModelnnUNetWrapper``) for ``models_dir/fold_<k>/model.pt`` on
+    ``device``."""
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
     models = Path(models_dir)
@@ -253,10 +256,6 @@ def export_servable(models_dir: str, fold: int, class_names) -> Path:
     """``models_dir/model.pt`` (the fold's network weights under :class:`~monai.apps.nnunet.ModelnnUNetWrapper`'s
     state-dict keys, from ``models_dir/nnunet/fold_<k>/model.pt``) and ``models_dir/model.json``
     (``{"network": "nnunet", "nnunet_fold": k, "class_names": [...]}``), both written atomically."""
-    import json
-
-    from ..io import write_text_atomic
-
     models = Path(models_dir)
     src = models / "nnunet" / f"fold_{fold}" / "model.pt"
     if not src.is_file():

@@ -84,7 +84,7 @@ def _configs_with_run():
 def test_every_bundle_run_checks_the_command_line_first():
     """MONAI resolves ``run`` in list order, so the guard runs before any override is evaluated."""
     files = _configs_with_run()
-    assert len(files) == 13  # the multi-GPU overlays included
+    assert len(files) == 14  # the multi-GPU overlays and the nnU-Net overlay included
     for p in files:
         assert yaml.safe_load(p.read_text())["run"][0] == "$fvae_ct.bundle.check_command_line()", p
 

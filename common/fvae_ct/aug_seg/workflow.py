@@ -87,18 +87,19 @@ def split_cases(datalist: str, dataset_dir=None, val_fraction=0.2, test_fraction
     given) a draw of ``val_fraction`` of all (at least one; none at 0 or with a single case); the rest trains."""
     train, val = _read_datalist(datalist, dataset_dir)
     train, val = [_absolute(d) for d in train], (None if val is None else [_absolute(d) for d in val])
-    rng = np.random.default_rng(seed)
-    order = [train[i] for i in rng.permutation(len(train))]
+    order = np.random.default_rng(seed).permutation(len(train))
     n_all = len(order) + len(val or [])
     n_test = max(1, round(test_fraction * n_all)) if test_fraction > 0 else 0
     rest = len(order) - n_test
     n_val = 0 if val is not None or val_fraction <= 0 or rest < 2 else max(1, round(val_fraction * n_all))
     if rest - n_val < 1:
         raise ValueError(f"{len(order)} labelled cases cannot give {n_test} test, {n_val} validation and 1 training")
-    test, order = order[:n_test], order[n_test:]
-    if val is None:
-        val, order = order[:n_val], order[n_val:]
-    return {"train": order, "val": val, "test": test}
+
+    def pick(idx):  # each split keeps the datalist's order
+        return [train[i] for i in sorted(idx)]
+
+    test, held = pick(order[:n_test]), pick(order[n_test : n_test + n_val])
+    return {"train": pick(order[n_test + n_val :]), "val": held if val is None else val, "test": test}
 
 
 def build_datalists(

@@ -108,6 +108,7 @@ monailabel-check: $(STAMP) $(MLVENV)/.installed
 	rm -rf $(MLCHECK)
 	$(VENV)/bin/fvae make-lesion-set $(MLCHECK)/lesions --n_cases 4
 	$(PY) tools/build_bundles.py --out $(MLCHECK)/dist --bundles fvae_aug_seg --unpack $(MLCHECK)/bundle
+	cp -r $(MLCHECK)/bundle $(MLCHECK)/bundle_nnunet   # the same unpacked archive, for the nnU-Net model below
 	$(PY) -m monai.bundle run --config_file $(MLCHECK)/bundle/fvae_aug_seg/configs/train.yaml \
 	    --datalist $(MLCHECK)/lesions/dataset.json --bundle_root $(MLCHECK)/run \
 	    --max_epochs 4 --val_interval 2 --learning_rate 0.003 $(TINY)
@@ -116,7 +117,6 @@ monailabel-check: $(STAMP) $(MLVENV)/.installed
 	    --images $(MLCHECK)/lesions/imagesTr --labels $(MLCHECK)/lesions/labelsTr --work $(MLCHECK)/server --port 8123
 	# an nnU-Net v2 model trained by the bundle (nnunet_train.yaml, tiny: 1 epoch of 2 iterations on CPU), served by
 	# the same archive's inference.yaml (models/model.json names it), infer only (MONAI Label trains the SegResNet)
-	$(PY) tools/build_bundles.py --out $(MLCHECK)/dist_nnunet --bundles fvae_aug_seg --unpack $(MLCHECK)/bundle_nnunet
 	$(PY) -m monai.bundle run --config_file "['$(MLCHECK)/bundle_nnunet/fvae_aug_seg/configs/train.yaml', \
 	    '$(MLCHECK)/bundle_nnunet/fvae_aug_seg/configs/nnunet_train.yaml']" --datalist $(MLCHECK)/lesions/dataset.json \
 	    --bundle_root $(MLCHECK)/run_nnunet --nnunet_arm none --nnunet_max_epochs 1 --nnunet_epoch_length 2 \

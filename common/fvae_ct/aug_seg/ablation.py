@@ -237,9 +237,9 @@ def ablate_seg(
         for s in seeds:
             log.info("ablation: arm %s, seed %d", arm, s)
             rows = _run(root / arm / f"seed{s}", trainval, test_dir, split, {**ov, "seed": s}, scoring, infer)
-            results[arm]["budget"] = _budget(arm, root / arm / f"seed{s}", ov, steps, batch)
             results[arm]["seeds"][s] = {r["case"]: r for r in rows}
             per_case += [{"arm": arm, "seed": s, **r} for r in rows]
+        results[arm]["budget"] = _budget(arm, root / arm / f"seed{seeds[0]}", ov, steps, batch)
     write_text_atomic(root / "per_case.csv", _csv(per_case))
 
     cases = [case_name(d["image"]) for d in split["test"]]

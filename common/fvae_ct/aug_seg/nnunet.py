@@ -30,6 +30,7 @@ from monai.data import MetaTensor
 
 from ..errors import InputError
 from ..io import write_text_atomic
+from .workflow import spacing_from_affine
 
 __all__ = [
     "set_paths",
@@ -209,10 +210,7 @@ def _convert_into(models: Path, nt, fold: int) -> None:
 def _spacing_meta(x) -> dict:
     """``{"pixdim": [[1, sx, sy, sz, 1, 1, 1, 1]]}`` from the image's affine (column norms: voxel sizes in the file's
     order, as nnU-Net's NibabelIO reads them), for a batched or an unbatched ``MetaTensor``."""
-    aff = torch.as_tensor(x.affine, dtype=torch.float64)
-    aff = aff[0] if aff.ndim == 3 else aff
-    s = torch.linalg.norm(aff[:3, :3], dim=0)
-    return {"pixdim": torch.cat([torch.ones(1, dtype=torch.float64), s, torch.ones(4, dtype=torch.float64)])[None]}
+    return {"pixdim": torch.tensor([[1.0, *spacing_from_affine(x), 1.0, 1.0, 1.0, 1.0]], dtype=torch.float64)}
 
 
 class SpacingnnUNetWrapper(ModelnnUNetWrapper):

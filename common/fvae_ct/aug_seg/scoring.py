@@ -19,7 +19,7 @@ import torch
 from monai.metrics import compute_dice, compute_surface_dice
 
 from ..errors import InputError
-from ..io import read_labels
+from ..io import read_labels, spacing_of
 from .stats import apply_empty_rule, lesion_detection
 
 __all__ = ["score_case", "summarise"]
@@ -42,7 +42,7 @@ def score_case(
         raise InputError(
             pred_path, f"prediction grid {pred.shape} does not match the ground truth {gt.shape} of {label_path}"
         )
-    spacing = np.linalg.norm(ga[:3, :3], axis=0).tolist()
+    spacing = spacing_of(ga).tolist()
     yp, yg = (torch.from_numpy(np.stack([a == c for c in [0, *scored_classes]])[None]).float() for a in (pred, gt))
     dice = compute_dice(yp, yg, include_background=False, ignore_empty=True)[0].numpy()
     with warnings.catch_warnings():  # "the ground truth of class c is all 0": the empty-label rule below decides

@@ -178,7 +178,7 @@ def bench_official_ldm(budget: float, t_start: float) -> list[dict]:
     LeanVAE-dim16 decoding each window; mask encoding and text not included)."""
     if time.perf_counter() - t_start > budget:
         return [{"row": "official LDM", "status": "skipped (time budget)"}]
-    from fvae_ct.ldm.diffusion import make_scheduler, sample_latents
+    from fvae_ct.ldm import make_scheduler, sample_latents
     from fvae_ct.ldm.long_volume import official_long_volume
     from fvae_ct.ldm.official import official_denoiser
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fvae_ct.ldm.diffusion import make_scheduler, sample_latents
+from fvae_ct.ldm import make_scheduler, sample_latents
 from fvae_ct.ldm.long_volume import fusion_boundaries, official_long_volume, pass_windows
 
 

@@ -15,7 +15,7 @@ Everything runs on the CPU in fp32 with seeded random weights (no released weigh
    buffers kept on the CPU: its ``register_buffer`` moves them to CUDA) on the official UNet (``apply_model`` as
    its ``DiffusionWrapper`` does it: image and mask latents concatenated on
    channels, text as cross-attention context; schedule from its ``make_beta_schedule``) against
-   :func:`fvae_ct.ldm.diffusion.sample_latents` with the bundle's sampler settings;
+   :func:`fvae_ct.ldm.sampling.sample_latents` with the bundle's sampler settings;
 4. the text path: a tiny random ``BertModel`` through the official calls (``BertTokenizer(do_lower_case=True)``,
    ``padding="max_length"``, ``truncation``, ``max_length``, ``BertModel(input_ids, attention_mask)[0]``) against
    ``FrozenTextEncoder(padding="attend")``, and the checkpoint's ``text_transformer.*`` weights loaded into it.
@@ -133,7 +133,8 @@ def main(argv=None) -> int:
     openaimodel, ddim, util = official_modules(a.official.resolve())
     from transformers import BertModel, BertTokenizer
 
-    from fvae_ct.ldm.diffusion import FrozenTextEncoder, make_scheduler, sample_latents
+    from fvae_ct.ldm.diffusion import FrozenTextEncoder, make_scheduler
+    from fvae_ct.ldm.sampling import sample_latents
     from fvae_ct.ldm.official import OFFICIAL_UNET, load_official_checkpoint, official_denoiser
 
     torch.set_grad_enabled(False)

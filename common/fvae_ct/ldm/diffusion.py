@@ -12,9 +12,7 @@ Classifier-free guidance drops both conditions together in training (``p_uncond_
 at sampling) and each on its own (``p_uncond_mask``, ``p_uncond_text``); at sampling
 ``eps = eps_u + g * (eps_c - eps_u)``, one pass only at ``g = 1``. DDPM epsilon prediction with the
 paper's schedule (1000 steps, scaled-linear betas 0.00085-0.012) sampled with DDIM, or rectified flow
-(MONAI ``RFlowScheduler``, velocity ``x0 - noise``). Volumes longer than one latent window are denoised
-with overlapping depth windows whose predictions are blended at every step, the window grid shifting from step to
-step (no re-noising; no seam bands, measured with an exact depth-coupled denoiser).
+(MONAI ``RFlowScheduler``, velocity ``x0 - noise``). Sampling and long volumes: :mod:`fvae_ct.ldm.sampling`.
 """
 
 from __future__ import annotations
@@ -30,8 +28,6 @@ from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, RFlowSchedul
 
 from ..errors import OptionError
 from ..options import parse_bool
-from ..tiling import TilingConfig, shifted_depth_apply
-from .long_volume import reinject
 
 __all__ = [
     "FrozenTextEncoder",
@@ -39,10 +35,8 @@ __all__ = [
     "onehot_mask_latent",
     "make_scheduler",
     "LDMPrepareBatch",
+    "MaskedMSELoss",
     "DenoiserInferer",
-    "SamplingInferer",
-    "guided_prediction",
-    "sample_latents",
     "null_text",
 ]
 
@@ -207,6 +201,10 @@ class LDMPrepareBatch:
     slice-major per sample), so a batch of ``B`` windows of ``d`` slices trains ``B * d`` noise levels instead of
     ``B``; stage 3d keeps one timestep per window (its blocks mix the slices, as sampling does).
 
+    ``p_context`` (DDPM, stage 3d): with this probability a window's first ``k`` slices (``k`` uniform in
+    ``1 .. d // 2``) are given nearly clean (timestep 0, as ``long_volume: chain`` gives a window the slices of the one
+    before); their target is NaN, which :class:`MaskedMSELoss` leaves out.
+
     Classifier-free guidance dropout: with ``p_uncond_both`` a sample loses both conditions (the joint null
     condition that guidance uses as its unconditional prediction, so it is trained explicitly); otherwise each
     condition is dropped on its own with ``p_uncond_mask`` / ``p_uncond_text``.
@@ -223,9 +221,15 @@ class LDMPrepareBatch:
         mask_scale: float = 1.0,
         timesteps: str = "uniform",
         per_slice: bool = False,
+        p_context: float = 0.0,
     ):
         self.scheduler = scheduler
         self.per_slice = parse_bool(per_slice, "per_slice")
+        self.p_context = float(p_context)
+        if not 0.0 <= self.p_context <= 1.0:
+            raise ValueError(f"p_context must be a probability in [0, 1], got {p_context}")
+        if self.p_context and isinstance(scheduler, RFlowScheduler):
+            raise OptionError("p_context (clean context slices) is implemented for scheduler ddpm, not rflow")
         self.scale_factor, self.mask_scale = float(scale_factor), float(mask_scale)
         self.p_mask, self.p_text, self.p_both = float(p_uncond_mask), float(p_uncond_text), float(p_uncond_both)
         for name, p in (("p_uncond_mask", self.p_mask), ("p_uncond_text", self.p_text), ("p_uncond_both", self.p_both)):
@@ -245,6 +249,15 @@ class LDMPrepareBatch:
         w = (2 * n - torch.arange(n, dtype=torch.float64)).clamp(min=0)
         return torch.multinomial(w, b, replacement=True, generator=self.g)
 
+    def _context(self, b: int, d: int) -> torch.Tensor:
+        """``[B, d]`` bool: the first ``k ~ U{1 .. d // 2}`` slices of a window, for a fraction ``p_context`` of them."""
+        given = torch.zeros(b, d, dtype=torch.bool)
+        if not self.p_context or d < 2:
+            return given
+        use = torch.rand(b, generator=self.g) < self.p_context
+        k = torch.randint(1, d // 2 + 1, (b,), generator=self.g)
+        return (torch.arange(d)[None] < k[:, None]) & use[:, None]
+
     def __call__(self, batch, device=None, non_blocking=False, **kwargs):
         z0 = batch["latent"].to(device).float() * self.scale_factor
         b = z0.shape[0]
@@ -253,12 +266,16 @@ class LDMPrepareBatch:
             t = self.scheduler.sample_timesteps(z0)
             target = z0 - noise
             x = self.scheduler.add_noise(z0, noise, t)
-        elif self.per_slice:  # stage 2d: the slices are independent, each gets its own timestep ([B * d])
+        elif self.per_slice or self.p_context:  # a timestep per slice ([B * d], slice-major per sample)
             d = z0.shape[2]
-            t = self._timesteps(b * d).to(device)
-            target = noise
+            # stage 2d: the slices are independent, each draws its own; stage 3d: one per window
+            t = self._timesteps(b * d).view(b, d) if self.per_slice else self._timesteps(b).view(b, 1).repeat(1, d)
+            given = self._context(b, d)  # [B, d], True on the clean context slices
+            t = t.masked_fill(given, 0).to(device)
+            target = noise.masked_fill(given.view(b, 1, d, 1, 1).to(device), float("nan"))
             a = self.scheduler.alphas_cumprod.to(device)[t].view(b, 1, d, 1, 1).to(z0.dtype)
             x = a.sqrt() * z0 + (1 - a).sqrt() * noise
+            t = t.reshape(-1)
         else:
             t = self._timesteps(b).to(device)
             target = noise
@@ -282,163 +299,17 @@ class LDMPrepareBatch:
         return x, target, (), {"timesteps": t, "context": ctx, "context_mask": cmask}
 
 
+class MaskedMSELoss(torch.nn.Module):
+    """Mean squared error over the elements whose target is not NaN (the context slices of :class:`LDMPrepareBatch`);
+    ``torch.nn.MSELoss`` when no target is NaN."""
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        keep = ~torch.isnan(target)
+        return F.mse_loss(pred[keep], target[keep])
+
+
 class DenoiserInferer(Inferer):
     """``inferer(x, network, timesteps=..., context=..., context_mask=...)`` -> ``network(...)`` (training)."""
 
     def __call__(self, inputs, network, *args, timesteps=None, context=None, context_mask=None, **kwargs):
         return network(inputs, timesteps, context, context_mask)
-
-
-class SamplingInferer(Inferer):
-    """Inference: ``inferer(z_shape, network, mask=..., context=..., context_mask=...)`` -> generated latents
-    ``[B, C, d, h, w]`` (scaled) by :func:`sample_latents`: DDIM (``ddpm``) or rectified flow, classifier-free
-    guidance, long volumes in blended depth windows (``depth_overlap=None``: half the window; ``depth_shift``: the
-    window grid moves every step). ``z_shape``: a shape or a tensor of that shape."""
-
-    def __init__(
-        self,
-        scheduler: str = "ddpm",
-        steps: int = 20,
-        guidance: float = 2.0,
-        seed: int = 0,
-        depth_window: int | None = 16,
-        depth_overlap: int | None = None,
-        progress: bool = True,
-        depth_shift: bool = True,
-        eta: float = 0.0,
-        ddim_spacing: str = "ldm",
-        long_volume: str = "blend",
-    ):
-        super().__init__()
-        if long_volume not in ("blend", "official"):
-            raise OptionError(f"long_volume must be 'blend' or 'official', got {long_volume!r}")
-        self.long_volume = long_volume
-        if depth_overlap is None:  # half the window (measured seam-free with the shifting grid)
-            depth_overlap = int(depth_window) // 2 if depth_window else 0
-        TilingConfig(depth_window=depth_window, depth_overlap=depth_overlap)  # the same checks as everywhere
-        self.scheduler = make_scheduler(scheduler, sampler=True, ddim_spacing=ddim_spacing)
-        self.steps, self.guidance, self.seed = steps, guidance, seed
-        self.depth_window, self.depth_overlap, self.progress = depth_window, depth_overlap, progress
-        self.depth_shift = parse_bool(depth_shift, "depth_shift")
-        self.eta = float(eta)
-
-    def __call__(
-        self, inputs, network, *args, mask=None, context=None, context_mask=None, previous=None, seed_offset=0, **kw
-    ):
-        """``previous``: a latent slice to re-inject into the first one (``long_volume: official``); ``seed_offset``:
-        added to the seed (one window of several)."""
-        shape = tuple(inputs.shape) if isinstance(inputs, torch.Tensor) else tuple(inputs)
-        return sample_latents(
-            network,
-            self.scheduler,
-            shape,
-            mask,
-            context,
-            context_mask,
-            self.guidance,
-            self.steps,
-            self.seed + int(seed_offset),
-            self.depth_window,
-            self.depth_overlap,
-            progress=self.progress,
-            depth_shift=self.depth_shift,
-            eta=self.eta,
-            previous=previous,
-        )
-
-
-def guided_prediction(
-    model,
-    x: torch.Tensor,
-    t: torch.Tensor,
-    mask: torch.Tensor | None,
-    context: torch.Tensor | None,
-    context_mask: torch.Tensor | None,
-    guidance: float = 1.0,
-) -> torch.Tensor:
-    """Classifier-free guidance: ``u + g * (c - u)`` with c conditional and u both conditions dropped."""
-    xin = torch.cat([x, mask], 1) if mask is not None else x
-    cond = model(xin, t, context, context_mask)
-    if guidance == 1.0 or (mask is None and context is None):  # u + 1 * (c - u) = c: no second pass
-        return cond
-    xu = torch.cat([x, torch.zeros_like(mask)], 1) if mask is not None else x
-    if context is not None:
-        uctx, umask = null_text(x.shape[0], context.shape[-1], x.device)
-    else:
-        uctx = umask = None
-    unc = model(xu, t, uctx, umask)
-    return unc + guidance * (cond - unc)
-
-
-@torch.no_grad()
-def sample_latents(
-    model,
-    scheduler,
-    shape: Sequence[int],
-    mask: torch.Tensor | None = None,
-    context: torch.Tensor | None = None,
-    context_mask: torch.Tensor | None = None,
-    guidance: float = 1.0,
-    steps: int = 20,
-    seed: int = 0,
-    depth_window: int | None = None,
-    depth_overlap: int = 4,
-    progress: bool = False,
-    depth_shift: bool = True,
-    eta: float = 0.0,
-    previous: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Generate latents ``[1, C, d, h, w]`` (scaled) from noise, with CFG and blended depth windows.
-
-    At every step the model's prediction for the whole volume is the blend of its predictions on
-    overlapping depth windows (:func:`fvae_ct.tiling.shifted_depth_apply`, cosine cross-fade), computed from
-    the same current sample (no re-noising). ``depth_shift``: the window grid moves from step to step (offsets
-    ``frac(i * 0.618) * stride``), so the slices at window edges, where a depth-coupled model sees the least
-    context, change every step instead of forming a seam (measured with an exact AR(1) denoiser in
-    ``tests/test_ldm_seams.py``). ``eta``: DDIM stochasticity (0 deterministic, our default; 1 the paper's), its
-    noise drawn from a generator seeded by ``seed``. ``previous [1, C, 1, h, w]`` (DDIM): re-injected into the first
-    latent slice before the first step and after every step, the official way (:func:`fvae_ct.ldm.long_volume.reinject`
-    with ``alpha_cumprod[T - 1]``, then ``alpha_cumprod[index]`` for DDIM step index ``S - 1 .. 0``).
-    """
-    from tqdm.auto import tqdm
-
-    device = next(model.parameters()).device
-    g = torch.Generator().manual_seed(int(seed))
-    z = torch.randn(tuple(shape), generator=g).to(device)
-    c = z.shape[1]
-    if eta and isinstance(scheduler, RFlowScheduler):
-        raise ValueError("eta applies to DDIM sampling (scheduler ddpm), not to rectified flow")
-    step_gen = torch.Generator(device=device).manual_seed(int(seed) + 1) if eta else None
-    if isinstance(scheduler, RFlowScheduler):
-        scheduler.set_timesteps(steps, device=device, input_img_size_numel=int(torch.tensor(shape[2:]).prod()))
-    else:
-        scheduler.set_timesteps(steps, device=device)
-    ts = list(scheduler.timesteps)
-    if previous is not None:
-        if isinstance(scheduler, RFlowScheduler):
-            raise ValueError("re-injecting a previous latent is the official DDIM procedure (scheduler ddpm)")
-        ac, inject_gen = scheduler.alphas_cumprod, torch.Generator().manual_seed(int(seed) + 2)
-        z = reinject(z, previous, ac[-1], inject_gen)
-    for i, t in enumerate(tqdm(ts, desc="denoising", disable=not progress)):
-        tt = torch.full((z.shape[0],), int(t), device=device, dtype=torch.long)
-
-        def predict(v, tt=tt):  # v = latent (+ mask) window
-            x, m = (v[:, :c], v[:, c:]) if mask is not None else (v, None)
-            return guided_prediction(model, x, tt, m, context, context_mask, guidance)
-
-        full = torch.cat([z, mask], 1) if mask is not None else z
-        stride = max(1, int(depth_window or 1) - int(depth_overlap))
-        offset = int((i * 0.6180339887498949) % 1.0 * stride) if depth_shift else 0
-        eps = shifted_depth_apply(predict, full, depth_window, depth_overlap, offset)
-        if isinstance(scheduler, RFlowScheduler):
-            nxt = int(ts[i + 1]) if i + 1 < len(ts) else None
-            z, _ = scheduler.step(eps, int(t), z, nxt)
-        else:
-            z, _ = (
-                scheduler.step(eps, int(t), z, eta=float(eta), generator=step_gen)
-                if eta
-                else scheduler.step(eps, int(t), z)
-            )
-        if previous is not None:  # the DDIM step index into the 1000-step table, as the official code does
-            z = reinject(z, previous, ac[len(ts) - 1 - i], inject_gen)
-    return z

@@ -1,7 +1,9 @@
-"""The official long-volume generation (``long_volume: official``; ``inference_CT_Gen_3d.py`` of the paper's code).
+"""Depth layouts of long-volume sampling: ``long_volume: chain`` (:func:`chain_windows`; the loop is in
+:func:`fvae_ct.ldm.sample_latents`) and the official long-volume generation (``long_volume: official``;
+``inference_CT_Gen_3d.py`` of the paper's code).
 
-Volumes are generated in image-space windows of ``window`` slices (65 = 17 LeanVAE latents), each sampled, decoded
-and placed on its own:
+The official procedure: volumes are generated in image-space windows of ``window`` slices (65 = 17 LeanVAE latents),
+each sampled, decoded and placed on its own:
 1. pass 1: windows ``[0, 65), [65, 130), ...``, the last one right-aligned to the volume's end (it overlaps its
    predecessor; only its last ``D mod 65`` slices are kept). Window ``i > 0`` starts from fresh noise, but its first
    latent slice is the previous window's last latent (``re-injection``), noised before the first step with
@@ -21,7 +23,7 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["reinject", "pass_windows", "fusion_boundaries", "fuse", "official_long_volume"]
+__all__ = ["reinject", "pass_windows", "fusion_boundaries", "fuse", "official_long_volume", "chain_windows"]
 
 
 def reinject(z: torch.Tensor, previous: torch.Tensor, alpha_cumprod: torch.Tensor, generator) -> torch.Tensor:
@@ -90,3 +92,19 @@ def official_long_volume(
         return vol1
     vol2, _ = one_pass(offset)
     return fuse(vol1, vol2, fusion_boundaries(iters, latent_length, ratio), offset, width)
+
+
+def chain_windows(depth: int, window: int, overlap: int) -> list[tuple[int, int, int]]:
+    """``(start, stop, known)`` of the windows of ``long_volume: chain``: the first window ``[0, window)`` has no known
+    slices; each next one starts ``overlap`` slices before the previous one's end, whose slices it takes as given
+    (``known = overlap``), and the last one is right-aligned to the volume's end (more known slices)."""
+    if window >= depth:
+        return [(0, depth, 0)]
+    if not 0 < overlap < window:
+        raise ValueError(f"chain sampling needs 0 < depth_overlap < depth_window, got {overlap} and {window}")
+    out, end = [(0, window, 0)], window
+    while end < depth:
+        start = min(end - overlap, depth - window)
+        out.append((start, start + window, end - start))
+        end = start + window
+    return out

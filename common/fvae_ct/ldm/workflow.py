@@ -27,8 +27,9 @@ from ..figures import three_view
 from ..io import _atomic, case_name, case_voxels, load_ct, load_labels, save_nifti_atomic, write_text_atomic
 from ..options import parse_bool
 from ..transforms import from_slices, recon_preprocessing, to_slices, unit_to_hu
-from .diffusion import FrozenTextEncoder, SamplingInferer, onehot_mask_latent
+from .diffusion import FrozenTextEncoder, onehot_mask_latent
 from .long_volume import official_long_volume
+from .sampling import SamplingInferer
 
 __all__ = [
     "read_report",
@@ -513,7 +514,8 @@ class GenerateWorkflow:
 
 class TrainingRecord:
     """What a checkpoint was trained with, saved in it (``checkpoint["record"]``) by the CheckpointSaver: the VAE,
-    the conditioning (mask encoding and channels, text encoder name / dim / max tokens) and the depth window."""
+    the conditioning (mask encoding and channels, text encoder name / dim / max tokens), the depth window and the
+    fraction of windows trained with clean context slices (``p_context``)."""
 
     KEYS = (
         "vae",
@@ -528,10 +530,11 @@ class TrainingRecord:
         "text_dim",
     )
 
-    def __init__(self, stats: dict | None = None, train_depth: int | None = None):
+    def __init__(self, stats: dict | None = None, train_depth: int | None = None, p_context: float | None = None):
         stats = stats or {}
         self.data = {k: stats.get(k) for k in self.KEYS}
         self.data["train_depth"] = int(train_depth) if train_depth is not None else None
+        self.data["p_context"] = float(p_context) if p_context is not None else None
 
     def state_dict(self) -> dict:
         return dict(self.data)

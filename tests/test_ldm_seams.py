@@ -144,3 +144,37 @@ def test_chain_warns_for_a_checkpoint_trained_without_context(caplog):
             z = inferer((1, 1, 6, 8, 8), net)
         assert z.shape == (1, 1, 6, 8, 8) and torch.isfinite(z).all()
         assert ("trained without such windows" in caplog.text) == warned, rec
+
+
+def test_prior_skip_starts_at_the_gaussian_prior_and_travels_with_the_checkpoint(tmp_path):
+    """``prior_skip``: the untrained network (zero output layer) is the unit-Gaussian prior's denoiser
+    ``sqrt(1 - a_t) x_t`` instead of 0 noise; the same weights load with or without it (not a weight), the record
+    says which, and stage 3d refuses a stage-2d checkpoint trained the other way."""
+    from fvae_ct.errors import OptionError
+    from fvae_ct.ldm import TrainingRecord, load_stage2d, recorded
+    from fvae_ct.ldm.gaussian import GaussianPriorDenoiser
+
+    tiny = dict(channels=(8, 16), attention_levels=(False, False), num_res_blocks=1, num_head_channels=8,
+                norm_num_groups=8, levels=(1,))
+    skip = build_denoiser(2, 1, None, mode="attention", prior_skip=True, **tiny).eval()
+    plain = build_denoiser(2, 1, None, mode="attention", prior_skip=False, **tiny).eval()
+    plain.load_state_dict(skip.state_dict())  # the same keys: the skip is not a weight
+    x = torch.randn(2, 3, 5, 8, 8)
+    unit = GaussianPriorDenoiser(torch.zeros(2), torch.ones(2))
+    for t in (torch.tensor([999, 10]), torch.tensor([999, 500, 10, 0, 700] * 2)):  # per window / per slice
+        with torch.no_grad():
+            assert plain(x, t).abs().max() == 0  # MONAI's zero-initialised output layer
+            assert torch.allclose(skip(x, t), unit(x, t), atol=1e-4)  # (float32 cancellation at t = 0)
+    # the zero network's error at t = 999 is the whole noise; the prior's is a fraction of a percent
+    z0 = torch.randn(1, 2, 5, 8, 8)
+    eps = torch.randn_like(z0)
+    a = make_scheduler().alphas_cumprod[999]
+    xt = torch.cat([a.sqrt() * z0 + (1 - a).sqrt() * eps, torch.zeros(1, 1, 5, 8, 8)], 1)
+    with torch.no_grad():
+        assert float(((skip(xt, torch.tensor([999])) - eps) ** 2).mean()) < 0.01
+    rec = TrainingRecord({}, 8, 0.0, True).state_dict()
+    assert recorded({"record": rec}, "prior_skip", False) is True and recorded(None, "prior_skip", False) is False
+    ckpt = {"model": skip.unet.state_dict(), "record": rec}
+    load_stage2d(build_denoiser(2, 1, None, mode="attention", prior_skip=True, **tiny), ckpt, "model")
+    with pytest.raises(OptionError, match="prior_skip"):
+        load_stage2d(build_denoiser(2, 1, None, mode="attention", prior_skip=False, **tiny), ckpt, "model")

@@ -76,7 +76,8 @@ class GaussianDepthDenoiser(torch.nn.Module):
 class GaussianPriorDenoiser(torch.nn.Module):
     """The optimal denoiser of independent Gaussian latents with mean ``mean`` and variance ``var`` per channel
     (``[C]``) or per channel x depth position (``[C, d]``, windows of exactly ``d`` slices):
-    ``forward(x [B, C(+K), d, h, w], t [B], ...) -> eps_hat [B, C, d, h, w]`` (extra mask channels are ignored)."""
+    ``forward(x [B, C(+K), d, h, w], t [B] or [B * d], ...) -> eps_hat [B, C, d, h, w]`` (extra mask channels and the
+    text are ignored)."""
 
     def __init__(self, mean: torch.Tensor, var: torch.Tensor, alphas_cumprod: torch.Tensor | None = None):
         super().__init__()
@@ -84,16 +85,18 @@ class GaussianPriorDenoiser(torch.nn.Module):
             from .diffusion import make_scheduler
 
             alphas_cumprod = make_scheduler().alphas_cumprod
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # samplers read the device from a parameter
         self.register_buffer("alphas", alphas_cumprod.float())
         self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32))
         self.register_buffer("var", torch.as_tensor(var, dtype=torch.float32))
 
     def forward(self, x, t, context=None, context_mask=None):
-        c = self.mean.shape[0]
+        c, b, d = self.mean.shape[0], x.shape[0], x.shape[2]
         x = x[:, :c]
         shape = (1, c, 1, 1, 1) if self.mean.ndim == 1 else (1, c, self.mean.shape[1], 1, 1)
         mu, var = self.mean.view(shape), self.var.view(shape)
-        a = self.alphas[torch.as_tensor(t).reshape(-1)[: x.shape[0]].long()].view(-1, 1, 1, 1, 1)
+        t = torch.as_tensor(t, device=x.device).reshape(-1).long()
+        a = self.alphas[t].view(b, 1, d, 1, 1) if t.numel() == b * d and d > 1 else self.alphas[t].view(b, 1, 1, 1, 1)
         x_hat = mu + a.sqrt() * var / (a * var + 1 - a) * (x - a.sqrt() * mu)
         return (x - a.sqrt() * x_hat) / (1 - a).sqrt()
 

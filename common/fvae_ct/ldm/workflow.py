@@ -27,7 +27,7 @@ from ..figures import three_view
 from ..io import _atomic, case_name, case_voxels, load_ct, load_labels, save_nifti_atomic, write_text_atomic
 from ..options import parse_bool
 from ..transforms import from_slices, recon_preprocessing, to_slices, unit_to_hu
-from .diffusion import FrozenTextEncoder, onehot_mask_latent
+from .diffusion import FrozenTextEncoder, make_scheduler, onehot_mask_latent
 from .long_volume import official_long_volume
 from .sampling import SamplingInferer
 
@@ -41,6 +41,7 @@ __all__ = [
     "load_denoiser",
     "load_stage2d",
     "TrainingRecord",
+    "recorded",
     "check_record",
     "trained_depth",
     "vae_mask_input",
@@ -361,8 +362,11 @@ def build_denoiser(
     norm_num_groups: int = 32,
     mode: str = "attention",
     levels=(1, 2),
+    prior_skip: bool = False,
 ):
-    """The pseudo-3D denoiser: MONAI 2D ``DiffusionModelUNet`` on latent slices + 3D consistency blocks."""
+    """The pseudo-3D denoiser: MONAI 2D ``DiffusionModelUNet`` on latent slices + 3D consistency blocks.
+    ``prior_skip`` (DDPM epsilon prediction): the network predicts the noise around the unit-Gaussian prior's
+    prediction ``sqrt(1 - alpha_cumprod[t]) x_t`` (:class:`fvae_ct.networks.PseudoThreeDUNet`)."""
     from monai.networks.nets import DiffusionModelUNet
 
     from ..networks import PseudoThreeDUNet
@@ -379,7 +383,8 @@ def build_denoiser(
         with_conditioning=text_dim is not None,
         cross_attention_dim=text_dim,
     )
-    return PseudoThreeDUNet(unet, levels=levels, mode=mode)
+    skip = make_scheduler("ddpm").alphas_cumprod if parse_bool(prior_skip, "prior_skip") else None
+    return PseudoThreeDUNet(unet, levels=levels, mode=mode, prior_skip=skip)
 
 
 class GenerateWorkflow:
@@ -514,8 +519,9 @@ class GenerateWorkflow:
 
 class TrainingRecord:
     """What a checkpoint was trained with, saved in it (``checkpoint["record"]``) by the CheckpointSaver: the VAE,
-    the conditioning (mask encoding and channels, text encoder name / dim / max tokens), the depth window and the
-    fraction of windows trained with clean context slices (``p_context``)."""
+    the conditioning (mask encoding and channels, text encoder name / dim / max tokens), the depth window, the
+    fraction of windows trained with clean context slices (``p_context``) and the output parametrisation
+    (``prior_skip``, part of the architecture: :func:`recorded` reads it back at inference)."""
 
     KEYS = (
         "vae",
@@ -530,11 +536,18 @@ class TrainingRecord:
         "text_dim",
     )
 
-    def __init__(self, stats: dict | None = None, train_depth: int | None = None, p_context: float | None = None):
+    def __init__(
+        self,
+        stats: dict | None = None,
+        train_depth: int | None = None,
+        p_context: float | None = None,
+        prior_skip: bool | None = None,
+    ):
         stats = stats or {}
         self.data = {k: stats.get(k) for k in self.KEYS}
         self.data["train_depth"] = int(train_depth) if train_depth is not None else None
         self.data["p_context"] = float(p_context) if p_context is not None else None
+        self.data["prior_skip"] = parse_bool(prior_skip, "prior_skip") if prior_skip is not None else None
 
     def state_dict(self) -> dict:
         return dict(self.data)
@@ -556,6 +569,12 @@ def check_record(checkpoint: dict, stats: dict, path: str = "checkpoint") -> dic
             + "; ".join(f"{k}: trained {rec[k]!r}, now {now[k]!r}" for k in diff),
         )
     return rec
+
+
+def recorded(checkpoint: dict | None, key: str, default=None):
+    """``checkpoint["record"][key]``, or ``default`` for checkpoints without it (or none at all)."""
+    value = ((checkpoint or {}).get("record") or {}).get(key)
+    return default if value is None else value
 
 
 def trained_depth(checkpoint: dict, default: int = 16) -> int:
@@ -583,6 +602,12 @@ def load_stage2d(network, checkpoint: dict, init_from: str = "ema"):
     uses and the default) or the raw trained weights (``model``)."""
     if init_from not in ("ema", "model"):
         raise OptionError(f"init_3d_from must be 'ema' or 'model', got {init_from!r}")
+    skip = recorded(checkpoint, "prior_skip", False)
+    if bool(skip) != (getattr(network, "prior_skip", None) is not None):
+        raise OptionError(
+            f"model_2d.pt was trained with prior_skip {bool(skip)}, stage 3d is set to {not skip}: give the same "
+            "prior_skip to both stages"
+        )
     if init_from == "ema" and "ema" in checkpoint:
         sd = {k[len("unet.") :]: v for k, v in checkpoint["ema"].items() if k.startswith("unet.")}
     else:

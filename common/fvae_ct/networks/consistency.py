@@ -105,6 +105,8 @@ class PseudoThreeDUNet(nn.Module):
 
     Args:
         unet: a MONAI ``DiffusionModelUNet`` with ``spatial_dims=2``.
+        prior_skip: ``alphas_cumprod`` of the DDPM schedule, or ``None``: with it the output is
+            ``sqrt(1 - alphas_cumprod[t]) x[:, :C_out] + UNet(...)`` (epsilon prediction around the unit-Gaussian prior).
         levels: resolution levels that get 3D blocks.
         mode: ``"attention"`` (SliceConsistencyAttention), ``"conv"`` (DepthConv, the seed's variant),
             ``"both"``, ``"conv_every"`` (a :class:`SliceDepthConv` after every 3x3 convolution of the UNet: the
@@ -114,11 +116,22 @@ class PseudoThreeDUNet(nn.Module):
 
     MODES = ("attention", "conv", "both", "conv_every", "none")
 
-    def __init__(self, unet: nn.Module, levels: Sequence[int] = (1, 2), mode: str = "attention", num_heads: int = 4):
+    def __init__(
+        self,
+        unet: nn.Module,
+        levels: Sequence[int] = (1, 2),
+        mode: str = "attention",
+        num_heads: int = 4,
+        prior_skip: torch.Tensor | None = None,
+    ):
         super().__init__()
         if mode not in self.MODES:
             raise ValueError(f"mode must be one of {', '.join(self.MODES)}, got {mode!r}")
         self.unet = unet
+        # epsilon prediction = sqrt(1 - alpha_cumprod[t]) x_t (the optimal one for unit-Gaussian latents) + the UNet's
+        # output: the zero-initialised output layer starts at that prior instead of at 0 noise. Not a weight (the
+        # state dict is the same); the checkpoint's record says whether a model was trained with it.
+        self.register_buffer("prior_skip", None if prior_skip is None else prior_skip.float(), persistent=False)
         self.mode = mode
         self.levels = tuple(int(i) for i in levels)
         chans = list(unet.block_out_channels)
@@ -196,6 +209,15 @@ class PseudoThreeDUNet(nn.Module):
     ) -> torch.Tensor:
         """``context_mask [B, T]`` (1 = token, 0 = padding, padding on the right): samples with the same number
         of tokens run together with the padding cut off, so padded tokens are never attended to."""
+        out = self._masked(x, timesteps, context, context_mask)
+        if self.prior_skip is None:
+            return out
+        b, c, d = out.shape[:3]
+        a = self.prior_skip[timesteps.reshape(-1).long()]
+        a = a.view(b, 1, d, 1, 1) if a.numel() == b * d and d > 1 else a.view(b, 1, 1, 1, 1)
+        return out + (1 - a).sqrt().to(out.dtype) * x[:, :c]
+
+    def _masked(self, x, timesteps, context, context_mask) -> torch.Tensor:
         if context is not None and context_mask is not None and not bool(context_mask.all()):
             lengths = context_mask.sum(1)
             out = None

@@ -76,7 +76,7 @@ bench-gpu: $(STAMP)
 
 # CPU demo that the generation bundle learns: its configs on one real CT (TAEF2 latents), 10 + 2.5 min of training,
 # then held-out loss per timestep, bias at high t and generation over 4 seeds on another scan, trained vs the zero
-# network vs the closed-form Gaussian prior (about 17 min on 2 cores; outputs/ldm_demo)
+# network vs the closed-form Gaussian prior (about 21 min on 2 cores; outputs/ldm_demo)
 ldm-demo: $(STAMP)
 	$(PY) bench/ldm_demo.py --out outputs/ldm_demo
 

@@ -154,13 +154,36 @@ def test_ldm_bundle_prepare_train_2d_3d_and_generate(assets, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     loss = json.loads((tmp_path / "eval" / "train_loss.json").read_text())["loss"]
     assert len(loss) == 300
-    assert np.mean(loss[-50:]) < 0.75 * np.mean(loss[:50]), (np.mean(loss[:50]), np.mean(loss[-50:]))
+    # prior_skip: the untrained model is the unit-Gaussian prior's denoiser (loss ~0.33 here, not 1), and training
+    # goes below it ...
+    assert np.mean(loss[-50:]) < 0.9 * np.mean(loss[:50]), (np.mean(loss[:50]), np.mean(loss[-50:]))
+    # ... and below the closed-form per-channel Gaussian prior on these latents at mid noise levels
+    import torch
+
+    from fvae_ct.ldm import build_denoiser, load_denoiser, make_scheduler
+    from fvae_ct.ldm.gaussian import GaussianPriorDenoiser
+
+    c2 = torch.load(tmp_path / "models" / "model_2d.pt", weights_only=True)
+    assert c2["record"]["prior_skip"] is True and c2["record"]["p_context"] == 0.0
+    net = load_denoiser(build_denoiser(32, 6, 384, (16, 32), (False, True), 1, 8, 8, "none", (0, 1), True), c2, "2d")
+    z0 = cached["latent"][None, :, :6] * stats["scale_factor"]
+    z0 = torch.nn.functional.pad(z0, (0, 0, 0, 1, 0, 0), mode="replicate")  # 13 -> 14 rows (a multiple of 2)
+    m = torch.nn.functional.pad(cached["mask"][None, :, :6], (0, 0, 0, 1, 0, 0), mode="replicate")
+    flat = cached["latent"].flatten(1).double() * stats["scale_factor"]
+    prior = GaussianPriorDenoiser(flat.mean(1), flat.var(1))
+    sched, ctx, cm = make_scheduler(), cached["text"][None], cached["text_mask"][None]
+    mse = {"trained": [], "prior": []}
+    with torch.no_grad():
+        for t in (200, 400, 600):
+            eps = torch.randn(z0.shape, generator=torch.Generator().manual_seed(t))
+            x = torch.cat([sched.add_noise(z0, eps, torch.tensor([t])), m], 1)
+            for name, f in (("trained", net), ("prior", prior)):
+                mse[name].append(float(((f(x, torch.tensor([t]), ctx, cm) - eps) ** 2).mean()))
+    assert np.mean(mse["trained"]) < np.mean(mse["prior"]), mse
     # stage 3d: the 2D weights frozen, only the consistency blocks train
     r = run([PY, "-m", "monai.bundle", "run", "--config_file", str(conf / "train.yaml"), *root, "--stage", "3d",
              "--samples_per_epoch", "10", "--batch_size", "2", "--max_epochs", "2", "--train_depth", "6", *LTINY])
     assert r.returncode == 0, r.stderr[-3000:]
-    import torch
-
     c2, c3 = (torch.load(tmp_path / "models" / f"model_{s}.pt", weights_only=True) for s in ("2d", "3d"))
     for k in c2["model"]:  # stage 3d started from the 2D EMA weights and did not move them
         assert torch.equal(c3["model"]["unet." + k], c2["ema"]["unet." + k]), k

@@ -34,6 +34,15 @@ def sq_exp(length: float, nugget: float = 1e-4) -> Callable[[torch.Tensor], torc
     return lambda i: torch.exp(-0.5 * ((i[:, None] - i[None]) / length) ** 2) + nugget * torch.eye(len(i)).to(i)
 
 
+def _schedule(alphas_cumprod: torch.Tensor | None) -> torch.Tensor:
+    """The given ``alphas_cumprod``, or the bundle's DDPM schedule's."""
+    if alphas_cumprod is not None:
+        return alphas_cumprod
+    from .diffusion import make_scheduler
+
+    return make_scheduler().alphas_cumprod
+
+
 class GaussianDepthDenoiser(torch.nn.Module):
     """``forward(x [B, C, d, h, w], t, context=None, context_mask=None) -> eps_hat`` for the prior ``N(0, cov)`` along
     depth; ``t``: ``[B]`` (one timestep per window) or ``[B * d]`` (one per slice, slice-major per sample; 0 = a
@@ -42,11 +51,7 @@ class GaussianDepthDenoiser(torch.nn.Module):
     def __init__(self, cov: Callable[[torch.Tensor], torch.Tensor], alphas_cumprod: torch.Tensor | None = None):
         super().__init__()
         self.anchor = torch.nn.Parameter(torch.zeros(1))  # samplers read the device from a parameter
-        if alphas_cumprod is None:
-            from .diffusion import make_scheduler
-
-            alphas_cumprod = make_scheduler().alphas_cumprod
-        self.alphas = alphas_cumprod.double()
+        self.alphas = _schedule(alphas_cumprod).double()
         self.cov = cov
         self._cache: dict = {}
 
@@ -81,12 +86,8 @@ class GaussianPriorDenoiser(torch.nn.Module):
 
     def __init__(self, mean: torch.Tensor, var: torch.Tensor, alphas_cumprod: torch.Tensor | None = None):
         super().__init__()
-        if alphas_cumprod is None:
-            from .diffusion import make_scheduler
-
-            alphas_cumprod = make_scheduler().alphas_cumprod
         self.anchor = torch.nn.Parameter(torch.zeros(1))  # samplers read the device from a parameter
-        self.register_buffer("alphas", alphas_cumprod.float())
+        self.register_buffer("alphas", _schedule(alphas_cumprod).float())
         self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32))
         self.register_buffer("var", torch.as_tensor(var, dtype=torch.float32))
 

@@ -7,6 +7,7 @@ Loaded volumes are MONAI ``MetaTensor``s ``[1, X, Y, Z]`` (file voxel order, HU 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ import torch
 from monai.data import MetaTensor, load_decathlon_datalist
 from monai.transforms import LoadImage
 
+from . import dicom_index
 from .errors import InputError
 
 __all__ = [
@@ -106,6 +108,13 @@ def dicom_series(folder: str | os.PathLike) -> list[tuple[Path, Any]]:
                 continue
     if not headers:
         raise InputError(p, "folder holds no readable DICOM files")
+    images = dicom_index.split_images(p, headers)  # DICOMDIR, presentation states, reports: left out (logged)
+    if not images:
+        raise InputError(p, dicom_index.no_images_problem(p, headers))
+    multi = [f.name for f, ds in images if dicom_index.frames(ds) > 1]
+    if multi:
+        raise InputError(p, f"multi-frame DICOM file(s) among the images ({', '.join(multi[:3])}): give one per folder")
+    headers = images
     series: dict[str, list] = {}
     for f, ds in headers:
         series.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append((f, ds))
@@ -116,11 +125,18 @@ def dicom_series(folder: str | os.PathLike) -> list[tuple[Path, Any]]:
         )
         raise InputError(p, f"{len(series)} DICOM series in one folder ({listing}): put each series in its own folder")
     items = next(iter(series.values()))
-    try:
-        iop = np.asarray(items[0][1].ImageOrientationPatient, dtype=float)
-        pos = np.asarray([np.asarray(ds.ImagePositionPatient, dtype=float) for _, ds in items])
-    except AttributeError as e:
-        raise InputError(p, f"slices without ImageOrientationPatient / ImagePositionPatient ({e})") from e
+    dicom_index.check_decoder(p, items[0][1])
+    lacking = [f.name for f, ds in items if "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds]
+    if lacking:
+        raise InputError(
+            p,
+            f"{len(lacking)} of {len(items)} slice(s) without ImagePositionPatient / ImageOrientationPatient ("
+            + ", ".join(lacking[:5])
+            + (", ..." if len(lacking) > 5 else "")
+            + "): their place in the volume is unknown",
+        )
+    iop = np.asarray(items[0][1].ImageOrientationPatient, dtype=float)
+    pos = np.asarray([np.asarray(ds.ImagePositionPatient, dtype=float) for _, ds in items])
     first, ref = items[0]
     for f, ds in items[1:]:  # MONAI's reader stacks whatever it gets (mixed spacings with only a warning)
         if (ds.get("Rows"), ds.get("Columns")) != (ref.get("Rows"), ref.get("Columns")):
@@ -224,22 +240,45 @@ def _from_datalist(path: Path) -> list[Case]:
     return cases
 
 
+def _broken_link(p: Path) -> str | None:
+    """Why the symbolic link ``p`` leads nowhere (``None`` when ``p`` is not one)."""
+    if not p.is_symlink():
+        return None
+    try:
+        os.stat(p)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "symbolic link loop"
+    return f"broken symbolic link to {os.readlink(p)} (the target does not exist; an unmounted share?)"
+
+
+def _dicom_cases(p: Path) -> list[Case]:
+    """One case for a DICOM series folder; one per CT series for a DICOMDIR export (CD/DVD)."""
+    series = dicom_index.dicomdir_series(p)
+    return [Case(n, str(f)) for n, f in series] if series else [Case(p.name, str(p))]
+
+
 def discover_cases(input_path: str | os.PathLike) -> list[Case]:
     """Cases from a NIfTI file, a DICOM series folder, a folder of NIfTI files / DICOM folders, or a datalist JSON."""
     p = Path(input_path)
     if not p.exists():
-        raise InputError(p, "input path does not exist")
+        raise InputError(p, _broken_link(p) or "input path does not exist")
     if p.is_file():
         if p.suffix.lower() == ".json":
             cases = _from_datalist(p)
         else:
             cases = [Case(case_name(p), str(p))]
     elif is_dicom_dir(p):
-        cases = [Case(p.name, str(p))]
+        cases = _dicom_cases(p)
     else:
         # hidden entries are never cases: macOS "._x.nii.gz" resource forks, our own ".x.<random>.tmp.nii.gz" files
         entries = sorted(e for e in p.iterdir() if not e.name.startswith("."))
-        cases = [Case(case_name(e), str(e)) for e in entries if (e.is_file() and _is_nifti(e)) or is_dicom_dir(e)]
+        cases = []
+        for e in entries:
+            if is_dicom_dir(e):
+                cases += _dicom_cases(e)
+            elif (e.is_file() and _is_nifti(e)) or (e.is_symlink() and not e.exists()):  # broken: fails as a case
+                cases.append(Case(case_name(e), str(e)))
         if not cases:
             raise InputError(
                 p, "folder holds no NIfTI files (.nii/.nii.gz), no DICOM files and no DICOM series folders"
@@ -317,6 +356,41 @@ def _note(info: dict | None, p: Path, msg: str, loud: bool = True) -> None:
         info.setdefault("warnings", []).append(msg)
 
 
+def _read_series(src: Path, p: Path, info: dict | None) -> MetaTensor:
+    """The DICOM series in folder ``src`` (checked by :func:`dicom_series`) as a 3D image; messages name ``p``; a
+    one-slice series is a volume of one slice (as a 3D NIfTI of depth 1 is)."""
+    reader = "PydicomReader"
+    try:
+        series = dicom_series(src)
+    except InputError as e:
+        raise InputError(p, e.problem) from e
+    modality = str(series[0][1].get("Modality", "") or "")
+    if info is not None:
+        info["modality"] = modality or None
+    if modality.upper() != "CT":
+        _note(
+            info,
+            p,
+            f"DICOM Modality is {modality or '(missing)'}, not CT: it is processed as if it were CT in HU and the "
+            "results will not mean much",
+        )
+    order = _reading_order(series)
+    if order is None:
+        img = _read_image(src, reader, p)
+    else:
+        _note(
+            info,
+            p,
+            "InstanceNumbers do not follow the slice positions; slices ordered by position along the normal",
+            loud=False,
+        )
+        with tempfile.TemporaryDirectory(prefix="fvae_dicom_") as tmp:
+            img = _read_image(_renumbered_copy(order, Path(tmp)), reader, p)
+    if img.ndim == 2:
+        img = dicom_index.one_slice(img, series[0][1])
+    return img
+
+
 def load_ct(path: str | os.PathLike, check_hu: bool = True, info: dict | None = None) -> MetaTensor:
     """Load a CT volume as ``MetaTensor [1, X, Y, Z]`` in HU (float32), validated.
 
@@ -331,34 +405,15 @@ def load_ct(path: str | os.PathLike, check_hu: bool = True, info: dict | None = 
         info.setdefault("warnings", [])
     p = Path(path)
     if not p.exists():
-        raise InputError(p, "file or folder does not exist")
-    if p.is_dir():
+        raise InputError(p, _broken_link(p) or "file or folder does not exist")
+    multiframe = dicom_index.multiframe_file(p) if not _is_nifti(p) else None
+    if multiframe is not None:  # Enhanced CT: its frames as a classic series, read and checked like one
+        with tempfile.TemporaryDirectory(prefix="fvae_dicom_") as tmp:
+            img = _read_series(dicom_index.classic_copy(multiframe, Path(tmp)), p, info)
+    elif p.is_dir():
         if not is_dicom_dir(p):
             raise InputError(p, "folder is not a DICOM series (no .dcm files and no DICM preamble)")
-        reader = "PydicomReader"
-        series = dicom_series(p)
-        modality = str(series[0][1].get("Modality", "") or "")
-        if info is not None:
-            info["modality"] = modality or None
-        if modality.upper() != "CT":
-            _note(
-                info,
-                p,
-                f"DICOM Modality is {modality or '(missing)'}, not CT: it is processed as if it were CT in HU and the "
-                "results will not mean much",
-            )
-        order = _reading_order(series)
-        if order is None:
-            img = _read_image(p, reader, p)
-        else:
-            _note(
-                info,
-                p,
-                "InstanceNumbers do not follow the slice positions; slices ordered by position along the normal",
-                loud=False,
-            )
-            with tempfile.TemporaryDirectory(prefix="fvae_dicom_") as tmp:
-                img = _read_image(_renumbered_copy(order, Path(tmp)), reader, p)
+        img = _read_series(p, p, info)
     elif _is_nifti(p):
         img = _read_image(p, "NibabelReader", p)
     elif p.suffix.lower() == ".dcm":
@@ -552,7 +607,8 @@ def is_own_output(path: str | os.PathLike) -> bool:
 def folder_lock(folder: str | os.PathLike, what: str):
     """Hold an exclusive lock on ``folder`` (``<folder>/.fvae.lock``) for the ``with`` block, or refuse at once
     (:class:`InputError` naming the folder and the holder's pid) when another process holds it. The operating
-    system releases the lock when its holder dies, even by SIGKILL, so a crashed run never blocks the next."""
+    system releases the lock when its holder dies, even by SIGKILL, so a crashed run never blocks the next. The folder
+    is created; one that cannot be written (read-only, no permission) is refused as :class:`InputError`."""
     try:
         import fcntl
     except ImportError:  # not POSIX (Windows): no lock
@@ -561,7 +617,11 @@ def folder_lock(folder: str | os.PathLike, what: str):
         return
     path = Path(folder) / ".fvae.lock"
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:  # read-only folder or file system, a file where a folder should be, no permission
+            raise InputError(folder, f"cannot write here (read-only?): {e.strerror or e}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

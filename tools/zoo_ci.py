@@ -16,8 +16,9 @@ What a bundle pull request to Project-MONAI/model-zoo goes through, reproduced i
    mode (the GPU pre-merge's checks: properties, ``verify_net_in_out``, TorchScript export; on the CPU here), then
    black / isort / flake8 with the zoo's ``setup.cfg`` / ``pyproject.toml`` on the bundle's code (``runtests.sh
    --codeformat`` minus pytype, whose install is not practical here).
-fvae_aug_seg publishes no trained weights; for the full-mode TorchScript check a tiny model is trained first with
-the bundle's own train.yaml (models/model.pt + model.json), as a site would after training.
+The archives are checked exactly as a pull request would contain them, with nothing added: fvae_aug_seg is a
+training recipe with no published weights, so its TorchScript check (which exports ``models/model.pt``) is excluded,
+as CONTRIBUTING allows; its README says so.
 
 Writes ``<work>/zoo_ci.md`` (commands and results) and exits non-zero when a check failed.
 """
@@ -40,7 +41,7 @@ BUNDLES = ("fvae_recon", "fvae_aug_seg", "fvae_ldm")
 #: bundle -> exclusion lists of ci/bundle_custom_data.py, each as CONTRIBUTING allows it
 EXCLUSIONS = {
     "fvae_recon": ["exclude_verify_preferred_files_list", "exclude_verify_torchscript_list"],
-    "fvae_aug_seg": ["exclude_verify_preferred_files_list"],
+    "fvae_aug_seg": ["exclude_verify_preferred_files_list", "exclude_verify_torchscript_list"],
     "fvae_ldm": ["exclude_verify_preferred_files_list", "exclude_verify_shape_list", "exclude_verify_torchscript_list"],
 }
 #: what the zoo's scripts and the format tools print about each check (kept in the summary table)
@@ -97,50 +98,6 @@ def export_zoo(zoo: Path, dest: Path) -> None:
     archive.unlink()
 
 
-def train_tiny_segmenter(bundle_dir: Path, work: Path) -> None:
-    """models/model.pt + model.json from the bundle's own train.yaml (tiny SegResNet, 2 epochs, CPU)."""
-    from fvae_ct.aug_seg.lesions import make_lesion_set
-
-    ds = make_lesion_set(
-        work / "lesions",
-        bundle_dir / "sample_data" / "totalseg_ct_sm_3mm.nii.gz",
-        bundle_dir / "sample_data" / "totalseg_ct_sm_3mm_seg.nii.gz",
-        n_cases=3,
-        seed=0,
-    )
-    cmd = [
-        sys.executable,
-        "-m",
-        "monai.bundle",
-        "run",
-        "--config_file",
-        "configs/train.yaml",
-        "--datalist",
-        ds,
-        "--bundle_root",
-        bundle_dir,
-        "--output_dir",
-        work / "tiny_train",
-        "--max_epochs",
-        "2",
-        "--val_interval",
-        "2",
-        "--num_workers",
-        "0",
-        "--patch_size",
-        "[48,48,16]",
-        "--init_filters",
-        "8",
-        "--blocks_down",
-        "[1,1,1]",
-        "--blocks_up",
-        "[1,1]",
-    ]
-    code, _ = sh(cmd, bundle_dir)
-    if code:
-        raise SystemExit("training the tiny segmenter failed")
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--zoo", required=True, help="Project-MONAI/model-zoo checkout or bare git directory")
@@ -172,8 +129,6 @@ def main() -> int:
                 f.write(f"{lst}.append({b!r})\n")
     schema = next(Path(p) / "monai" / "meta_schema_20240725.json" for p in os.environ["FVAE_ASSETS"].split(":"))
     shutil.copyfile(schema, zoo / "models" / "meta_schema_20240725.json")
-    if "fvae_aug_seg" in bundles:
-        train_tiny_segmenter(zoo / "models" / "fvae_aug_seg", work)
 
     venv = Path(a.venv)
     py = venv / "bin" / "python"

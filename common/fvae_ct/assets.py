@@ -167,9 +167,27 @@ for _d in (4, 16):
     )
 
 
+_WARNED: set[str] = set()
+
+
+def missing_search_folders() -> list[Path]:
+    """Folders ``$FVAE_ASSETS`` names that do not exist (or are not folders)."""
+    return [Path(p) for p in os.environ.get("FVAE_ASSETS", "").split(os.pathsep) if p and not Path(p).is_dir()]
+
+
 def search_path() -> list[Path]:
-    """Folders from ``$FVAE_ASSETS`` (colon-separated), existing ones only."""
+    """Folders from ``$FVAE_ASSETS`` (colon-separated), existing ones only; each one that does not exist is
+    named in a warning of the ``fvae_ct`` log the first time the search path is built."""
+    for p in missing_search_folders():
+        if str(p) not in _WARNED:
+            _WARNED.add(str(p))
+            logging.getLogger("fvae_ct").warning("FVAE_ASSETS: %s does not exist (or is not a folder); ignored", p)
     return [Path(p) for p in os.environ.get("FVAE_ASSETS", "").split(os.pathsep) if p and Path(p).is_dir()]
+
+
+def _missing_note() -> str:
+    gone = missing_search_folders()
+    return f"; FVAE_ASSETS also names {', '.join(map(str, gone))}, which does not exist" if gone else ""
 
 
 def cache_dir() -> Path:
@@ -233,12 +251,14 @@ def resolve(name: str, download: bool = False, bundle_root: str | os.PathLike | 
             _download(asset.url, dest)
         except OSError as e:  # URLError, timeouts, no network
             raise WeightsError(
-                f"asset '{name}' ({asset.relpath}) not found in {[str(p) for p in places]} and the download from "
+                f"asset '{name}' ({asset.relpath}) not found in {[str(p) for p in places]}{_missing_note()} and "
+                f"the download from "
                 f"{asset.url} failed ({e}). Set FVAE_ASSETS to a folder holding it, or copy it into {dest.parent}."
             ) from e
         return _check(dest, asset, name)
     raise WeightsError(
-        f"asset '{name}' ({asset.relpath}) not found in {[str(p) for p in places]}. Set FVAE_ASSETS to a folder "
+        f"asset '{name}' ({asset.relpath}) not found in {[str(p) for p in places]}{_missing_note()}. Set "
+        f"FVAE_ASSETS to a folder "
         f"holding it, or allow the download from {asset.url}."
     )
 

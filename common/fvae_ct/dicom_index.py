@@ -130,8 +130,9 @@ def multiframe_file(p: Path) -> Path | None:
 
 def _group(per, shared, i: int, name: str):
     for g in (per[i] if per is not None and i < len(per) else None, shared):
-        if g is not None and name in g and len(g[name]):
-            return g[name][0]
+        seq = g.get(name) if g is not None else None
+        if seq:
+            return seq[0]
     return None
 
 

@@ -556,7 +556,7 @@ def save_nifti_atomic(
     header's ``descrip`` (at most 79 characters), e.g. :data:`OUTPUT_MARK` to mark our own outputs.
     """
     path = Path(path)
-    if any(path.resolve() == Path(f).resolve() for f in forbid):
+    if any(os.path.realpath(path) == os.path.realpath(f) for f in forbid):  # realpath: a link loop is no error
         raise InputError(path, "refusing to overwrite an input file; choose another output folder")
     header, same_grid = None, False
     if like is not None and _is_nifti(Path(like)):

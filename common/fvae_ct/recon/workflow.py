@@ -345,7 +345,7 @@ class ReconWorkflow:
         return [
             c
             for c in cases
-            if not (Path(c.path).resolve().parent == out and c.path.endswith(RECON_SUFFIX) and is_own_output(c.path))
+            if not (Path(os.path.realpath(c.path)).parent == out and c.path.endswith(RECON_SUFFIX) and is_own_output(c.path))
         ]
 
     def run(self, input_path) -> dict:
@@ -370,8 +370,7 @@ class ReconWorkflow:
             plan, error = None, None
             if rank == 0:
                 try:
-                    self.output_dir.mkdir(parents=True, exist_ok=True)
-                    stack.enter_context(folder_lock(self.output_dir, what))
+                    stack.enter_context(folder_lock(self.output_dir, what))  # creates the folder
                     for f in clean_temporaries(self.output_dir):
                         log.info("removed %s, left by an interrupted earlier run", f)
                     cases = self.cases(input_path)
@@ -389,7 +388,7 @@ class ReconWorkflow:
                 raise error if error is not None else FvaeError(f"rank 0 could not start the run: {plan['error']}")
             cases, previous = plan["cases"], plan["previous"]
             mine = [cases[i] for i in plan["shares"][rank]]
-            inputs = tuple(str(Path(c.path).resolve()) for c in cases)
+            inputs = tuple(os.path.realpath(c.path) for c in cases)  # a link loop: no error
             part = csv_path if world == 1 else self.output_dir / f"metrics.rank{rank}.csv"
             write_text_atomic(part, ",".join(CSV_COLUMNS) + "\n")
             tag = f"[rank {rank}/{world}] " if world > 1 else ""

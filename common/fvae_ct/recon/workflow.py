@@ -345,7 +345,9 @@ class ReconWorkflow:
         return [
             c
             for c in cases
-            if not (Path(os.path.realpath(c.path)).parent == out and c.path.endswith(RECON_SUFFIX) and is_own_output(c.path))
+            if not (
+                Path(os.path.realpath(c.path)).parent == out and c.path.endswith(RECON_SUFFIX) and is_own_output(c.path)
+            )
         ]
 
     def run(self, input_path) -> dict:

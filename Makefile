@@ -117,6 +117,11 @@ monailabel-check: $(STAMP) $(MLVENV)/.installed
 	cp $(MLCHECK)/run/models/model.pt $(MLCHECK)/run/models/model.json $(MLCHECK)/bundle/fvae_aug_seg/models/
 	$(MLVENV)/bin/python tools/check_monailabel.py --bundle $(MLCHECK)/bundle/fvae_aug_seg \
 	    --images $(MLCHECK)/lesions/imagesTr --labels $(MLCHECK)/lesions/labelsTr --work $(MLCHECK)/server --port 8123
+	# the archive as downloaded (no models/model.pt): 2 labelled images, MONAI Label's default val_split 0.2 (no
+	# validation case), a first training must save a model; a request with only recon_mode; restart; infer
+	$(MLVENV)/bin/python tools/check_monailabel.py --bundle $(MLCHECK)/bundle/fvae_aug_seg --from-scratch \
+	    --n-labelled 2 --images $(MLCHECK)/lesions/imagesTr --labels $(MLCHECK)/lesions/labelsTr \
+	    --work $(MLCHECK)/server_scratch --port 8125 --recon-modes none
 	# an nnU-Net v2 model trained by the bundle (nnunet_train.yaml, tiny: 1 epoch of 2 iterations on CPU), served by
 	# the same archive's inference.yaml (models/model.json names it), infer only (MONAI Label trains the SegResNet)
 	$(PY) -m monai.bundle run --config_file "['$(MLCHECK)/bundle_nnunet/fvae_aug_seg/configs/train.yaml', \

@@ -20,6 +20,13 @@ Does what a MONAI Label user does, all on 127.0.0.1 and offline:
    infers once more (the server reloads the new weights);
 7. stops the server (SIGTERM to its process group, SIGKILL after a grace period) in a `finally`.
 
+`--from-scratch` instead checks what a team sees with the archive as downloaded (no models/model.pt): only
+`--n-labelled` images get labels (default 2), /info/ lists the trainer but no infer model, POST /infer fails (MONAI
+Label 0.8.5 answers HTTP 500 when the model file is missing), a train request with MONAI Label's default val_split
+0.2 (so 0 validation cases) must end DONE and save models/model.pt + model.json (selected_by last_epoch), a train
+request with only some options set is tried, then the server is restarted (the new model appears in /info/ only after
+a restart) and infers.
+
 Prints one PASSED/FAILED line per step and exits non-zero on any failure. Needs only the standard library,
 numpy and nibabel, so it runs with the MONAI Label venv's python:
 
@@ -166,7 +173,7 @@ def make_lps_copy(src: Path, dst: Path) -> None:
     nib.save(out, str(dst))
 
 
-def build_studies(images: Path, labels: Path | None, studies: Path, lps_copy: bool):
+def build_studies(images: Path, labels: Path | None, studies: Path, lps_copy: bool, n_labelled: int | None = None):
     shutil.rmtree(studies, ignore_errors=True)
     (studies / "labels" / "final").mkdir(parents=True)
     imgs = nifti_files(images)
@@ -179,7 +186,7 @@ def build_studies(images: Path, labels: Path | None, studies: Path, lps_copy: bo
         ext = p.name[len(cid) :]
         shutil.copy(p, studies / f"{cid}{ext}")
         ids.append(cid)
-        if cid in lab_by_id:
+        if cid in lab_by_id and (n_labelled is None or len(labelled) < n_labelled):
             lp = lab_by_id[cid]
             shutil.copy(lp, studies / "labels" / "final" / f"{cid}{lp.name[len(case_id(lp)):]}")
             labelled.append(cid)
@@ -293,7 +300,9 @@ def file_state(p: Path):
     return (p.stat().st_mtime_ns, p.stat().st_size) if p.is_file() else None
 
 
-def train_once(a, client, proc, info: dict, model: str, dst: Path, log: Path, mode: str, timings: dict) -> None:
+def train_once(
+    a, client, proc, info: dict, model: str, dst: Path, log: Path, mode: str, timings: dict, extra: dict | None = None
+) -> dict:
     """POST /train/<model> with recon_mode ``mode``; it must end DONE, start from the bundle's model.pt and write a
     new one; ``precomputed`` must leave the cached reconstructions in <bundle>/recon."""
     model_pt = dst / "models" / "model.pt"
@@ -303,10 +312,12 @@ def train_once(a, client, proc, info: dict, model: str, dst: Path, log: Path, mo
     # with this check's tiny budget on top
     defaults = (info.get("trainers", {}).get(model) or {}).get("config", {})
     # (empty strings are "not set": run_id "" would make the bundle run its whole config instead of run)
-    body = {k: (v[0] if isinstance(v, list) and v else v) for k, v in defaults.items() if v != ""}
+    # (and empty lists: model_filename [] before any model.pt exists would make MONAI Label index [][0])
+    body = {k: (v[0] if isinstance(v, list) and v else v) for k, v in defaults.items() if v not in ("", [])}
     body.update({"device": a.device, "max_epochs": 1, "val_split": 0.5, "multi_gpu": False, "pretrained": True})
     body.update(json.loads(a.train_params))
     body["recon_mode"] = mode
+    body.update(extra or {})  # --from-scratch: MONAI Label's default val_split
     print("train request:", json.dumps(body), flush=True)
     t0 = time.time()
     status, task = client.post_json(f"/train/{model}", body)
@@ -341,7 +352,7 @@ def train_once(a, client, proc, info: dict, model: str, dst: Path, log: Path, mo
         after is not None and after != before,
         f"before {before}, after {after}{hint}",
     )
-    if ok and body.get("pretrained"):
+    if ok and body.get("pretrained") and before is not None:
         restored = "Restored all variables from " + str(model_pt)
         step("training started from the bundle's models/model.pt", restored in log.read_text(errors="replace"))
     recons = set((dst / "recon").glob("*_recon.nii.gz")) - recons_before
@@ -351,6 +362,101 @@ def train_once(a, client, proc, info: dict, model: str, dst: Path, log: Path, mo
         step(f"recon_mode {mode}: no reconstruction files written", not recons, f"{len(recons)}")
     if not ok:
         raise CheckError(f"training with recon_mode {mode} failed")
+    return body
+
+
+def wait_train(client, proc, task_id, timeout: float):
+    t0, last = time.time(), None
+    while time.time() - t0 < timeout:
+        time.sleep(5)
+        if proc.poll() is not None:
+            raise CheckError(f"server died during training (code {proc.returncode})")
+        status, t = client.get_json("/train/", timeout=30)
+        if status == 200 and t and t.get("id") == task_id:
+            last = t
+            if t.get("status") in ("DONE", "ERROR", "STOPPED"):
+                break
+    return last or {}
+
+
+def partial_train_request(a, client, proc, info: dict, model: str, log: Path) -> None:
+    """POST /train/<model> with only recon_mode of the bundle's options (a REST client, not the /info/ panel). It
+    must end DONE, or fail only where MONAI Label 0.8.5 itself reads every displayable option (request[c] in
+    monailabel/tasks/train/bundle.py): never in the bundle (train.yaml reads each option with its default)."""
+    body = {"device": a.device, "max_epochs": 1, "multi_gpu": False, "recon_mode": "none"}
+    print("partial train request:", json.dumps(body), flush=True)
+    status, task = client.post_json(f"/train/{model}", body)
+    require("POST /train (only recon_mode set)", status == 200 and isinstance(task, dict), f"HTTP {status}")
+    last = wait_train(client, proc, task.get("id"), a.train_timeout)
+    st, details = last.get("status"), "\n".join(last.get("details", []))
+    text = details + log.read_text(errors="replace")
+    upstream = st == "ERROR" and "KeyError" in text and "request[c]" in text and "monailabel/tasks/train/bundle.py" in text
+    step(
+        "train request with only recon_mode: DONE, or refused by MONAI Label itself (not the bundle)",
+        st == "DONE" or upstream,
+        f"status {st}"
+        + ("; MONAI Label 0.8.5 reads every displayable option: request[c] KeyError (README: send them all)"
+           if upstream else ""),
+    )
+    if st not in ("DONE", "ERROR", "STOPPED"):
+        client.request("DELETE", "/train/")
+
+
+def start_server(a, exe, app, studies, env, model, log: Path):
+    free = port_free(a.port)
+    require(f"port {a.port} is free on 127.0.0.1", free, "" if free else "in use: pass another --port")
+    conf = {"models": model, "zoo_source": "github", "sam2": "false", "preload": "false"}
+    cmd = [str(exe), "start_server", "--app", str(app), "--studies", str(studies)]
+    cmd += ["--host", "127.0.0.1", "--port", str(a.port)]
+    cmd += [x for k, v in conf.items() for x in ("--conf", k, v)]
+    print("server command:", " ".join(cmd), flush=True)
+    t0 = time.time()
+    with open(log, "a") as fp:
+        proc = subprocess.Popen(
+            cmd, env=env, cwd=app.parent, stdout=fp, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    client = Client(a.port, timeout=a.infer_timeout)
+    try:
+        info = wait_ready(client, proc, a.start_timeout)
+    except CheckError:
+        stop_server(proc)
+        raise
+    dt = time.time() - t0
+    step("server ready (GET /info/ 200)", True, f"PID {proc.pid}, {dt:.1f} s")
+    return proc, client, info, dt
+
+
+def from_scratch(a, client, proc, info, model, dst, log, ids, labelled, studies, label_ids, timings) -> None:
+    """The archive as downloaded: no model yet; a first training with MONAI Label's default val_split."""
+    step(f"/info/ lists trainer {model}", model in info.get("trainers", {}), f"trainers {list(info.get('trainers', {}))}")
+    step(
+        f"no model yet: /info/ lists no infer model {model} (MONAI Label skips a bundle without models/model.pt)",
+        model not in info.get("models", {}),
+        f"models {list(info.get('models', {}))}",
+    )
+    status, _, body = client.post_form(f"/infer/{model}?image={urllib.parse.quote(ids[0])}", {"params": "{}"})
+    step(
+        "no model yet: POST /infer fails (0.8.5: HTTP 500, 'BundleInferTask' object has no attribute 'description')",
+        status != 200,
+        f"HTTP {status}: {body[:200].decode(errors='replace')}",
+    )
+    defaults = (info.get("trainers", {}).get(model) or {}).get("config", {})
+    step("trainer's default val_split is 0.2", defaults.get("val_split") == 0.2, str(defaults.get("val_split")))
+    body = train_once(
+        a, client, proc, info, model, dst, log, "none", timings, {"val_split": defaults.get("val_split", 0.2)}
+    )
+    print(f"  first training: {len(labelled)} labelled images, val_split {body.get('val_split')}")
+    rec_path = dst / "models" / "model.json"
+    rec = json.loads(rec_path.read_text()) if rec_path.is_file() else {}
+    step(
+        "first training saved models/model.json (selected_by last_epoch: no validation case)",
+        rec.get("selected_by") == "last_epoch",
+        json.dumps({k: rec.get(k) for k in ("selected_by", "epochs", "best_metric")}),
+    )
+    text = log.read_text(errors="replace")
+    step("the train log warns that validation is empty", "validation is empty" in text)
+    partial_train_request(a, client, proc, info, model, log)
 
 
 def main() -> int:
@@ -374,6 +480,12 @@ def main() -> int:
         "--recon-modes", default="none,online,precomputed", help="one tiny training per recon_mode (comma-separated)"
     )
     ap.add_argument("--no-lps", action="store_true", help="no LPS-stored copy of the first image")
+    ap.add_argument(
+        "--from-scratch",
+        action="store_true",
+        help="the archive as downloaded: no models/model.pt; train with the default val_split, restart, infer",
+    )
+    ap.add_argument("--n-labelled", type=int, default=None, help="label only the first N images (--from-scratch: 2)")
     ap.add_argument("--start-timeout", type=float, default=600)
     ap.add_argument("--train-timeout", type=float, default=1800)
     ap.add_argument("--infer-timeout", type=float, default=900)
@@ -391,9 +503,12 @@ def main() -> int:
     try:
         require(
             "bundle folder",
-            (bundle / "configs" / "metadata.json").is_file() and (bundle / "models" / "model.pt").is_file(),
+            (bundle / "configs" / "metadata.json").is_file()
+            and (a.from_scratch or (bundle / "models" / "model.pt").is_file()),
             str(bundle),
         )
+        if a.from_scratch and a.n_labelled is None:
+            a.n_labelled = 2
         meta = json.loads((bundle / "configs" / "metadata.json").read_text())
         pred = next(iter(meta["network_data_format"]["outputs"].values()))
         label_ids = {int(k) for k in pred.get("channel_def", {})} or {0, 1}
@@ -430,38 +545,31 @@ def main() -> int:
             (r.stdout + r.stderr).strip().splitlines()[-1] if (r.stdout + r.stderr).strip() else "",
         )
         dst = app / "model" / model
-        shutil.copytree(bundle, dst, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        step("bundle copied into the app's model folder", (dst / "models" / "model.pt").is_file(), str(dst))
+        skip = ["__pycache__", "*.pyc"] + (["model.pt", "model.json"] if a.from_scratch else [])
+        shutil.copytree(bundle, dst, ignore=shutil.ignore_patterns(*skip))
+        step(
+            "bundle copied into the app's model folder"
+            + (" (as downloaded: no models/model.pt)" if a.from_scratch else ""),
+            (dst / "models" / "model.pt").is_file() != a.from_scratch,
+            str(dst),
+        )
 
         # 2. datastore
         studies = work / "studies"
-        ids, labelled = build_studies(a.images, a.labels, studies, not a.no_lps)
+        ids, labelled = build_studies(a.images, a.labels, studies, not a.no_lps, a.n_labelled)
         step("datastore folder", True, f"{len(ids)} images ({ids}), {len(labelled)} with labels/final")
 
         # 3. server (never talk to someone else's server on the same port)
-        free = port_free(a.port)
-        require(f"port {a.port} is free on 127.0.0.1", free, "" if free else "in use: pass another --port")
-        conf = {"models": model, "zoo_source": "github", "sam2": "false", "preload": "false"}
-        cmd = [str(exe), "start_server", "--app", str(app), "--studies", str(studies)]
-        cmd += ["--host", "127.0.0.1", "--port", str(a.port)]
-        cmd += [x for k, v in conf.items() for x in ("--conf", k, v)]
-        print("server command:", " ".join(cmd), flush=True)
         log = work / "server.log"
-        t0 = time.time()
-        with open(log, "w") as fp:
-            proc = subprocess.Popen(
-                cmd,
-                env=env,
-                cwd=work,
-                stdout=fp,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        client = Client(a.port, timeout=a.infer_timeout)
-        info = wait_ready(client, proc, a.start_timeout)
-        timings["server_start_s"] = time.time() - t0
-        step("server ready (GET /info/ 200)", True, f"PID {proc.pid}, {timings['server_start_s']:.1f} s")
+        proc, client, info, timings["server_start_s"] = start_server(a, exe, app, studies, env, model, log)
+
+        if a.from_scratch:
+            from_scratch(a, client, proc, info, model, dst, log, ids, labelled, studies, label_ids, timings)
+            # the trained model is listed only after a restart (MONAI Label builds its infer tasks at start)
+            how = stop_server(proc)
+            step(f"server stopped for the restart (PID {proc.pid})", proc.poll() is not None, how)
+            proc, client, info, timings["server_restart_s"] = start_server(a, exe, app, studies, env, model, log)
+            a.no_train = True  # trained above; now the ordinary checks of the served model
 
         # 4. info, datastore
         m = info.get("models", {}).get(model)

@@ -57,8 +57,8 @@ def test_an_output_folder_that_cannot_be_written_is_one_line(tmp_path):
              "--vae", "identity", "--figures", "false"])
     assert r.returncode == 1, r.stderr[-2000:]
     assert "Traceback" not in r.stderr, r.stderr[-3000:]
-    assert r.stderr.strip().splitlines()[-1] == (
-        f"fvae recon: {READ_ONLY / 'fvae_out'}: cannot write here (read-only?): Operation not permitted"), r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith(
+        f"fvae recon: {READ_ONLY / 'fvae_out'}: cannot write here (read-only?): "), r.stderr  # + the OS's reason
 
 
 def test_broken_and_looping_links_are_failed_cases_not_dropped(tmp_path):

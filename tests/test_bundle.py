@@ -163,9 +163,11 @@ def test_build_bundles_vendors_the_code_each_bundle_needs(tmp_path):
         assert f"{bundle}/fvae_ct/cli.py" not in names  # the fvae command is not part of a bundle
         src = (ROOT / "common" / "fvae_ct" / "vae" / "base.py").read_bytes()
         assert z.read(f"{bundle}/fvae_ct/vae/base.py") == src  # vendored verbatim from the one source
-    first = (tmp_path / "fvae_recon_v0.4.0.zip").read_bytes()
+    version = json.loads((ROOT / "bundles" / "fvae_recon" / "configs" / "metadata.json").read_text())["version"]
+    archive = tmp_path / f"fvae_recon_v{version}.zip"
+    first = archive.read_bytes()
     run([PY, str(ROOT / "tools" / "build_bundles.py"), "--out", str(tmp_path), "--bundles", "fvae_recon"])
-    assert (tmp_path / "fvae_recon_v0.4.0.zip").read_bytes() == first  # reproducible
+    assert archive.read_bytes() == first  # reproducible
 
 
 def test_ldm_data_and_evaluation_configs_hold_the_meta_properties(tmp_path):

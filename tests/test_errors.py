@@ -157,3 +157,21 @@ def test_skip_existing_reuses_outputs(tmp_path):
     s = ReconWorkflow(IdentityVAE(), str(out), progress=False, figures=False, skip_existing=True).run(str(p))
     assert (out / "a_recon.nii.gz").stat().st_mtime_ns == mtime
     assert s["metrics"]["ssim2d"]["n"] == 1 and "skipped" in (out / "metrics.csv").read_text()
+
+
+def test_input_error_survives_a_dataloader_worker():
+    """torch re-raises a worker's exception as ``type(e)(message)``: an InputError stays one (not a RuntimeError)."""
+    import torch
+
+    from fvae_ct.errors import InputError
+
+    class Bad(torch.utils.data.Dataset):
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, i):
+            raise InputError("/data/case.nii.gz", "not 3D")
+
+    with pytest.raises(InputError) as e:
+        next(iter(torch.utils.data.DataLoader(Bad(), num_workers=1)))
+    assert str(e.value).rstrip().endswith("/data/case.nii.gz: not 3D")

@@ -10,13 +10,14 @@ class FvaeError(Exception):
 class InputError(FvaeError, ValueError):
     """An input volume cannot be used: missing, unreadable, wrong dimensionality, NaN/Inf, ..."""
 
-    def __init__(self, path, problem: str):
+    def __init__(self, path, problem: str | None = None):
+        # one argument: the whole message (how torch's DataLoader workers re-raise an exception in the main process)
         self.path = str(path)
         self.problem = problem
-        super().__init__(path, problem)
+        super().__init__(*((path,) if problem is None else (path, problem)))
 
     def __str__(self) -> str:
-        return f"{self.path}: {self.problem}"
+        return self.path if self.problem is None else f"{self.path}: {self.problem}"
 
 
 class OptionError(FvaeError, ValueError):

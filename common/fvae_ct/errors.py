@@ -14,7 +14,7 @@ class InputError(FvaeError, ValueError):
         # one argument: the whole message (how torch's DataLoader workers re-raise an exception in the main process)
         self.path = str(path)
         self.problem = problem
-        super().__init__(*((path,) if problem is None else (path, problem)))
+        super().__init__(path, problem)
 
     def __str__(self) -> str:
         return self.path if self.problem is None else f"{self.path}: {self.problem}"

@@ -33,11 +33,12 @@ def resolve(python: str, reqs: list[str], work: Path) -> tuple[bool, str]:
     if not (venv / "bin" / "pip").is_file():
         subprocess.run([f"python{python}", "-m", "venv", str(venv)], check=True)
     report = work / f"report{python}.json"
-    r = subprocess.run([str(venv / "bin" / "pip"), "install", "--dry-run", "--ignore-installed", "--quiet",
-                        "--report", str(report), *reqs], capture_output=True, text=True)
-    if r.returncode:
-        lines = [x.strip() for x in r.stderr.splitlines() if "depends on" in x or "requested" in x]
-        return False, "; ".join(lines) or r.stderr.strip().splitlines()[-1]
+    r = subprocess.run([str(venv / "bin" / "pip"), "install", "--dry-run", "--ignore-installed", "--report",
+                        str(report), *reqs], capture_output=True, text=True)
+    if r.returncode:  # pip's "The conflict is caused by:" lines
+        out = (r.stdout + r.stderr).splitlines()
+        lines = [x.strip() for x in out if "depends on" in x or "user requested" in x]
+        return False, "; ".join(lines) or out[-1]
     got = {i["metadata"]["name"].lower(): i["metadata"]["version"] for i in json.loads(report.read_text())["install"]}
     return True, ", ".join(f"{k} {got.get(k, '-')}" for k in ("torch", "torchvision", "numpy", "pydicom", "monai"))
 

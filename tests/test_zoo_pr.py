@@ -33,3 +33,24 @@ def test_zoo_check_adds_nothing_to_the_archives():
     src = (ROOT / "tools" / "zoo_ci.py").read_text()
     for added in ("train.yaml", "model.pt\"", "make_lesion_set"):
         assert added not in src, f"tools/zoo_ci.py adds {added} to an archive"
+
+
+@pytest.mark.parametrize("bundle", zoo_ci.BUNDLES)
+def test_every_sample_file_the_readme_uses_is_fetched_by_large_files(bundle):
+    """A site has only what ``download_large_files`` fetches: each ``sample_data/...`` path in the README's commands
+    is a file (or a folder of files) of ``large_files.yml``, whose entries are the registered upstream assets."""
+    import re
+
+    import yaml
+
+    from fvae_ct.assets import ASSETS
+
+    readme = (ROOT / "bundles" / bundle / "docs" / "README.md").read_text()
+    items = yaml.safe_load((ROOT / "bundles" / bundle / "large_files.yml").read_text())["large_files"]
+    fetched = [x["path"] for x in items]
+    for used in set(re.findall(r"sample_data/[\w.-]+", readme)):
+        assert any(f == used or f.startswith(used + "/") for f in fetched), f"{bundle}: {used} is not fetched"
+    known = {a.url: a.sha256 for a in ASSETS.values()}
+    for x in items:
+        if x["url"] in known:
+            assert x["hash_val"] == known[x["url"]], x["path"]

@@ -24,8 +24,9 @@ Does what a MONAI Label user does, all on 127.0.0.1 and offline:
 `--n-labelled` images get labels (default 2), /info/ lists the trainer but no infer model, POST /infer fails (MONAI
 Label 0.8.5 answers HTTP 500 when the model file is missing), a train request with MONAI Label's default val_split
 0.2 (so 0 validation cases) must end DONE and save models/model.pt + model.json (selected_by last_epoch), a train
-request with only some options set is tried, then the server is restarted (the new model appears in /info/ only after
-a restart) and infers.
+request with only some options set is tried; then the labels become a multi-organ map (ids 5 and 117): a train
+request must be refused by the bundle in one line (file, ids, classes) and, with ``label_map`` {"5": 1, "117": 2},
+train; then the server is restarted (the new model appears in /info/ only after a restart) and infers.
 
 Prints one PASSED/FAILED line per step and exits non-zero on any failure. Needs only the standard library,
 numpy and nibabel, so it runs with the MONAI Label venv's python:
@@ -402,6 +403,40 @@ def partial_train_request(a, client, proc, info: dict, model: str, log: Path) ->
         client.request("DELETE", "/train/")
 
 
+def multi_organ_training(a, client, proc, info: dict, model: str, dst: Path, log: Path, studies: Path,
+                         timings: dict) -> None:
+    """The datastore's labels as a multi-organ map (ids 1 -> 5 and 2 -> 117, TotalSegmentator-like): a train request
+    as the /info/ panel sends it must be refused by the bundle in one line naming the file, the ids and the classes;
+    the same request with ``label_map`` {"5": 1, "117": 2} must train and write a model."""
+    import nibabel as nib
+    import numpy as np
+
+    files = sorted((studies / "labels" / "final").glob("*.nii*"))
+    for f in files:
+        img = nib.load(str(f))
+        lab = np.asarray(img.dataobj)
+        out = np.zeros(lab.shape, np.uint8)
+        out[lab == 1], out[lab == 2] = 5, 117
+        nib.save(nib.Nifti1Image(out, img.affine, img.header), str(f))
+    step("datastore labels rewritten as a multi-organ map (ids 5, 117)", bool(files), f"{len(files)} files")
+    defaults = (info.get("trainers", {}).get(model) or {}).get("config", {})
+    body = {k: (v[0] if isinstance(v, list) and v else v) for k, v in defaults.items() if v not in ("", [])}
+    body.update({"device": a.device, "max_epochs": 1, "multi_gpu": False, "recon_mode": "none"})
+    print("multi-organ train request (no label_map):", json.dumps(body), flush=True)
+    status, task = client.post_json(f"/train/{model}", body)
+    require("POST /train (multi-organ labels, no label_map)", status == 200 and isinstance(task, dict), f"HTTP {status}")
+    last = wait_train(client, proc, task.get("id"), a.train_timeout)
+    text = "\n".join(last.get("details", [])) + log.read_text(errors="replace")
+    refusal = [x for x in text.splitlines() if "InputError" in x and "117" in x and "label_map" in x]
+    step(
+        "multi-organ labels without label_map: refused before training, one line naming the file, ids and classes",
+        last.get("status") == "ERROR" and bool(refusal) and "out of bounds" not in text,
+        refusal[-1].strip()[:300] if refusal else f"status {last.get('status')}",
+    )
+    train_once(a, client, proc, info, model, dst, log, "none", timings, {"label_map": '{"5": 1, "117": 2}'})
+    step("multi-organ labels with label_map {\"5\": 1, \"117\": 2}: trained (above)", True)
+
+
 def start_server(a, exe, app, studies, env, model, log: Path):
     free = port_free(a.port)
     require(f"port {a.port} is free on 127.0.0.1", free, "" if free else "in use: pass another --port")
@@ -457,6 +492,7 @@ def from_scratch(a, client, proc, info, model, dst, log, ids, labelled, studies,
     text = log.read_text(errors="replace")
     step("the train log warns that validation is empty", "validation is empty" in text)
     partial_train_request(a, client, proc, info, model, log)
+    multi_organ_training(a, client, proc, info, model, dst, log, studies, timings)
 
 
 def main() -> int:

@@ -327,16 +327,7 @@ def train_once(
         status == 200 and isinstance(task, dict),
         f"HTTP {status}: {json.dumps(task)[:300]}",
     )
-    task_id, last = task.get("id"), None
-    while time.time() - t0 < a.train_timeout:
-        time.sleep(5)
-        if proc.poll() is not None:
-            raise CheckError(f"server died during training (code {proc.returncode})")
-        status, t = client.get_json("/train/", timeout=30)
-        if status == 200 and t and t.get("id") == task_id:
-            last = t
-            if t.get("status") in ("DONE", "ERROR", "STOPPED"):
-                break
+    last = wait_train(client, proc, task.get("id"), a.train_timeout)
     timings[f"train_{mode}_s"] = time.time() - t0
     st = (last or {}).get("status")
     ok = step(

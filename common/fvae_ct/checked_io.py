@@ -6,7 +6,7 @@
 - :func:`check_items`: the same checks over every item of a datalist before a route starts (training, evaluation,
   segmentation inference, the generation evaluation), so that nothing is lost mid-run: one bad case is its
   ``InputError``; several are a :class:`~fvae_ct.errors.BatchFailure` listing each on one line.
-- :func:`read_json`, :func:`image_datalist`, :func:`read_label_map`: datalists, stats files and condition masks read
+- :func:`read_json`, :func:`image_datalist`: datalists and stats files read (condition masks: :func:`fvae_ct.io.read_labels`)
   with the same errors.
 - :func:`install_one_line_errors`: under ``python -m monai.bundle run`` (installed by
   :func:`fvae_ct.bundle.check_command_line`, the first step of every bundle's ``run``), an fvae-ct error (or a
@@ -29,14 +29,7 @@ from monai.transforms import LoadImaged
 
 from .errors import BatchFailure, InputError, user_error
 
-__all__ = [
-    "CheckedLoadImaged",
-    "check_items",
-    "read_json",
-    "image_datalist",
-    "read_label_map",
-    "install_one_line_errors",
-]
+__all__ = ["CheckedLoadImaged", "check_items", "read_json", "image_datalist", "install_one_line_errors"]
 
 log = logging.getLogger("fvae_ct")
 
@@ -215,27 +208,6 @@ def image_datalist(input_path) -> list[dict]:
     if str(input_path).lower().endswith(".json"):
         read_json(input_path, "datalist JSON")  # missing or malformed: one line naming it
     return [{"image": c.path} for c in discover_cases(input_path)]
-
-
-def read_label_map(path) -> tuple[np.ndarray, np.ndarray]:
-    """(integer label map ``[X, Y, Z]`` int32, its affine) of a NIfTI file, with the checks and messages of
-    :class:`CheckedLoadImaged`: a missing or unreadable file, not one 3D volume, NaN/Inf or non-integer values are an
-    :class:`InputError` naming it."""
-    import nibabel as nib
-
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(p, "label map does not exist")
-    try:
-        img = nib.load(str(p))
-        lab = np.asanyarray(img.dataobj)
-    except Exception as e:  # noqa: BLE001 - nibabel / gzip errors on truncated or corrupt files
-        msg = " ".join(f"{type(e).__name__}: {e}".split())[:300]
-        raise InputError(p, f"cannot read the label map, truncated or corrupt file? ({msg})") from e
-    if lab.ndim == 4 and lab.shape[-1] == 1:
-        lab = lab[..., 0]
-    check_volume(lab, p, label=True)
-    return np.round(lab).astype(np.int32), np.asarray(img.affine, dtype=np.float64)
 
 
 def install_one_line_errors(prog: str = "fvae-ct") -> None:

@@ -469,12 +469,15 @@ def read_labels(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     try:
         img = nib.load(str(p))
         lab = np.asanyarray(img.dataobj)
-    except Exception as e:
-        raise InputError(p, f"cannot read the label map ({type(e).__name__}: {e})") from e
+    except Exception as e:  # nibabel / gzip errors on truncated or corrupt files
+        msg = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+        raise InputError(p, f"cannot read the label map, truncated or corrupt file? ({msg})") from e
     if lab.ndim == 4 and lab.shape[-1] == 1:
         lab = lab[..., 0]
     if lab.ndim != 3:
-        raise InputError(p, f"label map must be 3D, got shape {lab.shape}")
+        raise InputError(p, f"label map is {lab.ndim}D (shape {lab.shape}), not a 3D volume")
+    if not np.isfinite(lab).all():
+        raise InputError(p, "label map holds NaN/Inf voxels")
     if not np.allclose(lab, np.round(lab)):
         raise InputError(p, "label map holds non-integer values")
     return np.round(lab).astype(np.int32), np.asarray(img.affine, dtype=np.float64)

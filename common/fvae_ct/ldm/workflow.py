@@ -495,9 +495,9 @@ class GenerateWorkflow:
 
     @torch.no_grad()
     def run(self, mask: str, report: str | None = None, name: str | None = None) -> Path:
-        from ..checked_io import read_label_map
+        from ..io import read_labels
 
-        labels, affine = read_label_map(mask)  # missing, unreadable, not 3D, NaN: one line naming the file
+        labels, affine = read_labels(mask)  # missing, unreadable, not 3D, NaN: one line naming the file
         lab = torch.from_numpy(to_slices(labels, affine)[0])  # [D, H, W]
         d, h, w = lab.shape
         ctx = cmask = None

@@ -300,3 +300,12 @@ def test_a_missing_pixel_decoder_is_named(dicom_dir, tmp_path):
     with pytest.raises(InputError, match=r"s: .*pixel data \(transfer syntax .*\) needs a decoder that is not "
                                          r"installed: .*requires .*\(pip install pylibjpeg"):
         load_ct(_series(dicom_dir, tmp_path / "s", compressed))
+
+
+@pytest.mark.parametrize("where", [0, 4])  # the first and the last slice: no gap would show either
+def test_a_slice_behind_a_broken_link_is_refused_not_skipped(dicom_dir, tmp_path, where):
+    s = _series(dicom_dir, tmp_path / "s")
+    (s / f"slice_{where:02d}.dcm").rename(tmp_path / "elsewhere.dcm")
+    (s / f"slice_{where:02d}.dcm").symlink_to(tmp_path / "share" / "slice.dcm")  # the share is not mounted
+    with pytest.raises(InputError, match=rf"1 broken or looping symbolic link\(s\) among the files \(slice_0{where}"):
+        load_ct(s)

@@ -100,8 +100,18 @@ def dicom_series(folder: str | os.PathLike) -> list[tuple[Path, Any]]:
 
     p = Path(folder)
     headers = []
-    for f in sorted(p.iterdir()):
-        if f.is_file() and not f.name.startswith("."):
+    entries = [f for f in sorted(p.iterdir()) if not f.name.startswith(".")]
+    # a slice behind a broken link (an unmounted share) would otherwise be left out without a word
+    broken = [f"{f.name} -> {os.readlink(f)}" for f in entries if f.is_symlink() and not f.exists()]
+    if broken:
+        raise InputError(
+            p,
+            f"{len(broken)} broken or looping symbolic link(s) among the files ({', '.join(broken[:3])}"
+            + (", ..." if len(broken) > 3 else "")
+            + "): slices may be missing (an unmounted share?)",
+        )
+    for f in entries:
+        if f.is_file():
             try:
                 headers.append((f, pydicom.dcmread(str(f), stop_before_pixels=True)))
             except Exception:  # noqa: BLE001 - not a DICOM file: not part of the series

@@ -94,3 +94,24 @@ def test_an_fvae_assets_folder_that_does_not_exist_is_named(tmp_path, monkeypatc
     with pytest.raises(WeightsError, match=rf"not found in .*{tmp_path}.*; FVAE_ASSETS also names {missing}, which does "
                                            r"not exist"):
         assets.resolve("taef2_encoder")
+
+
+def test_a_folder_mixing_dicom_and_nifti_is_refused_not_read_as_one_series(dicom_dir, tmp_path):
+    import shutil
+
+    d = tmp_path / "mixed"
+    d.mkdir()
+    shutil.copy(next(iter(sorted(dicom_dir.glob("*.dcm")))), d / "one.dcm")
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.int16), np.eye(4)), str(d / "case.nii.gz"))
+    with pytest.raises(InputError, match=r"folder mixes DICOM files with 1 NIfTI file\(s\) \(case.nii.gz\)"):
+        discover_cases(d)
+
+
+def test_entries_of_a_case_folder_that_are_not_cases_are_named_in_the_log(tmp_path, caplog):
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.int16), np.eye(4)), str(tmp_path / "case.nii.gz"))
+    (tmp_path / "notes.txt").write_text("scan protocol")
+    (tmp_path / "empty").mkdir()
+    with caplog.at_level(logging.WARNING, logger="fvae_ct"):
+        cases = discover_cases(tmp_path)
+    assert [c.name for c in cases] == ["case"]
+    assert "2 entries neither NIfTI files nor DICOM series folders, left out: empty/, notes.txt" in caplog.text

@@ -279,16 +279,34 @@ def discover_cases(input_path: str | os.PathLike) -> list[Case]:
         else:
             cases = [Case(case_name(p), str(p))]
     elif is_dicom_dir(p):
+        nifti = sorted(e.name for e in p.iterdir() if e.is_file() and _is_nifti(e) and not e.name.startswith("."))
+        if nifti:  # read as a series, the NIfTI files would be left out
+            raise InputError(
+                p,
+                f"folder mixes DICOM files with {len(nifti)} NIfTI file(s) ({', '.join(nifti[:3])}"
+                + (", ..." if len(nifti) > 3 else "")
+                + "): put each DICOM series in a folder of its own",
+            )
         cases = _dicom_cases(p)
     else:
         # hidden entries are never cases: macOS "._x.nii.gz" resource forks, our own ".x.<random>.tmp.nii.gz" files
         entries = sorted(e for e in p.iterdir() if not e.name.startswith("."))
-        cases = []
+        cases, left = [], []
         for e in entries:
             if is_dicom_dir(e):
                 cases += _dicom_cases(e)
             elif (e.is_file() and _is_nifti(e)) or (e.is_symlink() and not e.exists()):  # broken: fails as a case
                 cases.append(Case(case_name(e), str(e)))
+            else:
+                left.append(e.name + ("/" if e.is_dir() else ""))
+        if left:
+            log.warning(
+                "%s: %d entr%s neither NIfTI files nor DICOM series folders, left out: %s",
+                p,
+                len(left),
+                "y" if len(left) == 1 else "ies",
+                ", ".join(left[:5]) + (", ..." if len(left) > 5 else ""),
+            )
         if not cases:
             raise InputError(
                 p, "folder holds no NIfTI files (.nii/.nii.gz), no DICOM files and no DICOM series folders"

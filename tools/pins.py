@@ -8,6 +8,8 @@
   pip and setuptools);
 - ``[bundles]``: what a bundle's ``metadata.json`` requirements pull in beyond that (the bundle-check and model-zoo
   environments: ``[test]`` + ``[bundles]``);
+- ``[<bundle>]`` (e.g. ``[fvae_aug_seg]``): ``#!`` overrides for one bundle whose ``metadata.json`` asks for other
+  versions than ``[bundles]`` (its bundle-check and model-zoo environments; :func:`bundle_env`);
 - ``[monailabel]``: what the ``make monailabel-check`` environment adds (MONAI Label and its server stack), and
   ``#! name==version`` lines for the packages it holds at another version than the sections above (pip reads them
   as comments, so the whole file stays one valid constraints file for pip).
@@ -80,6 +82,11 @@ def pins_for(env: str, sections: dict[str, dict[str, str]]) -> tuple[dict[str, s
             break
     own = {**sections[env], **sections.get(f"{env}!", {})}
     return {**pins, **own}, set(own)
+
+
+def bundle_env(bundle: str, sections: dict[str, dict[str, str]]) -> str:
+    """The constraints section a bundle's environments install with: its own when there is one, else ``bundles``."""
+    return bundle if bundle in sections else "bundles"
 
 
 def installed(python: str) -> dict[str, str]:

@@ -3,7 +3,7 @@
     python tools/monailabel_resolve.py [--bundle fvae_aug_seg] [--pythons 3.10,3.11,3.12] [--numpy 1.26.4]
         [--work outputs/monailabel_resolve]
 
-For each Python (an interpreter ``python3.X`` on PATH) a scratch venv runs
+For each Python (``python3.X`` on PATH, or a pyenv installation) a scratch venv runs
 ``pip install --dry-run --ignore-installed --report`` of the bundle's ``metadata.json`` pins (monai, torch, numpy and
 ``required_packages_version``; ``--numpy`` replaces the numpy pin) plus ``monailabel==<supported_apps>``: nothing is
 installed. Prints one line per Python: the resolved torch / torchvision / numpy / pydicom, or pip's conflict lines.
@@ -28,10 +28,18 @@ def requirements(bundle: str, numpy: str | None) -> list[str]:
     return reqs + [f"monailabel=={m['supported_apps']['monai-label']}"]
 
 
+def interpreter(version: str) -> str:
+    """``python3.X`` on PATH when it runs, else a pyenv installation of that version."""
+    for cand in [f"python{version}", *sorted(str(p) for p in Path.home().glob(f".pyenv/versions/{version}.*/bin/python"))]:
+        if subprocess.run([cand, "--version"], capture_output=True).returncode == 0:
+            return cand
+    raise SystemExit(f"no Python {version} found (python{version} on PATH or ~/.pyenv/versions/{version}.*)")
+
+
 def resolve(python: str, reqs: list[str], work: Path) -> tuple[bool, str]:
     venv = work / f"venv{python}"
     if not (venv / "bin" / "pip").is_file():
-        subprocess.run([f"python{python}", "-m", "venv", str(venv)], check=True)
+        subprocess.run([interpreter(python), "-m", "venv", str(venv)], check=True)
     report = work / f"report{python}.json"
     r = subprocess.run([str(venv / "bin" / "pip"), "install", "--dry-run", "--ignore-installed", "--report",
                         str(report), *reqs], capture_output=True, text=True)

@@ -176,7 +176,7 @@ def hu_window_segmenter(train_items: list[dict], folder: Path) -> dict[int, tupl
 
 
 def score(hu: np.ndarray, lab: np.ndarray, spacing, windows) -> dict:
-    from fvae_ct.metrics.generation import mask_adherence, organ_median_hu
+    from fvae_ct.ldm.generation_metrics import mask_adherence, organ_median_hu
 
     out = {f"median_hu_{ORGANS[c]}": v for c, v in organ_median_hu(hu, lab, list(ORGANS)).items()}
     for c, (lo, hi) in windows.items():

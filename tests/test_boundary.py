@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from fvae_ct.metrics.boundary import (analyze, boundary_shift, edge_sharpness, error_near_far, error_spectrum,
+from fvae_ct.recon.boundary import (analyze, boundary_shift, edge_sharpness, error_near_far, error_spectrum,
                                       noise_ratio)
 
 SHAPE = (40, 64, 64)

@@ -10,7 +10,7 @@ import pytest
 from scipy import ndimage as ndi
 from scipy.special import ndtr
 
-from fvae_ct.metrics.boundary import (boundary_shift, ct_like_noise, edge_profiles, edge_sharpness, fit_edges,
+from fvae_ct.recon.boundary import (boundary_shift, ct_like_noise, edge_profiles, edge_sharpness, fit_edges,
                                       noise_floor, noise_ratio, noise_removed, spectrum_like)
 from fvae_ct.recon.denoisers import DENOISERS, body_noise_sigma, noise_sigma
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from fvae_ct.metrics.fvd import ct_to_clip, frechet_distance, i3d_weights_path, load_i3d
+from fvae_ct.ldm.fvd import ct_to_clip, frechet_distance, i3d_weights_path, load_i3d
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,7 @@ def test_fvd_is_zero_for_a_set_and_grows_with_noise(i3d, assets):
 
 # ---- mask adherence, organ HU, disease AUC, the evaluate config ----------------------------------------------
 def test_mask_adherence_perfect_and_shifted():
-    from fvae_ct.metrics.generation import mask_adherence
+    from fvae_ct.ldm.generation_metrics import mask_adherence
 
     mask = np.zeros((20, 20, 10), np.int16)
     mask[5:12, 5:12, 2:6] = 1
@@ -85,7 +85,7 @@ def test_mask_adherence_perfect_and_shifted():
 
 
 def test_disease_auc_known_values():
-    from fvae_ct.metrics.generation import disease_auc
+    from fvae_ct.ldm.generation_metrics import disease_auc
 
     y = np.array([[1, 0], [1, 1], [0, 0], [0, 1]])
     assert disease_auc(y, y, ["a", "b"]) == {"a": 1.0, "b": 1.0, "mean": 1.0}
@@ -97,7 +97,7 @@ def test_disease_auc_known_values():
 
 
 def test_ctclip_preprocessing_and_clear_errors(tmp_path):
-    from fvae_ct.metrics.generation import CTClipScorer, ctclip_preprocess
+    from fvae_ct.ldm.generation_metrics import CTClipScorer, ctclip_preprocess
 
     x = ctclip_preprocess(np.full((40, 30, 20), 2000.0), np.diag([1.5, 1.5, 3.0, 1.0]))
     assert x.shape == (1, 1, 480, 480, 240)
@@ -150,7 +150,7 @@ def test_bundle_segmenter_runs_the_seg_bundle(assets, tmp_path):
     from conftest import ROOT
     from monai.networks.nets import SegResNet
 
-    from fvae_ct.metrics.generation import BundleSegmenter, mask_adherence
+    from fvae_ct.ldm.generation_metrics import BundleSegmenter, mask_adherence
 
     bundle = tmp_path / "seg"
     shutil.copytree(ROOT / "bundles" / "fvae_aug_seg" / "configs", bundle / "configs")
@@ -169,7 +169,7 @@ def test_bundle_segmenter_runs_the_seg_bundle(assets, tmp_path):
 
 
 def test_fvd_sample_warning_threshold():
-    from fvae_ct.metrics.fvd import fvd_sample_warning
+    from fvae_ct.ldm.fvd import fvd_sample_warning
 
     assert fvd_sample_warning(1025, 2000) is None
     assert "1025 per side" in fvd_sample_warning(1024, 2000)

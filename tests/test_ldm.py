@@ -8,7 +8,7 @@ from torch import nn
 
 from fvae_ct.ldm import (FrozenTextEncoder, LDMPrepareBatch, guided_prediction, make_scheduler, onehot_mask_latent,
                          sample_latents)
-from fvae_ct.networks import PseudoThreeDUNet
+from fvae_ct.ldm.networks import PseudoThreeDUNet
 from test_networks import tiny_unet
 
 

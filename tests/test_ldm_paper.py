@@ -13,7 +13,7 @@ from test_networks import tiny_unet
 
 from fvae_ct.errors import BatchFailure, InputError, OptionError
 from fvae_ct.ldm import GenerateWorkflow, TrainingRecord, check_record, load_stage2d, make_scheduler, prepare_latents
-from fvae_ct.networks import PseudoThreeDUNet, SliceDepthConv
+from fvae_ct.ldm.networks import PseudoThreeDUNet, SliceDepthConv
 from fvae_ct.vae import load
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from monai.networks.nets import DiffusionModelUNet
 
-from fvae_ct.networks import DepthConv, PseudoThreeDUNet, SliceConsistencyAttention
+from fvae_ct.ldm.networks import DepthConv, PseudoThreeDUNet, SliceConsistencyAttention
 
 
 def tiny_unet(in_ch=4, out_ch=4, context_dim=None, seed=0):

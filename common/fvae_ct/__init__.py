@@ -1,7 +1,7 @@
 """fvae-ct: frozen natural-image/video foundation VAEs as one interface for 3D CT.
 
-Shared core: ``vae`` (frozen-VAE interface, backends, registry), ``io``, ``tiling``, ``transforms``,
-``metrics``, ``networks``, ``assets``, ``figures``, ``handlers``, ``bundle``. One subpackage per bundle's
+Shared core (what at least two bundles use): ``vae`` (frozen-VAE interface, backends, registry), ``io``,
+``tiling``, ``transforms``, ``metrics``, ``assets``, ``figures``, ``handlers``, ``bundle``. One subpackage per bundle's
 workflows: ``recon`` (fvae_recon), ``aug_seg`` (fvae_aug_seg), ``ldm`` (fvae_ldm). ``cli`` is the ``fvae``
 command. Submodules load on first use, so ``import fvae_ct`` in a bundle config is cheap.
 """

@@ -7,7 +7,7 @@ a 2D latent-diffusion UNet over the ``B * 17`` latent slices of a window (slice 
 latents concatenated on channels (16 + 16), a temporal ``Conv1d`` (kernel 3, identity-initialised, named
 ``*_tem`` / ``*.temporal_conv``) after every 3x3 convolution, cross-attention to CXR-BERT's last hidden state
 ``[B, 512, 768]`` with no attention mask. :func:`official_denoiser` builds the same network from MONAI's
-``DiffusionModelUNet`` + :class:`~fvae_ct.networks.PseudoThreeDUNet` (``conv_every``; any depth, where the
+``DiffusionModelUNet`` + :class:`~fvae_ct.ldm.networks.PseudoThreeDUNet` (``conv_every``; any depth, where the
 official code hard-codes 17), :func:`official_key_map` names every official tensor's place in it, and
 :func:`load_official_checkpoint` reads ``state_dict`` (``model.diffusion_model.*``; ``model_ema.*`` when present:
 LitEma's copy, names without dots; ``text_transformer.*``: the BERT weights) and checks keys and shapes first.
@@ -76,7 +76,7 @@ def official_denoiser(
     from monai.networks.nets import DiffusionModelUNet
     from torch import nn
 
-    from ..networks import PseudoThreeDUNet
+    from .networks import PseudoThreeDUNet
 
     levels = _levels(model_channels, channel_mult, attention_resolutions)
     unet = DiffusionModelUNet(

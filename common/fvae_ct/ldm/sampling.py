@@ -200,7 +200,7 @@ def sample_latents(
 
     Volumes deeper than ``depth_window`` (``None``: one window): ``long_volume`` ``chain`` (windows one after another,
     each conditioned on the last ``depth_overlap`` slices of the one before: :func:`_chain_window`; the model takes one
-    timestep per slice, ``[B * d]``, as :class:`fvae_ct.networks.PseudoThreeDUNet` does) or ``blend`` (at
+    timestep per slice, ``[B * d]``, as :class:`fvae_ct.ldm.networks.PseudoThreeDUNet` does) or ``blend`` (at
     every step the blend of the predictions of overlapping windows, :func:`fvae_ct.tiling.shifted_depth_apply`, from
     the same current sample; ``depth_shift``: the grid moves from step to step by ``frac(i * 0.618) * stride``).
     ``eta``: DDIM stochasticity (0 deterministic, our default; 1 the paper's), its noise from a generator seeded by

@@ -382,10 +382,10 @@ def build_denoiser(
 ):
     """The pseudo-3D denoiser: MONAI 2D ``DiffusionModelUNet`` on latent slices + 3D consistency blocks.
     ``prior_skip`` (DDPM epsilon prediction): the network predicts the noise around the unit-Gaussian prior's
-    prediction ``sqrt(1 - alpha_cumprod[t]) x_t`` (:class:`fvae_ct.networks.PseudoThreeDUNet`)."""
+    prediction ``sqrt(1 - alpha_cumprod[t]) x_t`` (:class:`fvae_ct.ldm.networks.PseudoThreeDUNet`)."""
     from monai.networks.nets import DiffusionModelUNet
 
-    from ..networks import PseudoThreeDUNet
+    from .networks import PseudoThreeDUNet
 
     unet = DiffusionModelUNet(
         spatial_dims=2,
@@ -667,8 +667,8 @@ def evaluate_generated(
     import matplotlib.pyplot as plt
 
     from ..io import spacing_of
-    from ..metrics.fvd import ct_to_clip, frechet_distance, fvd_sample_warning, load_i3d
-    from ..metrics.generation import BundleSegmenter, mask_adherence, organ_median_hu
+    from .fvd import ct_to_clip, frechet_distance, fvd_sample_warning, load_i3d
+    from .generation_metrics import BundleSegmenter, mask_adherence, organ_median_hu
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)

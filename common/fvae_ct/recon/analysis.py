@@ -2,7 +2,7 @@
 
 For each case the frozen VAE's reconstruction (through :class:`~fvae_ct.recon.ReconWorkflow`, the same
 pipeline as the recon bundle) and every baseline of :data:`fvae_ct.recon.denoisers.DENOISERS` are scored
-with the same functions (:mod:`fvae_ct.metrics.boundary`, :mod:`fvae_ct.metrics.recon`) on the same
+with the same functions (:mod:`fvae_ct.recon.boundary`, :mod:`fvae_ct.metrics.recon`) on the same
 volume, clipped to the HU window. ``gaussian_matched`` is a gaussian whose sigma is chosen so that its
 noise suppression equals the VAE's (at equal noise suppression, who keeps the boundaries sharper?);
 ``gaussian_psnr_matched`` one whose PSNR equals the VAE's (the same error budget: where does it go?).
@@ -29,7 +29,10 @@ import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from ..io import Case, _atomic, load_ct, load_labels, write_text_atomic  # noqa: E402
-from ..metrics.boundary import (  # noqa: E402
+from ..metrics.recon import recon_metrics  # noqa: E402
+from ..options import parse_bool  # noqa: E402
+from ..transforms import from_slices, to_slices  # noqa: E402
+from .boundary import (  # noqa: E402
     analyze,
     boundary_shift,
     ct_like_noise,
@@ -39,9 +42,6 @@ from ..metrics.boundary import (  # noqa: E402
     noise_removed,
     reference,
 )
-from ..metrics.recon import recon_metrics  # noqa: E402
-from ..options import parse_bool  # noqa: E402
-from ..transforms import from_slices, to_slices  # noqa: E402
 from .denoisers import DENOISERS, gaussian, match_gaussian_sigma  # noqa: E402
 from .workflow import BatchFailure, ReconWorkflow  # noqa: E402
 

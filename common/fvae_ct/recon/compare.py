@@ -2,7 +2,7 @@
 
 For each VAE the fvae_recon bundle reconstructs every case into ``<output_dir>/<vae>/``; the table has the
 mean PSNR, SSIM, MSE and seconds from its summary.json, the peak resident memory of the run (sampled), and
-the boundary/noise figures of :mod:`fvae_ct.metrics.boundary` computed from the written reconstructions.
+the boundary/noise figures of :mod:`fvae_ct.recon.boundary` computed from the written reconstructions.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import psutil
 
 from ..errors import user_error
 from ..io import discover_cases, load_ct, load_labels, write_text_atomic
-from ..metrics.boundary import analyze
+from .boundary import analyze
 from ..transforms import to_slices
 from .workflow import RECON_SUFFIX, BatchFailure
 

@@ -146,7 +146,11 @@ def test_multi_gpu_configs_define_the_training_properties():
 
 
 def test_build_bundles_vendors_the_code_each_bundle_needs(tmp_path):
+    import sys
     import zipfile
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    from build_bundles import PACKAGE, _module_file, vendored_modules
 
     r = run([PY, str(ROOT / "tools" / "build_bundles.py"), "--out", str(tmp_path)])
     assert r.returncode == 0, r.stderr
@@ -161,13 +165,68 @@ def test_build_bundles_vendors_the_code_each_bundle_needs(tmp_path):
         assert all(n.startswith(f"{bundle}/") and "__pycache__" not in n for n in names)
         assert not any(n.startswith(f"{bundle}/fvae_ct/{a}/") for a in absent for n in names)
         assert f"{bundle}/fvae_ct/cli.py" not in names  # the fvae command is not part of a bundle
+        # exactly the import closure of what its configs name: no hand-kept list
+        closure = {f"{bundle}/fvae_ct/{_module_file(m).relative_to(PACKAGE).as_posix()}" for m in vendored_modules(bundle)}
+        assert {n for n in names if n.startswith(f"{bundle}/fvae_ct/")} == closure
         src = (ROOT / "common" / "fvae_ct" / "vae" / "base.py").read_bytes()
         assert z.read(f"{bundle}/fvae_ct/vae/base.py") == src  # vendored verbatim from the one source
+    assert "fvae_recon/fvae_ct/recon/boundary.py" in closure_of(tmp_path, "fvae_recon")
+    assert not any("/fvae_ct/ldm/" in n or n.endswith("/fvae_ct/metrics/fvd.py") for n in closure_of(tmp_path, "fvae_recon"))
+    assert "fvae_ldm/fvae_ct/ldm/networks/consistency.py" in closure_of(tmp_path, "fvae_ldm")
+    assert not any("/recon/" in n for n in closure_of(tmp_path, "fvae_ldm"))
     version = json.loads((ROOT / "bundles" / "fvae_recon" / "configs" / "metadata.json").read_text())["version"]
     archive = tmp_path / f"fvae_recon_v{version}.zip"
     first = archive.read_bytes()
     run([PY, str(ROOT / "tools" / "build_bundles.py"), "--out", str(tmp_path), "--bundles", "fvae_recon"])
     assert archive.read_bytes() == first  # reproducible
+
+
+def closure_of(dist, bundle):
+    import zipfile
+
+    version = json.loads((BUNDLES / bundle / "configs" / "metadata.json").read_text())["version"]
+    return set(zipfile.ZipFile(dist / f"{bundle}_v{version}.zip").namelist())
+
+
+#: run in a fresh interpreter: hide the installed fvae_ct (editable finders, path entries holding it), check it is
+#: gone, put the unpacked bundle folder first on sys.path as MONAI does, import the given modules, and list every
+#: fvae_ct module that did not come from the bundle folder
+_ISOLATED_IMPORT = """
+import importlib, importlib.util, os, sys
+bundle, modules = sys.argv[1], sys.argv[2].split(",")
+sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in (type(f).__module__ + type(f).__name__).lower()]
+sys.path_hooks[:] = [h for h in sys.path_hooks if "editable" not in repr(h).lower()]
+sys.path[:] = [p for p in sys.path if p and not os.path.exists(os.path.join(p, "fvae_ct"))]
+sys.path_importer_cache.clear()
+assert importlib.util.find_spec("fvae_ct") is None, "the installed fvae_ct is still importable"
+sys.path.insert(0, bundle)
+for m in modules:
+    importlib.import_module(m)
+outside = [m for m, mod in sys.modules.items() if m.split(".")[0] == "fvae_ct"
+           and not os.path.abspath(getattr(mod, "__file__", None) or bundle).startswith(bundle + os.sep)]
+assert not outside, outside
+print(len([m for m in sys.modules if m.split(".")[0] == "fvae_ct"]))
+"""
+
+
+@pytest.mark.parametrize("bundle", ["fvae_recon", "fvae_aug_seg", "fvae_ldm"])
+def test_unpacked_archive_imports_what_its_configs_name_without_the_installed_package(bundle, tmp_path):
+    """An archive unpacked where the installed fvae_ct cannot be imported runs its configs' imports, and every module
+    it carries imports, from the vendored copy alone (imports inside functions and lazy submodules included)."""
+    import sys
+    import zipfile
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    from build_bundles import build, config_references, vendored_modules
+
+    archive = build(bundle, tmp_path / "dist")
+    with zipfile.ZipFile(archive) as z:
+        z.extractall(tmp_path / "site")
+    folder = str((tmp_path / "site" / bundle).resolve())
+    modules = sorted(config_references(bundle)) + sorted(vendored_modules(bundle) - config_references(bundle))
+    r = run([PY, "-c", _ISOLATED_IMPORT, folder, ",".join(modules)], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert int(r.stdout.split()[-1]) >= len(modules)
 
 
 def test_ldm_data_and_evaluation_configs_hold_the_meta_properties(tmp_path):

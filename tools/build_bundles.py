@@ -1,8 +1,10 @@
 """Build self-contained bundle archives: ``dist/<bundle>_v<version>.zip`` (``make bundles``).
 
 Each archive holds one folder ``<bundle>/`` with what is in ``bundles/<bundle>/`` in git (configs, docs,
-LICENSE, large_files.yml) plus the code the bundle needs, vendored from the one source ``common/fvae_ct``:
-the shared core and the subpackages named in :data:`NEEDS`, as ``<bundle>/fvae_ct/``. A site that downloads
+LICENSE, large_files.yml) plus the code the bundle needs, vendored from the one source ``common/fvae_ct`` as
+``<bundle>/fvae_ct/``: the import closure (:func:`import_closure`) of the ``fvae_ct`` modules its configs name (and
+the ``python -m fvae_ct...`` commands of its README), so nothing is kept by hand and an archive carries no module
+that none of them can reach. A site that downloads
 one archive runs it with ``python -m monai.bundle run`` and the packages its metadata lists: MONAI puts the
 bundle folder on ``sys.path`` (``ConfigWorkflow.run``; the model-zoo CI and MONAI Label do the same), so the
 configs' ``import fvae_ct`` finds the vendored copy; in the repository it finds the installed package. The same
@@ -16,7 +18,9 @@ The archives are reproducible: sorted entries, fixed timestamps, no caches.
 from __future__ import annotations
 
 import argparse
+import ast
 import json
+import re
 import sys
 import zipfile
 from pathlib import Path
@@ -24,17 +28,122 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "common" / "fvae_ct"
 
-#: subpackages of fvae_ct each bundle runs, beside the core (fvae_aug_seg's ``prepare`` runs the recon workflow)
-NEEDS = {"fvae_recon": ["recon"], "fvae_aug_seg": ["aug_seg", "recon"], "fvae_ldm": ["ldm"]}
+#: the bundles :func:`main` builds by default
+BUNDLES = ("fvae_recon", "fvae_aug_seg", "fvae_ldm")
 #: bundle subpackages (never part of the core)
 WORKFLOW_PACKAGES = {"recon", "aug_seg", "ldm"}
-#: core modules that no bundle runs: the ``fvae`` command and test helpers
-NOT_VENDORED = {"cli.py", "testing.py"}
 _EPOCH = (2024, 1, 1, 0, 0, 0)
+#: a dotted reference to fvae_ct: ``fvae_ct.recon.analysis.AnalysisWorkflow`` in a config, ``"from fvae_ct.bundle
+#: import run_bundle"`` in a code string handed to a subprocess
+_REF = re.compile(r"\bfvae_ct(?:\.[A-Za-z_][A-Za-z0-9_]*)+|\bfvae_ct\b")
 
 
 def _skip(p: Path) -> bool:
     return "__pycache__" in p.parts or p.suffix in (".pyc", ".pyo") or p.name.startswith(".")
+
+
+def _module_file(module: str, package: Path = PACKAGE) -> Path | None:
+    """The source file of ``fvae_ct[.a.b]`` under ``package``: ``a/b/__init__.py`` or ``a/b.py``, else None."""
+    base = package.joinpath(*module.split(".")[1:])
+    for f in (base / "__init__.py", base.with_suffix(".py")):
+        if f.is_file():
+            return f
+    return None
+
+
+def _longest_module(dotted: str, package: Path = PACKAGE) -> str | None:
+    """The longest prefix of ``dotted`` that is a module: ``fvae_ct.ldm.official.text_width`` -> ``fvae_ct.ldm.official``
+    (the packages' lazy ``__getattr__`` imports a submodule on first attribute access, :mod:`fvae_ct._lazy`)."""
+    parts = dotted.split(".")
+    for n in range(len(parts), 0, -1):
+        if _module_file(".".join(parts[:n]), package) is not None:
+            return ".".join(parts[:n])
+    return None
+
+
+def _docstrings(tree: ast.AST) -> set[int]:
+    out = set()
+    for n in ast.walk(tree):
+        if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and n.body:
+            first = n.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+                out.add(id(first.value))
+    return out
+
+
+def _attribute_chain(node: ast.Attribute) -> str | None:
+    names = []
+    while isinstance(node, ast.Attribute):
+        names.append(node.attr)
+        node = node.value
+    return ".".join([node.id, *reversed(names)]) if isinstance(node, ast.Name) and node.id == "fvae_ct" else None
+
+
+def module_imports(module: str, package: Path = PACKAGE) -> set[str]:
+    """The fvae_ct modules one module imports, wherever the import stands (module level, inside a function, under
+    ``if``): ``import`` and ``from`` statements, relative ones resolved against the module's package, attribute
+    chains ``fvae_ct.a.b`` and ``fvae_ct.a.b`` in string constants other than docstrings (code run by a subprocess)."""
+    f = _module_file(module, package)
+    tree = ast.parse(f.read_text(), str(f))
+    pkg = module.split(".") if f.name == "__init__.py" else module.split(".")[:-1]
+    dotted: set[str] = set()
+    docs = _docstrings(tree)
+    for n in ast.walk(tree):
+        if isinstance(n, ast.Import):
+            dotted.update(a.name for a in n.names)
+        elif isinstance(n, ast.ImportFrom):
+            if n.level:
+                if n.level - 1 > len(pkg) - 1:
+                    raise SystemExit(f"{f}:{n.lineno}: relative import beyond the fvae_ct package")
+                base = ".".join(pkg[: len(pkg) - (n.level - 1)] + ([n.module] if n.module else []))
+            else:
+                base = n.module or ""
+            dotted.add(base)
+            dotted.update(f"{base}.{a.name}" for a in n.names if a.name != "*")
+        elif isinstance(n, ast.Attribute):
+            chain = _attribute_chain(n)
+            if chain:
+                dotted.add(chain)
+        elif isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docs:
+            dotted.update(_REF.findall(n.value))
+    found = {_longest_module(d, package) for d in dotted if d == "fvae_ct" or d.startswith("fvae_ct.")}
+    return found - {None}
+
+
+def config_references(bundle: str) -> set[str]:
+    """The fvae_ct modules a bundle runs: those its configs name (``fvae_ct.x.y`` in ``bundles/<bundle>/configs/*``)
+    and those its README runs as commands (``python -m fvae_ct.x.y``, e.g. fvae_aug_seg's lesion generator)."""
+    refs = set()
+    for p in sorted((REPO / "bundles" / bundle / "configs").iterdir()):
+        if p.is_file() and not _skip(p):
+            refs.update(_REF.findall(p.read_text()))
+    readme = REPO / "bundles" / bundle / "docs" / "README.md"
+    if readme.is_file():
+        refs.update(re.findall(r"python -m (fvae_ct(?:\.[A-Za-z_][A-Za-z0-9_]*)+)", readme.read_text()))
+    missing = sorted(r for r in refs if _longest_module(r) is None)
+    if missing:
+        raise SystemExit(f"{bundle}: its configs or README name fvae_ct modules that do not exist: {missing}")
+    return {_longest_module(r) for r in refs}
+
+
+def import_closure(modules, package: Path = PACKAGE) -> set[str]:
+    """``modules`` and every fvae_ct module they import, transitively, with the packages above each (importing
+    ``fvae_ct.a.b`` runs ``fvae_ct/__init__.py`` and ``fvae_ct/a/__init__.py`` first)."""
+    todo, seen = list(modules), set()
+    while todo:
+        m = todo.pop()
+        if m in seen:
+            continue
+        seen.add(m)
+        parts = m.split(".")
+        todo.extend(".".join(parts[:n]) for n in range(1, len(parts)))
+        todo.extend(module_imports(m, package) - seen)
+    return seen
+
+
+def vendored_modules(bundle: str) -> set[str]:
+    """The fvae_ct modules a bundle's archive carries: the import closure of its configs' references."""
+    return import_closure(config_references(bundle))
 
 
 def bundle_files(bundle: str) -> list[tuple[Path, str]]:
@@ -42,19 +151,10 @@ def bundle_files(bundle: str) -> list[tuple[Path, str]]:
     src = REPO / "bundles" / bundle
     if not (src / "configs" / "metadata.json").is_file():
         raise SystemExit(f"{src}: not a bundle (no configs/metadata.json)")
-    if bundle not in NEEDS:
-        raise SystemExit(f"{bundle}: add it to NEEDS in {Path(__file__).name} (which fvae_ct subpackages it runs)")
     files = [(p, f"{bundle}/{p.relative_to(src).as_posix()}") for p in src.rglob("*") if p.is_file() and not _skip(p)]
-    for p in sorted(PACKAGE.rglob("*.py")):
-        rel = p.relative_to(PACKAGE)
-        if _skip(rel):
-            continue
-        top = rel.parts[0]
-        if len(rel.parts) == 1 and top in NOT_VENDORED:
-            continue
-        if top in WORKFLOW_PACKAGES and top not in NEEDS[bundle]:
-            continue
-        files.append((p, f"{bundle}/fvae_ct/{rel.as_posix()}"))
+    for m in sorted(vendored_modules(bundle)):
+        p = _module_file(m)
+        files.append((p, f"{bundle}/fvae_ct/{p.relative_to(PACKAGE).as_posix()}"))
     return sorted(files, key=lambda f: f[1])
 
 
@@ -101,7 +201,7 @@ def unpack(archive: Path, dest: Path, large_files: bool = True) -> Path:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(REPO / "dist"))
-    ap.add_argument("--bundles", default=",".join(NEEDS))
+    ap.add_argument("--bundles", default=",".join(BUNDLES))
     ap.add_argument("--unpack", metavar="DIR", help="also unpack each archive into DIR, with its large files")
     a = ap.parse_args(argv)
     for b in [b for b in a.bundles.split(",") if b]:

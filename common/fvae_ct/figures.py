@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .io import _atomic  # noqa: E402
+from .io import atomic_write  # noqa: E402
 
 __all__ = ["three_view", "to_ras"]
 
@@ -84,6 +84,6 @@ def three_view(
         )
     fig.suptitle(title, fontsize=10)
     path = Path(path)
-    _atomic(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
     plt.close(fig)
     return path

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import logging
 import os
 import re
@@ -21,7 +20,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import torch
-from monai.data import MetaTensor, load_decathlon_datalist
+from monai.data import MetaTensor
 from monai.transforms import LoadImage
 
 from . import dicom_index
@@ -33,6 +32,7 @@ __all__ = [
     "load_ct",
     "save_nifti_atomic",
     "write_text_atomic",
+    "atomic_write",
     "is_dicom_dir",
     "axial_axis",
     "spacing_of",
@@ -225,28 +225,15 @@ def case_name(path: str | os.PathLike) -> str:
 
 
 def _from_datalist(path: Path) -> list[Case]:
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise InputError(path, f"cannot read datalist JSON ({e})") from e
-    base = path.parent
-    if isinstance(data, dict):
-        key = next((k for k in ("testing", "test", "validation", "training", "data") if k in data), None)
-        if key is None:
-            raise InputError(
-                path, "datalist JSON needs a list of {'image': ...} under 'testing', 'validation', 'training' or 'data'"
-            )
-        items = load_decathlon_datalist(str(path), is_segmentation=False, data_list_key=key, base_dir=str(base))
-    elif isinstance(data, list):
-        items = [{"image": str(base / (d["image"] if isinstance(d, dict) else d))} for d in data]
-    else:
-        raise InputError(path, "datalist JSON must be a list or an MSD-style dict")
+    """The cases of a datalist JSON (a list, or a dict's ``testing``/``test``/``validation``/``training``/``data``);
+    a missing listed file fails as its case, not the batch."""
+    from .datalist import read_datalist
+
+    items = read_datalist(path, ("testing", "test", "validation", "training", "data"), check_files=False)
     cases = []
     for d in items:
-        img = d["image"] if isinstance(d, dict) else d
-        img = img[0] if isinstance(img, (list, tuple)) else img
-        cases.append(Case(case_name(img), str(img), d.get("label") if isinstance(d, dict) else None))
+        img = d["image"][0] if isinstance(d["image"], list) else d["image"]
+        cases.append(Case(case_name(img), str(img), d.get("label")))
     return cases
 
 
@@ -546,7 +533,7 @@ _TEMPORARY = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp(\.[A-Za-z0-9]+)*$")
 
 
 def clean_temporaries(folder: str | os.PathLike) -> list[Path]:
-    """Delete the temporaries an interrupted :func:`_atomic` write left in ``folder``
+    """Delete the temporaries an interrupted :func:`atomic_write` left in ``folder``
     (``.<name>.<8 random>.tmp<suffixes>``); returns what was removed."""
     removed = []
     if Path(folder).is_dir():
@@ -557,7 +544,11 @@ def clean_temporaries(folder: str | os.PathLike) -> list[Path]:
     return removed
 
 
-def _atomic(path: Path, write) -> None:
+def atomic_write(path: str | os.PathLike, write) -> Path:
+    """Write ``path`` all or nothing: ``write(tmp)`` fills a temporary ``.<name>.<8 random>.tmp<suffixes>`` beside it,
+    which is then renamed over ``path`` (usual permissions); returns ``path``. A failing ``write`` leaves
+    ``path`` as it was (the temporary is removed; one left by a kill is what :func:`clean_temporaries` removes)."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp" + "".join(path.suffixes))
     os.close(fd)
@@ -570,6 +561,7 @@ def _atomic(path: Path, write) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    return path
 
 
 def save_nifti_atomic(
@@ -607,7 +599,7 @@ def save_nifti_atomic(
         # the input's grid: keep its qform and sform exactly (matrices and codes, also code 0, a qform that differs
         # from the sform, a sheared sform), as nibabel keeps a header it is given without an affine
         img = nib.Nifti1Image(data, None, header=header)
-        _atomic(path, lambda tmp: nib.save(img, tmp))
+        atomic_write(path, lambda tmp: nib.save(img, tmp))
         return path
     img = nib.Nifti1Image(data, np.asarray(affine, dtype=np.float64), header=header)
     img.set_sform(
@@ -618,7 +610,7 @@ def save_nifti_atomic(
         np.asarray(affine, dtype=np.float64),
         code=int(header["qform_code"]) if header is not None and int(header["qform_code"]) > 0 else 1,
     )
-    _atomic(path, lambda tmp: nib.save(img, tmp))
+    atomic_write(path, lambda tmp: nib.save(img, tmp))
     return path
 
 
@@ -684,5 +676,5 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
         with open(tmp, "w") as f:
             f.write(text)
 
-    _atomic(path, w)
+    atomic_write(path, w)
     return path

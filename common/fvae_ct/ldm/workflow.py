@@ -7,6 +7,7 @@ holds ``scale_factor`` (1 / std of all latents, or a fixed number) and what prod
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import json
 import logging
@@ -22,9 +23,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .. import distributed
+from ..batch import BatchRunner, failure_message
 from ..errors import BatchFailure, InputError, OptionError
 from ..figures import three_view
-from ..io import _atomic, case_name, case_voxels, load_ct, load_labels, save_nifti_atomic, write_text_atomic
+from ..io import Case, atomic_write, case_name, load_ct, load_labels, save_nifti_atomic, write_text_atomic
 from ..options import parse_bool
 from ..transforms import from_slices, recon_preprocessing, to_slices, unit_to_hu
 from .diffusion import FrozenTextEncoder, make_scheduler, onehot_mask_latent
@@ -41,6 +43,8 @@ __all__ = [
     "load_denoiser",
     "load_stage2d",
     "TrainingRecord",
+    "recorded_architecture",
+    "ARCHITECTURE_OPTIONS",
     "recorded",
     "check_record",
     "trained_depth",
@@ -169,16 +173,10 @@ def prepare_latents(
     skip_existing = parse_bool(skip_existing, "skip_existing")
     if scale_factor is not None and not float(scale_factor) > 0:
         raise OptionError(f"scale_factor must be a positive number or null, got {scale_factor!r}")
-    rank, world = distributed.rank(), distributed.world_size()
     p = Path(datalist)
     items = _datalist_items(p)
-    images = [it["image"] if Path(it["image"]).is_absolute() else str(p.parent / it["image"]) for it in items]
-    shares = [list(range(len(images)))]
-    if world > 1:  # rank 0 reads the headers once and tells the others the split
-        sizes = [case_voxels(i) for i in images] if rank == 0 else None
-        shares = distributed.broadcast_object(distributed.shard(sizes, world) if rank == 0 else None)
+    by_name = {case_name(it["image"]): (it, it["image"]) for it in items}
     out = Path(cache_dir)
-    out.mkdir(parents=True, exist_ok=True)
     pre = recon_preprocessing("image", hu_window, vae.input_range)
     enc = None
     if any(i.get("report") for i in items):
@@ -188,36 +186,27 @@ def prepare_latents(
     )
     if text_padding != "mask":
         settings["text_padding"] = text_padding
-    total, total_sq, n, done, failures = 0.0, 0.0, 0, 0, []
-    desc = "encoding latents" + (f" (rank 0 of {world})" if world > 1 else "")
-    for i in tqdm(shares[rank], desc=desc, unit="case", disable=rank != 0):
-        it, img_path = items[i], images[i]
-        name = case_name(img_path)
-        rec = None
-        if skip_existing and (out / f"{name}.pt").is_file():
-            rec, why = _cached_entry(out / f"{name}.pt", settings)
-            if rec is None:
-                log.warning("%s: the cached %s.pt %s; encoding it again", img_path, name, why)
-        try:
-            if rec is None:
-                rec = _encode_case(it, img_path, p, vae, pre, enc, classes, mask_encoding, settings)
-                _atomic(out / f"{name}.pt", lambda tmp, r=rec: torch.save(r, tmp))
-        except Exception as e:  # go on with the other cases, report at the end
-            log.error("%s failed: %s", img_path, e)
-            failures.append({"case": name, "input": img_path, "error": f"{type(e).__name__}: {e}"})
-            continue
-        z = rec["latent"]
-        total += float(z.double().sum())
-        total_sq += float((z.double() ** 2).sum())
-        n += z.numel()
-        done += 1
-    parts = distributed.gather_objects((total, total_sq, n, done, failures))
-    total, total_sq, n, done = (sum(g[k] for g in parts) for k in range(4))
-    failures = [f for g in parts for f in g[4]]
+    world = distributed.world_size()
+    with BatchRunner(out, "encoding latents") as runner:  # one run per cache folder; shards under torchrun
+        runner.plan(lambda: [Case(name, img) for name, (_, img) in by_name.items()])
+        for case in runner.mine():
+            with runner.case(case) as c:
+                it, target, rec = by_name[case.name][0], out / f"{case.name}.pt", None
+                if skip_existing and target.is_file():
+                    rec, why = _cached_entry(target, settings)
+                    if rec is None:
+                        log.warning("%s: the cached %s %s; encoding it again", case.path, target.name, why)
+                if rec is None:
+                    rec = _encode_case(it, case.path, p, vae, pre, enc, classes, mask_encoding, settings)
+                    atomic_write(target, lambda tmp, r=rec: torch.save(r, tmp))
+                z = rec["latent"].double()
+                c.add({"case": case.name, "sum": float(z.sum()), "sum_sq": float((z**2).sum()), "n": z.numel()})
+        rows, failures = runner.gather()
+    rows = rows.get("rows", [])
+    total, total_sq, n = (sum(r[k] for r in rows) for k in ("sum", "sum_sq", "n"))
+    done = len(rows)
     if n == 0:
-        raise BatchFailure(
-            f"no case of {p} could be cached:\n" + "\n".join(f"  {f['input']}: {f['error']}" for f in failures)
-        )
+        raise BatchFailure(failure_message(failures, len(runner.cases), f" (no case of {p} could be cached)"))
     mean = total / n
     std = math.sqrt(max(total_sq / n - mean**2, 1e-12))
     scale = 1.0 / std if scale_factor is None else float(scale_factor)
@@ -240,32 +229,20 @@ def prepare_latents(
         "cases": done,
         "world_size": world,
     }
-    if rank == 0:
+    if runner.rank == 0:
         write_text_atomic(out / "latent_stats.json", json.dumps(stats, indent=2))
     distributed.barrier()  # the stats file exists for every rank when this returns
-    if failures:
-        raise BatchFailure(
-            f"{len(failures)} of {len(items)} case(s) failed (latent_stats.json covers the {done} cached):\n"
-            + "\n".join(f"  {f['input']}: {f['error']}" for f in failures)
-        )
+    runner.raise_failures(f" (latent_stats.json covers the {done} cached)")
     return stats
 
 
 def _datalist_items(p: Path) -> list[dict]:
-    """The items of a prepare datalist (a list, or an MSD-style dict's ``training``); a missing or malformed file, or
-    an item without ``image``, is an :class:`InputError` naming the datalist."""
-    from ..checked_io import read_json
+    """The items of a prepare datalist (a list, or an MSD-style dict's ``training``), paths absolute; a missing or
+    malformed file, or an item without ``image``, is an :class:`InputError` naming the datalist (a missing listed
+    file fails as its case)."""
+    from ..datalist import read_datalist
 
-    data = read_json(p, "datalist JSON")
-    items = data.get("training") if isinstance(data, dict) else data
-    if not isinstance(items, list):
-        raise InputError(
-            p, "datalist JSON must be a list of {'image', 'label', 'report'} items or hold one as 'training'"
-        )
-    for i, it in enumerate(items):
-        if not isinstance(it, dict) or not isinstance(it.get("image"), str):
-            raise InputError(p, f"item {i} needs an 'image' path, got {it!r}"[:300])
-    return items
+    return read_datalist(p, ("training",), ("image",), check_files=False)
 
 
 def _encode_case(it: dict, img_path: str, datalist: Path, vae, pre, enc, classes, mask_encoding, settings) -> dict:
@@ -273,7 +250,7 @@ def _encode_case(it: dict, img_path: str, datalist: Path, vae, pre, enc, classes
     image = load_ct(img_path)
     grid = None
     if it.get("label"):
-        lab_path = it["label"] if Path(it["label"]).is_absolute() else str(datalist.parent / it["label"])
+        lab_path = it["label"]
         grid = _labels_on_grid(lab_path, image)
     elif settings["body_mask"]:
         raise InputError(img_path, "body_mask needs a label map for every case (the datalist item has no label)")
@@ -536,8 +513,9 @@ class GenerateWorkflow:
 class TrainingRecord:
     """What a checkpoint was trained with, saved in it (``checkpoint["record"]``) by the CheckpointSaver: the VAE,
     the conditioning (mask encoding and channels, text encoder name / dim / max tokens), the depth window, the
-    fraction of windows trained with clean context slices (``p_context``) and the output parametrisation
-    (``prior_skip``, part of the architecture: :func:`recorded` reads it back at inference)."""
+    fraction of windows trained with clean context slices (``p_context``), the output parametrisation
+    (``prior_skip``) and the whole ``architecture`` (:func:`build_denoiser`'s keyword arguments: inference rebuilds
+    the network from it, :func:`recorded_architecture`)."""
 
     KEYS = (
         "vae",
@@ -558,12 +536,14 @@ class TrainingRecord:
         train_depth: int | None = None,
         p_context: float | None = None,
         prior_skip: bool | None = None,
+        architecture: dict | None = None,
     ):
         stats = stats or {}
         self.data = {k: stats.get(k) for k in self.KEYS}
         self.data["train_depth"] = int(train_depth) if train_depth is not None else None
         self.data["p_context"] = float(p_context) if p_context is not None else None
         self.data["prior_skip"] = parse_bool(prior_skip, "prior_skip") if prior_skip is not None else None
+        self.data["architecture"] = _architecture(architecture) if architecture is not None else None
 
     def state_dict(self) -> dict:
         return dict(self.data)
@@ -596,6 +576,77 @@ def recorded(checkpoint: dict | None, key: str, default=None):
 def trained_depth(checkpoint: dict, default: int = 16) -> int:
     """The latent depth window a checkpoint was trained on (``default`` for older checkpoints)."""
     return int((checkpoint.get("record") or {}).get("train_depth") or default)
+
+
+#: inference.yaml's architecture options (train.yaml's names) -> :func:`build_denoiser`'s keyword arguments
+ARCHITECTURE_OPTIONS = {
+    "unet_channels": "channels",
+    "attention_levels": "attention_levels",
+    "num_res_blocks": "num_res_blocks",
+    "num_head_channels": "num_head_channels",
+    "norm_num_groups": "norm_num_groups",
+    "consistency": "mode",
+    "consistency_levels": "levels",
+    "prior_skip": "prior_skip",
+}
+
+
+def _architecture(arch: dict) -> dict:
+    """:func:`build_denoiser`'s keyword arguments in plain types (ints, bools, lists), as recorded and compared."""
+    out = dict(arch)
+    for k in ("channels", "levels"):
+        if out.get(k) is not None:
+            out[k] = [int(v) for v in out[k]]
+    if out.get("attention_levels") is not None:
+        out["attention_levels"] = [parse_bool(a, "attention_levels") for a in out["attention_levels"]]
+    for k in ("latent_channels", "mask_channels", "text_dim", "num_res_blocks", "num_head_channels", "norm_num_groups"):
+        if out.get(k) is not None:
+            out[k] = int(out[k])
+    if out.get("prior_skip") is not None:
+        out["prior_skip"] = parse_bool(out["prior_skip"], "prior_skip")
+    if out.get("mode") is not None:
+        out["mode"] = str(out["mode"])
+    return out
+
+
+def recorded_architecture(checkpoint: dict | None, stats: dict, stage: str = "3d", **given) -> dict:
+    """:func:`build_denoiser`'s keyword arguments for the network a train.yaml checkpoint holds: the architecture
+    its :class:`TrainingRecord` carries (train.yaml's ``unet_channels``, ``attention_levels``, ..., ``prior_skip``),
+    the channels and text width of ``stats`` (latent_stats.json).
+
+    ``given``: inference options under train.yaml's names (:data:`ARCHITECTURE_OPTIONS`; ``None``: not given). One
+    that disagrees with the record is refused (:class:`~fvae_ct.errors.OptionError`, one line naming each): the
+    weights only fit the recorded network, so the option is to be dropped. ``consistency`` and
+    ``consistency_levels`` do not apply to a stage-2d checkpoint (no 3D blocks) and are not compared there. A
+    checkpoint without the record (older ones) is built from the given options, else :func:`build_denoiser`'s
+    defaults (its ``prior_skip``: :func:`recorded`).
+    """
+    unknown = sorted(set(given) - set(ARCHITECTURE_OPTIONS))
+    if unknown:
+        raise TypeError(f"recorded_architecture: unknown options {unknown}")
+    rec = recorded(checkpoint, "architecture")
+    ask = {ARCHITECTURE_OPTIONS[k]: v for k, v in given.items() if v is not None}
+    if rec is None:
+        params = inspect.signature(build_denoiser).parameters.items()
+        arch = {**{k: p.default for k, p in params if p.default is not inspect.Parameter.empty}, **ask}
+        arch["prior_skip"] = ask.get("prior_skip", recorded(checkpoint, "prior_skip", False))
+        if stage == "2d":
+            arch["mode"] = "none"
+    else:
+        arch = _architecture(rec)
+        wanted = _architecture(ask)
+        names = {v: k for k, v in ARCHITECTURE_OPTIONS.items()}
+        skip = ("mode", "levels") if arch.get("mode") == "none" else ()
+        diff = [k for k, v in wanted.items() if k not in skip and k in arch and v != arch[k]]
+        if diff:
+            raise OptionError(
+                f"model_{stage}.pt records its architecture, and "
+                + "; ".join(f"{names[k]} {wanted[k]!r} differs from the trained {arch[k]!r}" for k in diff)
+                + ": leave these options out at inference (the network is built as recorded)"
+            )
+    arch.update(latent_channels=stats["latent_channels"], mask_channels=stats["mask_channels"])
+    arch["text_dim"] = stats.get("text_dim")
+    return _architecture(arch)
 
 
 def load_denoiser(network, checkpoint: dict, stage: str, use_ema: bool = True, stats: dict | None = None):
@@ -642,6 +693,10 @@ def _match(folder: Path | None, stem: str) -> Path | None:
     return None
 
 
+def _raw(v):
+    return "" if v is None else v
+
+
 def evaluate_generated(
     gen_dir: str,
     real_dir: str,
@@ -660,10 +715,6 @@ def evaluate_generated(
     ``real_labels_dir``. ``segmenter``: a callable ``path -> label map`` (e.g. ``BundleSegmenter``) or a
     bundle folder. Writes ``generation_metrics.csv``, ``generation_summary.json`` and ``generation.png``.
     """
-    import csv
-    import io
-    import json
-
     import matplotlib.pyplot as plt
 
     from ..io import spacing_of
@@ -715,21 +766,25 @@ def evaluate_generated(
     if fvd_warning:
         log.warning("%s", fvd_warning)
         warnings.warn(fvd_warning, stacklevel=2)
-    rows, gen_hu, real_hu = [], {c: [] for c in classes}, {c: [] for c in classes}
-    for p in gens:
-        img = nib.load(str(p))
-        hu = np.asarray(img.dataobj).astype(np.float32)
-        stem = p.name.split(".nii")[0].replace("_generated", "")
-        row = {"case": p.name.split(".nii")[0]}
-        mpath = _match(Path(masks_dir) if masks_dir else None, stem)
-        if mpath is not None:
-            mask = load_labels(str(mpath), img.affine, hu.shape)
-            for c, v in organ_median_hu(hu, mask, classes).items():
-                row[f"median_hu_{c}"] = v
-                gen_hu[c].append(v)
-            if segmenter is not None:
-                row.update(mask_adherence(segmenter(str(p)), mask, spacing_of(img.affine), classes, tolerance_mm))
-        rows.append(row)
+    real_hu = {c: [] for c in classes}
+    # the per-volume scores: one run per output folder, a failing volume reported after the others, torchrun shards
+    with BatchRunner(out, "generation evaluation", {"generation_metrics.csv": None}, _raw, False) as runner:
+        runner.plan(lambda: [Case(p.name.split(".nii")[0], str(p)) for p in gens])
+        for case in runner.mine():
+            with runner.case(case) as rec:
+                img = nib.load(case.path)
+                hu = np.asarray(img.dataobj).astype(np.float32)
+                row = {"case": case.name}
+                mpath = _match(Path(masks_dir) if masks_dir else None, case.name.replace("_generated", ""))
+                if mpath is not None:
+                    mask = load_labels(str(mpath), img.affine, hu.shape)
+                    row.update({f"median_hu_{c}": v for c, v in organ_median_hu(hu, mask, classes).items()})
+                    if segmenter is not None:
+                        seg = segmenter(case.path)
+                        row.update(mask_adherence(seg, mask, spacing_of(img.affine), classes, tolerance_mm))
+                rec.add(row)
+        rows = runner.gather()[0]["generation_metrics.csv"]
+    gen_hu = {c: [r[f"median_hu_{c}"] for r in rows if f"median_hu_{c}" in r] for c in classes}
     for p in reals:
         lpath = _match(Path(real_labels_dir) if real_labels_dir else None, p.name.split(".nii")[0])
         if lpath is not None:
@@ -751,12 +806,9 @@ def evaluate_generated(
         vals = [r[k] for r in rows if k in r]
         if vals:
             summary[k] = float(np.mean(vals))
-    cols = list(dict.fromkeys(k for r in rows for k in r))
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=cols)
-    w.writeheader()
-    w.writerows(rows)
-    write_text_atomic(out / "generation_metrics.csv", buf.getvalue())
+    if not distributed.is_main():
+        runner.raise_failures(" (generation_metrics.csv lists the others)")
+        return summary
     write_text_atomic(out / "generation_summary.json", json.dumps(summary, indent=2))
     fig, ax = plt.subplots(figsize=(8, 4), constrained_layout=True)
     x = np.arange(len(classes))
@@ -773,7 +825,8 @@ def evaluate_generated(
         + (", too few for a reliable FVD)" if fvd_warning else ")")
         + (f", mask Dice {summary['dice_mean']:.3f}" if "dice_mean" in summary else "")
     )
-    _atomic(out / "generation.png", lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
+    atomic_write(out / "generation.png", lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
     plt.close(fig)
     print(json.dumps(summary, indent=2))
+    runner.raise_failures(" (generation_metrics.csv lists the others)")
     return summary

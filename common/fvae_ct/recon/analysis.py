@@ -11,12 +11,9 @@ When the VAE suppresses no noise, no gaussian matches it and the row says so.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 import time
-import traceback
 from pathlib import Path
 
 import matplotlib
@@ -28,7 +25,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from ..io import Case, _atomic, load_ct, load_labels, write_text_atomic  # noqa: E402
+from ..batch import BatchRunner  # noqa: E402
+from ..io import Case, atomic_write, load_ct, load_labels, write_text_atomic  # noqa: E402
 from ..metrics.recon import recon_metrics  # noqa: E402
 from ..options import parse_bool  # noqa: E402
 from ..transforms import from_slices, to_slices  # noqa: E402
@@ -43,7 +41,7 @@ from .boundary import (  # noqa: E402
     reference,
 )
 from .denoisers import DENOISERS, gaussian, match_gaussian_sigma  # noqa: E402
-from .workflow import BatchFailure, ReconWorkflow  # noqa: E402
+from .workflow import ReconWorkflow  # noqa: E402
 
 __all__ = ["AnalysisWorkflow", "DEFAULT_METHODS", "COLUMNS"]
 
@@ -119,6 +117,11 @@ _SHORT = {
     "error_near_boundary_hu": "err near",
     "error_far_hu": "err far",
 }
+
+
+def _cell(v) -> str:
+    """An analysis.csv cell: floats with 6 significant digits (``nan`` kept)."""
+    return f"{v:.6g}" if isinstance(v, float) else ("" if v is None else v)
 
 
 def _label_for(case: Case, labels: str | None) -> str | None:
@@ -328,56 +331,68 @@ class AnalysisWorkflow:
             )
         return out
 
-    def run(self, input_path) -> list[dict]:
-        """Analyse every case; write ``analysis.csv``, ``denoising.csv`` (inserted noise), ``analysis.json`` and one
-        PNG per case."""
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        cases = self.recon.cases(input_path)
-        rows, failures = [], []
-        self.noise_rows = []
-        for case in tqdm(cases, desc="fvae analyze", unit="case", disable=not self.progress):
+    def _settings(self, case: Case) -> dict:
+        """What a case's ``<case>_analysis.json`` depends on (``skip_existing`` reuses it only when they match)."""
+        return {
+            "vae": self.recon.network.name,
+            "hu_window": list(self.recon.hu_window),
+            "methods": self.methods,
+            "cutoff": self.cutoff,
+            "insert_noise": self.insert_noise,
+            "labels": _label_for(case, self.labels) or "",
+            "input": case.path,
+        }
+
+    def _case_result(self, case: Case) -> tuple[list[dict], list[dict]]:
+        """(rows, inserted-noise rows) of one case: reused from ``<case>_analysis.json`` with ``skip_existing`` when
+        it was made with the same settings, else computed and stored there (atomically)."""
+        path, settings = self.output_dir / f"{case.name}_analysis.json", self._settings(case)
+        if self.recon.skip_existing and path.is_file():
             try:
-                rows.extend(self.run_case(case))
-            except Exception as e:
-                log.error("%s failed: %s", case.name, e)
-                log.debug(traceback.format_exc())
-                failures.append({"case": case.name, "input": case.path, "error": f"{type(e).__name__}: {e}"})
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=[*COLUMNS, "labels"], extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
-        write_text_atomic(self.output_dir / "analysis.csv", buf.getvalue())
-        if self.insert_noise:
-            buf = io.StringIO()
-            w = csv.DictWriter(buf, fieldnames=list(NOISE_COLUMNS), extrasaction="ignore")
-            w.writeheader()
-            for r in self.noise_rows:
-                w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
-            write_text_atomic(self.output_dir / "denoising.csv", buf.getvalue())
-        write_text_atomic(
-            self.output_dir / "analysis.json",
-            json.dumps(
-                {
+                old = json.loads(path.read_text())
+                if old.get("settings") == settings:
+                    return old["rows"], old["inserted_noise"]
+                log.warning("%s: %s was made with other settings; analysing again", case.name, path.name)
+            except (OSError, ValueError, KeyError, AttributeError) as e:
+                log.warning("%s: %s is unreadable (%s); analysing again", case.name, path.name, type(e).__name__)
+        n = len(self.noise_rows)
+        rows = self.run_case(case)
+        noise = self.noise_rows[n:]
+        record = {"settings": settings, "rows": rows, "inserted_noise": noise}
+        write_text_atomic(path, json.dumps(record, indent=1, default=float))
+        return rows, noise
+
+    def run(self, input_path) -> list[dict]:
+        """Analyse every case; write ``analysis.csv``, ``denoising.csv`` (inserted noise), ``analysis.json``, one
+        PNG and one ``<case>_analysis.json`` per case. The batch of :class:`fvae_ct.batch.BatchRunner`: one run per
+        folder, rows appended as each case ends, torchrun sharding; the recon's ``skip_existing`` resumes (a case with
+        a ``<case>_analysis.json`` of the same settings is not analysed again)."""
+        tables = {
+            "analysis.csv": [*COLUMNS, "labels"],
+            **({"denoising.csv": NOISE_COLUMNS} if self.insert_noise else {}),
+        }
+        self.noise_rows = []
+        with BatchRunner(self.output_dir, "fvae analyze", tables, _cell, self.progress) as runner:
+            runner.plan(lambda: self.recon.cases(input_path))
+            for case in runner.mine():
+                with runner.case(case) as c:
+                    rows, noise = self._case_result(case)
+                    c.add(*rows)
+                    c.add(*noise, table="denoising.csv")
+            tables, failures = runner.gather()
+            rows, self.noise_rows = tables["analysis.csv"], tables.get("denoising.csv", [])
+            if runner.rank == 0:
+                record = {
                     "vae": self.recon.network.name,
                     "hu_window": list(self.recon.hu_window),
                     "cutoff": self.cutoff,
-                    "rows": rows,
-                    "inserted_noise": self.noise_rows,
-                    "failures": failures,
-                },
-                indent=2,
-                default=float,
-            ),
-        )
-        print(self.table(rows))
-        if self.noise_rows:
-            print(self.noise_table(self.noise_rows))
-        if failures:
-            raise BatchFailure(
-                f"{len(failures)} of {len(cases)} case(s) failed:\n"
-                + "\n".join(f"  {f['case']} ({f['input']}): {f['error']}" for f in failures)
-            )
+                }
+                record.update(rows=rows, inserted_noise=self.noise_rows, failures=failures)
+                write_text_atomic(self.output_dir / "analysis.json", json.dumps(record, indent=2, default=float))
+                print(self.table(rows))
+                if self.noise_rows:
+                    print(self.noise_table(self.noise_rows))
+        runner.raise_failures()
         return rows
 
     @staticmethod
@@ -478,5 +493,5 @@ class AnalysisWorkflow:
         )
         fig.suptitle(f"{name}: is {next(iter(outputs), 'the VAE')} a boundary-preserving denoiser?")
         path = self.output_dir / f"{name}_analysis.png"
-        _atomic(path, lambda tmp: fig.savefig(tmp, dpi=80, format="png"))
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=80, format="png"))
         plt.close(fig)

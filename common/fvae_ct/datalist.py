@@ -1,0 +1,67 @@
+"""One datalist reader: JSON list or MSD-style dict -> items with absolute paths, or one :class:`InputError` line."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from .errors import InputError
+
+__all__ = ["read_datalist", "PATH_KEYS"]
+
+#: the keys of a datalist item that hold paths (made absolute)
+PATH_KEYS = ("image", "label", "image_recon")
+
+
+def _absolute(v, base: str):
+    if isinstance(v, (list, tuple)):
+        return [_absolute(x, base) for x in v]
+    return os.path.abspath(v if os.path.isabs(str(v)) else os.path.join(base, str(v)))
+
+
+def read_datalist(
+    path,
+    sections: Sequence[str] = ("training",),
+    required_keys: Sequence[str] = ("image",),
+    base_dir=None,
+    check_files: bool = True,
+    optional: bool = False,
+) -> list[dict]:
+    """The items of the datalist JSON ``path``: a list of items, or a dict holding them under the first of
+    ``sections`` it has. A plain string item is ``{"image": it}``. Path keys (:data:`PATH_KEYS`) are made absolute
+    against ``base_dir`` (default: the JSON's folder). Raises :class:`InputError` naming the file (one line): missing
+    or malformed JSON, none of ``sections`` (``optional``: ``[]`` instead), an item that is not an object or lacks one
+    of ``required_keys``, a listed file that does not exist (``check_files``)."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(p, "datalist JSON does not exist")
+    try:
+        data = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(p, f"not valid JSON ({' '.join(str(e).split())})") from e
+    if isinstance(data, dict):
+        key = next((k for k in sections if k in data), None)
+        if key is None:
+            if optional:
+                return []
+            raise InputError(p, f"datalist JSON needs a list of {{'image', ...}} items under '{sections[0]}'")
+        data = data[key]
+    if not isinstance(data, list):
+        raise InputError(p, "datalist JSON must be a list of {'image', ...} items or an MSD-style dict of lists")
+    base = str(base_dir) if base_dir else str(p.parent)
+    items = []
+    for i, it in enumerate(data):
+        it = {"image": it} if isinstance(it, str) else it
+        if not isinstance(it, dict) or any(not isinstance(it.get(k), (str, list)) for k in required_keys):
+            need = " and ".join(f"'{k}'" for k in required_keys)
+            raise InputError(p, f"item {i} needs {need} path(s), got {it!r}"[:300])
+        it = {k: (_absolute(v, base) if k in PATH_KEYS and v else v) for k, v in it.items()}
+        if check_files:
+            for k in PATH_KEYS:
+                for f in it.get(k) if isinstance(it.get(k), list) else [it.get(k)] if it.get(k) else []:
+                    if not os.path.exists(f):
+                        raise InputError(f, f"does not exist (item {i} '{k}' of {p})")
+        items.append(it)
+    return items

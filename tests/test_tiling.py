@@ -55,15 +55,21 @@ def test_config_validation():
 
 def test_auto_tile_size_from_free_gpu_memory():
     """Wan 2.1 at 512x512: about 6.4 GiB estimated (CPU-measured working memory), so whole slices with 16 GiB free,
-    tiles of 384 with 8 GiB; the smallest tile is 128; a VAE without an estimate stays untiled."""
+    tiles of 384 with 8 GiB; the smallest tile is 128; a VAE without an estimate stays untiled. Each backend declares
+    its own estimate (``working_memory``); the tiling knows no VAE names."""
     from fvae_ct.recon import VAEReconInferer
     from fvae_ct.tiling import auto_tile_size
-    from fvae_ct.vae import load
+    from fvae_ct.vae import IVVAE, LeanVAE, load
+    from fvae_ct.vae.wan import WORKING_MEMORY as WAN
 
-    assert auto_tile_size("wan2.1", 512, 512, 16.0) is None
-    assert auto_tile_size("wan2.1", 512, 512, 8.0) == 384
-    assert auto_tile_size("wan2.2", 512, 512, 1.0) == 128
-    assert auto_tile_size("external", 512, 512, 1.0) is None
+    assert auto_tile_size(WAN["wan2.1"], 512, 512, 16.0) is None
+    assert auto_tile_size(WAN["wan2.1"], 512, 512, 8.0) == 384
+    assert auto_tile_size(WAN["wan2.2"], 512, 512, 1.0) == 128
+    assert auto_tile_size(None, 512, 512, 1.0) is None
+    assert auto_tile_size(load("identity"), 512, 512, 1.0) is None  # no estimate
+    assert IVVAE.working_memory and LeanVAE.working_memory
+    taef2 = load("taef2")
+    assert taef2.working_memory == (0.0, 3.0e-6) and auto_tile_size(taef2, 512, 512, 1.0) == 384
     inf = VAEReconInferer(tile_size="auto")
     x = torch.rand(1, 1, 2, 16, 16)
     assert torch.equal(inf(x, load("identity")), x) and inf.tiling.tile_size is None  # CPU: whole slices

@@ -78,27 +78,19 @@ class TilingConfig:
         return asdict(self)
 
 
-#: working memory of one reconstruct call, fp32, as ``(GiB, GiB per pixel of a slice)``: ``a + b * h * w`` for a few
-#: slices (it grows little with depth: the video VAEs stream in chunks). Measured with peak RSS on the CPU at 128^2
-#: and 256^2 (Wan 2.1: 0.51 / 1.67 GiB, Wan 2.2: 0.59 / 1.55 GiB for 5 slices) or taken from ``make bench`` /
-#: ``make bench-video`` at 512^2 (TAEF2, IV-VAE, LeanVAE); a GPU adds cuDNN workspaces, hence the safety factor.
-WORKING_MEMORY = {
-    "taef2": (0.0, 3.0e-6),
-    "wan2.1": (0.12, 2.4e-5),
-    "wan2.2": (0.27, 2.0e-5),
-    "ivvae": (0.0, 2.1e-5),
-    "leanvae": (0.0, 2.3e-6),
-}
+def auto_tile_size(vae, h: int, w: int, free_gib: float, safety: float = 0.6) -> int | None:
+    """The x-y tile edge for a VAE on a device with ``free_gib`` free: ``None`` (whole slices) when its estimated working
+    memory fits ``safety * free_gib``, else the largest multiple of 64 that fits (at least 128). ``None`` too for a VAE
+    without an estimate.
 
-
-def auto_tile_size(vae_name: str, h: int, w: int, free_gib: float, safety: float = 0.6) -> int | None:
-    """The x-y tile edge for a VAE on a device with ``free_gib`` free: ``None`` (whole slices) when the estimate of
-    :data:`WORKING_MEMORY` fits ``safety * free_gib``, else the largest multiple of 64 that fits (at least 128).
-    ``None`` too for a VAE without an estimate."""
-    key = next((k for k in WORKING_MEMORY if vae_name.startswith(k)), None)
-    if key is None:
+    ``vae``: a frozen VAE, whose backend declares ``working_memory`` (:class:`fvae_ct.vae.base.FrozenVAE`), or that
+    estimate itself, ``(a, b)`` for ``a + b * h * w`` GiB (``None``: unknown). The estimates are CPU-measured peak RSS;
+    a GPU adds cuDNN workspaces, hence the safety factor.
+    """
+    estimate = vae if vae is None or isinstance(vae, tuple) else getattr(vae, "working_memory", None)
+    if estimate is None:
         return None
-    a, b = WORKING_MEMORY[key]
+    a, b = estimate
     budget = safety * free_gib
     if a + b * h * w <= budget:
         return None

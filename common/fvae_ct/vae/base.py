@@ -31,9 +31,13 @@ class FrozenVAE(nn.Module, ABC):
     Attributes set by subclasses: ``name``, ``latent_channels``, ``spatial_factor`` (8 or 16),
     ``depth_factor`` (1 for image AEs, 4 for causal video VAEs), ``input_range`` ((0, 1) or (-1, 1)).
     ``scale_factor`` multiplies latents in :meth:`encode_stage_2_inputs` (MONAI's LatentDiffusionInferer).
+    ``working_memory``: what one reconstruct call needs in fp32, ``(a, b)`` for ``a + b * h * w`` GiB with slices of
+    ``h x w`` pixels (a few slices; the video VAEs stream in chunks, so it grows little with depth), measured by each
+    backend; ``None`` = unknown. :func:`fvae_ct.tiling.auto_tile_size` picks tiles from it.
     """
 
     name: str = "?"
+    working_memory: tuple[float, float] | None = None
     latent_channels: int
     spatial_factor: int
     depth_factor: int

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..tiling import TilingConfig
-from .base import FrozenVAE
+from .diffusers_adapter import DiffusersVAE, from_pretrained
 
 __all__ = ["DiffusersVideoVAE", "VIDEO_VAES"]
 
@@ -28,10 +28,8 @@ VIDEO_VAES = {
 }
 
 
-class DiffusersVideoVAE(FrozenVAE):
+class DiffusersVideoVAE(DiffusersVAE):
     """A diffusers causal video VAE behind the frozen-VAE interface (``model`` instance or ``weights`` to load)."""
-
-    input_range = (-1.0, 1.0)
 
     def __init__(
         self,
@@ -47,9 +45,7 @@ class DiffusersVideoVAE(FrozenVAE):
 
         cls_name, hub_id, _ = VIDEO_VAES[name]
         if model is None:
-            from .wan import _from_pretrained
-
-            model = _from_pretrained(getattr(diffusers, cls_name), weights or hub_id, dtype)
+            model = from_pretrained(getattr(diffusers, cls_name), weights or hub_id, dtype)
         self.name, self.dtype = name, dtype
         self.model = model if model.dtype == dtype else model.to(dtype)
         cfg, attrs, buffers = model.config, vars(model), dict(model.named_buffers())
@@ -62,36 +58,10 @@ class DiffusersVideoVAE(FrozenVAE):
         self.depth_factor = int(attrs.get("temporal_compression_ratio") or cfg.get("temporal_compression_ratio"))
         mean = buffers.get("latents_mean", cfg.get("latents_mean"))
         std = buffers.get("latents_std", cfg.get("latents_std"))
-        c = self.latent_channels
-        self.register_buffer(
-            "z_shift",
-            (
-                torch.as_tensor(mean, dtype=torch.float32)
-                if mean is not None
-                else torch.full((c,), float(cfg.get("shift_factor") or 0.0))
-            ).view(1, c, 1, 1, 1),
-            persistent=False,
-        )
-        self.register_buffer(
-            "z_scale",
-            (
-                float(cfg.scaling_factor) / torch.as_tensor(std, dtype=torch.float32)
-                if std is not None
-                else torch.full((c,), float(cfg.scaling_factor))
-            ).view(1, c, 1, 1, 1),
-            persistent=False,
+        # (z - shift) * scaling / std, as (z - shift) / (std / scaling)
+        scaling = float(cfg.scaling_factor)
+        self.set_latent_stats(
+            mean if mean is not None else float(cfg.get("shift_factor") or 0.0),
+            torch.as_tensor(std, dtype=torch.float32) / scaling if std is not None else 1.0 / scaling,
         )
         self.freeze()
-
-    def normalize(self, z: torch.Tensor) -> torch.Tensor:
-        return (z - self.z_shift) * self.z_scale
-
-    def denormalize(self, z: torch.Tensor) -> torch.Tensor:
-        return z / self.z_scale + self.z_shift
-
-    def _encode_aligned(self, x: torch.Tensor) -> torch.Tensor:
-        z = self.model.encode(x.expand(-1, 3, -1, -1, -1).to(self.dtype)).latent_dist.mode()
-        return self.normalize(z.float())
-
-    def _decode_aligned(self, z: torch.Tensor) -> torch.Tensor:
-        return self.model.decode(self.denormalize(z).to(self.dtype)).sample.float().mean(1, keepdim=True)

@@ -20,6 +20,10 @@ from .taesd import TAESDDecoder, TAESDEncoder
 
 __all__ = ["TAESDVAE", "load_state_dict_checked"]
 
+#: working memory of one reconstruct call per model (:attr:`fvae_ct.vae.base.FrozenVAE.working_memory`; make bench at
+#: 512^2)
+WORKING_MEMORY = {"taef2": (0.0, 3.0e-6)}
+
 
 def load_state_dict_checked(module: torch.nn.Module, path: str | Path, what: str) -> None:
     """Load a ``.pth`` / ``.safetensors`` state dict into ``module`` strictly, with an error naming the file."""
@@ -79,6 +83,7 @@ class TAESDVAE(FrozenVAE):
     ):
         super().__init__(tiling=tiling, scale_factor=scale_factor)
         self.name = name
+        self.working_memory = WORKING_MEMORY.get(name)
         self.autocast_dtype = autocast_dtype
         self.latent_channels = latent_channels
         self.encoder = TAESDEncoder(latent_channels, width=width, pool_width=pool_width)

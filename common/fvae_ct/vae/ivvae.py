@@ -412,6 +412,7 @@ class IVVAE(FrozenVAE):
     spatial_factor = 8
     depth_factor = 4
     input_range = (-1.0, 1.0)
+    working_memory = (0.0, 2.1e-5)  # make bench-video at 512^2
 
     def __init__(
         self,

@@ -348,6 +348,7 @@ class LeanVAE(FrozenVAE):
     spatial_factor = 8
     depth_factor = 4
     input_range = (-0.5, 0.5)
+    working_memory = (0.0, 2.3e-6)  # make bench-video at 512^2
 
     def __init__(
         self,

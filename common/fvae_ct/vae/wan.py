@@ -9,7 +9,6 @@ Wan 2.2 (z 48) patchifies 2x2 before its 8x encoder: spatial factor 16.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from pathlib import Path
@@ -18,35 +17,16 @@ import torch
 
 from ..errors import WeightsError
 from ..tiling import TilingConfig
-from .base import FrozenVAE
+from .diffusers_adapter import DiffusersVAE, from_pretrained
 from .wan_checkpoint import WAN_FILES, is_single_file, load_single_file
 
 __all__ = ["WanVAE", "WAN_HUB_IDS"]
 
+#: working memory of one reconstruct call (see :attr:`fvae_ct.vae.base.FrozenVAE.working_memory`): peak RSS on the CPU
+#: at 128^2 and 256^2 (Wan 2.1: 0.51 / 1.67 GiB, Wan 2.2: 0.59 / 1.55 GiB for 5 slices)
+WORKING_MEMORY = {"wan2.1": (0.12, 2.4e-5), "wan2.2": (0.27, 2.0e-5)}
 #: diffusers repositories holding the official weights (``subfolder="vae"``).
 WAN_HUB_IDS = {"wan2.1": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "wan2.2": "Wan-AI/Wan2.2-TI2V-5B-Diffusers"}
-
-
-def _from_pretrained(cls, weights: str | os.PathLike, dtype: torch.dtype):
-    """``cls.from_pretrained`` (a diffusers autoencoder class) on a local folder (with or without ``vae/``)
-    or a hub id (``subfolder="vae"``)."""
-    p = Path(weights)
-    kwargs = {"torch_dtype": dtype}
-    if p.exists():
-        if (p / "vae" / "config.json").is_file():
-            kwargs["subfolder"] = "vae"
-        elif not (p / "config.json").is_file():
-            raise WeightsError(f"{p}: not a diffusers {cls.__name__} folder (no config.json or vae/config.json)")
-    else:
-        kwargs["subfolder"] = "vae"
-    try:
-        return cls.from_pretrained(str(weights), **kwargs)
-    except (OSError, ValueError) as e:
-        raise WeightsError(
-            f"{weights}: cannot load {cls.__name__} ({type(e).__name__}: {e}). Give a local diffusers folder "
-            "(with config.json + diffusion_pytorch_model.safetensors, or a vae/ subfolder) or a hub id "
-            "reachable from this machine."
-        ) from e
 
 
 def _read_config(config) -> dict | None:
@@ -61,7 +41,7 @@ def _read_config(config) -> dict | None:
         raise WeightsError(f"{p}: cannot read the Wan VAE config ({e})") from e
 
 
-class WanVAE(FrozenVAE):
+class WanVAE(DiffusersVAE):
     """Wan 2.1 / 2.2 behind the frozen-VAE interface.
 
     Args:
@@ -76,7 +56,6 @@ class WanVAE(FrozenVAE):
     """
 
     depth_factor = 4
-    input_range = (-1.0, 1.0)
 
     def __init__(
         self,
@@ -101,7 +80,7 @@ class WanVAE(FrozenVAE):
             else:
                 from diffusers import AutoencoderKLWan
 
-                model = _from_pretrained(AutoencoderKLWan, weights, dtype)
+                model = from_pretrained(AutoencoderKLWan, weights, dtype)
         self.name = name
         self.model = model if model.dtype == dtype else model.to(dtype)
         cfg = model.config
@@ -116,35 +95,6 @@ class WanVAE(FrozenVAE):
             )
         self.dtype = dtype
         self.decode_dtype = decode_dtype
-        self.register_buffer(
-            "latents_mean", torch.tensor(cfg.latents_mean, dtype=torch.float32).view(1, -1, 1, 1, 1), persistent=False
-        )
-        self.register_buffer(
-            "latents_std", torch.tensor(cfg.latents_std, dtype=torch.float32).view(1, -1, 1, 1, 1), persistent=False
-        )
-        if self.latents_mean.shape[1] != self.latent_channels or self.latents_std.shape[1] != self.latent_channels:
-            raise WeightsError(
-                f"{name}: latents_mean/std have {self.latents_mean.shape[1]} entries for "
-                f"z_dim {self.latent_channels}"
-            )
+        self.working_memory = WORKING_MEMORY.get(name)
+        self.set_latent_stats(cfg.latents_mean, cfg.latents_std)
         self.freeze()
-
-    def normalize(self, z: torch.Tensor) -> torch.Tensor:
-        return (z - self.latents_mean) / self.latents_std
-
-    def denormalize(self, z: torch.Tensor) -> torch.Tensor:
-        return z * self.latents_std + self.latents_mean
-
-    def _encode_aligned(self, x: torch.Tensor) -> torch.Tensor:
-        rgb = x.expand(-1, 3, -1, -1, -1).to(self.dtype)
-        z = self.model.encode(rgb).latent_dist.mode()
-        return self.normalize(z.float())
-
-    def _decode_aligned(self, z: torch.Tensor) -> torch.Tensor:
-        z = self.denormalize(z)
-        ctx = contextlib.nullcontext()
-        if self.decode_dtype is not None and self.decode_dtype != self.dtype:
-            ctx = torch.autocast(device_type=z.device.type, dtype=self.decode_dtype)
-        with ctx:
-            out = self.model.decode(z.to(self.dtype)).sample
-        return out.float().mean(1, keepdim=True)

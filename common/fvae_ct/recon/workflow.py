@@ -8,15 +8,11 @@ A failing case is reported and skipped; the run ends with an error listing the f
 
 from __future__ import annotations
 
-import contextlib
-import csv
-import io
 import json
 import logging
 import math
 import os
 import time
-import traceback
 from dataclasses import replace
 from pathlib import Path
 
@@ -26,19 +22,16 @@ import torch
 from monai.data import MetaTensor
 from monai.inferers import Inferer
 from monai.transforms import MapTransform
-from tqdm.auto import tqdm
 
 from .. import distributed
-from ..errors import BatchFailure, FvaeError, OptionError
+from ..batch import BatchRunner, csv_cell
+from ..errors import BatchFailure, OptionError
 from ..figures import three_view
 from ..io import (
     OUTPUT_MARK,
     Case,
     axial_axis,
-    case_voxels,
-    clean_temporaries,
     discover_cases,
-    folder_lock,
     is_own_output,
     load_ct,
     save_nifti_atomic,
@@ -149,16 +142,6 @@ CASE_KEYS = ("shape", "spacing_mm", "modality", "warnings", "input", "output")
 CSV_COLUMNS = ("case", "status", *METRIC_KEYS, *CASE_KEYS)
 
 
-def _fmt(v) -> str:
-    """A metrics.csv cell: 6 significant digits, ``inf`` for an identical reconstruction, empty for not measured,
-    warnings joined with ``|``."""
-    if isinstance(v, float):
-        return "" if math.isnan(v) else f"{v:.6g}"
-    if isinstance(v, (list, tuple)):
-        return " | ".join(map(str, v))
-    return "" if v is None else str(v)
-
-
 def _float(v) -> float:
     try:
         return float(v)
@@ -171,27 +154,6 @@ def _json_value(v):
     if isinstance(v, float) and not math.isfinite(v):
         return None if math.isnan(v) else ("inf" if v > 0 else "-inf")
     return v
-
-
-def _append_row(path: Path, row: dict) -> None:
-    """Append one case's row to metrics.csv and push it to disk (an interrupted run keeps its rows)."""
-    buf = io.StringIO()
-    csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore").writerow(
-        {k: _fmt(row.get(k)) for k in CSV_COLUMNS}
-    )
-    with open(path, "a", newline="") as f:
-        f.write(buf.getvalue())
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _read_rows(path: Path) -> dict[str, dict]:
-    """The rows of an earlier metrics.csv by case name (empty if there is none or it cannot be read)."""
-    try:
-        with open(path, newline="") as f:
-            return {r["case"]: r for r in csv.DictReader(f) if r.get("case")}
-    except (OSError, csv.Error, KeyError):
-        return {}
 
 
 class ReconWorkflow:
@@ -365,101 +327,42 @@ class ReconWorkflow:
         and failures and writes the merged metrics.csv / summary.json in the order of the case list (the rank
         files are then removed). A failing case is recorded by its rank and never blocks the others.
         """
-        rank, world = distributed.rank(), distributed.world_size()
+        world = distributed.world_size()
         what = f"fvae recon ({self.network.name})" + (f", {world} ranks" if world > 1 else "")
-        csv_path = self.output_dir / "metrics.csv"
-        with contextlib.ExitStack() as stack:
-            plan, error = None, None
-            if rank == 0:
-                try:
-                    stack.enter_context(folder_lock(self.output_dir, what))  # creates the folder
-                    for f in clean_temporaries(self.output_dir):
-                        log.info("removed %s, left by an interrupted earlier run", f)
-                    cases = self.cases(input_path)
-                    sizes = [case_voxels(c.path) for c in cases] if world > 1 else [1] * len(cases)
-                    previous = {}
-                    if self.skip_existing:  # the times of an earlier (possibly killed, possibly sharded) run
-                        for part in (*sorted(self.output_dir.glob("metrics.rank*.csv")), csv_path):
-                            previous.update({k: r.get("seconds") for k, r in _read_rows(part).items()})
-                    plan = {"cases": cases, "sizes": sizes, "shares": distributed.shard(sizes, world)}
-                    plan["previous"] = previous
-                except Exception as e:  # noqa: BLE001 - told to every rank, raised below
-                    error, plan = e, {"error": f"{type(e).__name__}: {e}"}
-            plan = distributed.broadcast_object(plan)
-            if "error" in plan:
-                raise error if error is not None else FvaeError(f"rank 0 could not start the run: {plan['error']}")
-            cases, previous = plan["cases"], plan["previous"]
-            mine = [cases[i] for i in plan["shares"][rank]]
+
+        def interrupted():  # Ctrl-C: summary.json of the cases done, marked interrupted
+            self._write(runner.rows.get("metrics.csv", []), runner.failures, len(runner.cases), interrupted=True)
+
+        runner = BatchRunner(
+            self.output_dir,
+            what,
+            csv={"metrics.csv": CSV_COLUMNS},
+            progress=self.progress,
+            resume=self.skip_existing,
+            interrupted=interrupted,
+        )
+        with runner:
+            cases = runner.plan(lambda: self.cases(input_path))
+            previous = runner.previous.get("metrics.csv", {})  # the times of an earlier (killed, sharded) run
             inputs = tuple(os.path.realpath(c.path) for c in cases)  # a link loop: no error
-            part = csv_path if world == 1 else self.output_dir / f"metrics.rank{rank}.csv"
-            write_text_atomic(part, ",".join(CSV_COLUMNS) + "\n")
-            tag = f"[rank {rank}/{world}] " if world > 1 else ""
-            rows, failures = [], []
-            bar = tqdm(
-                mine,
-                desc=f"fvae recon ({self.network.name})" + (f" rank 0 of {world}" if world > 1 else ""),
-                unit="case",
-                disable=not self.progress or rank != 0,
-            )
-            try:
-                for case in bar:
-                    bar.set_postfix_str(case.name)
-                    try:
-                        row = self.run_case(case, forbid=inputs)
-                    except Exception as e:  # go on with the other cases, report at the end
-                        log.error("%s%s failed: %s", tag, case.name, e)
-                        log.debug(traceback.format_exc())
-                        failures.append({"case": case.name, "input": case.path, "error": f"{type(e).__name__}: {e}"})
-                        continue
+            for case in runner.mine():
+                with runner.case(case) as c:
+                    row = self.run_case(case, forbid=inputs)
                     if row["status"] == "skipped" and case.name in previous:  # keep the time it took when it ran
-                        row["seconds"] = _float(previous[case.name])
-                    rows.append(row)
-                    _append_row(part, row)
-                    log.info("%s%s: PSNR %.2f dB, SSIM2d %s", tag, case.name, row["psnr"], _fmt(row["ssim2d"]))
-            except KeyboardInterrupt:
-                if world == 1:
-                    self._write(rows, failures, n_cases=len(cases), interrupted=True)
-                log.error(
-                    "%sinterrupted after %d of %d case(s); rerun with skip_existing true to resume",
-                    tag,
-                    len(rows),
-                    len(mine),
-                )
-                raise
-            gathered = distributed.gather_objects((rows, failures))
+                        row["seconds"] = _float(previous[case.name].get("seconds"))
+                    c.add(row)
+                    log.info(
+                        "%s%s: PSNR %.2f dB, SSIM2d %s", runner.tag, case.name, row["psnr"], csv_cell(row["ssim2d"])
+                    )
+            tables, failures = runner.gather()
             summary = None
-            if rank == 0:
-                order = {c.name: i for i, c in enumerate(cases)}
-                rows = sorted((r for g in gathered for r in g[0]), key=lambda r: order[r["case"]])
-                failures = sorted((f for g in gathered for f in g[1]), key=lambda f: order[f["case"]])
-                if world > 1:
-                    self._write_csv(csv_path, rows)
-                for f in self.output_dir.glob("metrics.rank*.csv"):
-                    f.unlink()  # merged (or left by an earlier sharded run whose cases are now in metrics.csv)
-                ranks = [
-                    {"rank": r, "cases": len(s), "voxels": int(sum(plan["sizes"][i] for i in s))}
-                    for r, s in enumerate(plan["shares"])
-                ]
-                summary = self._write(rows, failures, n_cases=len(cases), ranks=ranks if world > 1 else None)
+            if runner.rank == 0:
+                rows = tables["metrics.csv"]
+                summary = self._write(rows, failures, n_cases=len(cases), ranks=runner.ranks())
                 print(self.table(rows, failures))
             summary = distributed.broadcast_object(summary)
-        if summary["failures"]:
-            fl = summary["failures"]
-            raise BatchFailure(
-                f"{len(fl)} of {len(cases)} case(s) failed:\n"
-                + "\n".join(f"  {f['case']} ({f['input']}): {f['error']}" for f in fl)
-            )
+        runner.raise_failures()
         return summary
-
-    @staticmethod
-    def _write_csv(path: Path, rows: list[dict]) -> None:
-        """metrics.csv with ``rows`` in one atomic write (the merge of the ranks' files)."""
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore")
-        w.writeheader()
-        for row in rows:
-            w.writerow({k: _fmt(row.get(k)) for k in CSV_COLUMNS})
-        write_text_atomic(path, buf.getvalue())
 
     def _write(
         self,
@@ -522,7 +425,9 @@ class ReconWorkflow:
     @staticmethod
     def table(rows: list[dict], failures: list[dict]) -> str:
         def cell(v, width, fmt):
-            return f"{v:{width}{fmt}}" if isinstance(v, float) and math.isfinite(v) else f"{_fmt(v) or '-':>{width}}"
+            return (
+                f"{v:{width}{fmt}}" if isinstance(v, float) and math.isfinite(v) else f"{csv_cell(v) or '-':>{width}}"
+            )
 
         head = f"{'case':<32} {'PSNR dB':>8} {'SSIM3d':>7} {'SSIM2d':>7} {'MSE HU2':>9} {'sec':>7}"
         lines = [head, "-" * len(head)]

@@ -12,7 +12,7 @@ export FVAE_ASSETS ?= $(abspath ../shared/assets)
 endif
 export MPLBACKEND := Agg
 
-.PHONY: install demo test bundles bundle-check zoo-check bench bench-video bench-dist bench-gpu clean ablation-demo monailabel-check ldm-demo
+.PHONY: install demo test test-fast lint bundles bundle-check zoo-check bench bench-video bench-dist bench-gpu clean ablation-demo monailabel-check ldm-demo
 
 install: $(STAMP)
 
@@ -40,6 +40,18 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+
+# the inner loop: no subprocess, nothing marked slow / distributed / download, and nothing whose last measured run
+# (kept in .pytest_cache by every pytest run, `make test` included) took over 2 s
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -ra --fast $(PYTEST_ARGS)
+
+# the model-zoo's format checks (its runtests.sh --codeformat flags) on the code every bundle vendors; the same
+# hooks run from .pre-commit-config.yaml (`pre-commit install`, with this venv's tools on PATH)
+lint: $(STAMP)
+	$(VENV)/bin/isort --check common/fvae_ct
+	$(VENV)/bin/black --skip-magic-trailing-comma --check common/fvae_ct
+	$(VENV)/bin/flake8 --count --statistics common/fvae_ct
 
 # self-contained bundle archives: dist/<bundle>_v<version>.zip with the fvae_ct code each bundle needs vendored
 bundles: $(STAMP)

@@ -17,10 +17,70 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 
 
 def assets_dir() -> Path:
+    """The real assets folder; without it a test is skipped, or fails where ``FVAE_REQUIRE_ASSETS=1`` (CI)."""
     for p in os.environ.get("FVAE_ASSETS", "").split(os.pathsep):
         if p and (Path(p) / "ct").is_dir():
             return Path(p)
-    pytest.skip("real assets not found: set FVAE_ASSETS (CI has ../shared/assets)")
+    why = "real assets not found: set FVAE_ASSETS (CI has ../shared/assets)"
+    if os.environ.get("FVAE_REQUIRE_ASSETS", "").strip() not in ("", "0"):
+        pytest.fail(why + "; FVAE_REQUIRE_ASSETS is set, so this is an error, not a skip")
+    pytest.skip(why)
+
+
+# ---- `make test-fast`: the inner loop ---------------------------------------------------------------------------
+#: a test whose last measured call took longer than this (seconds) is left out of --fast
+FAST_LIMIT_S = 2.0
+_DURATIONS_KEY = "fvae/durations"
+_DURATIONS: dict[str, float] = {}  # this session's setup + call seconds per test, merged into the cache at the end
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--fast",
+        action="store_true",
+        help="inner loop: leave out tests marked slow / distributed / download, and those whose last measured run "
+        f"took over {FAST_LIMIT_S:g} s (durations kept in pytest's cache by every run); a test that launches a "
+        "subprocess fails with a request to mark it slow",
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    if not config.getoption("--fast"):
+        return
+    cache = getattr(config, "cache", None)  # None with -p no:cacheprovider
+    measured = cache.get(_DURATIONS_KEY, {}) if cache is not None else {}
+    keep, drop = [], []
+    for item in items:
+        marked = any(item.get_closest_marker(m) for m in ("slow", "distributed", "download"))
+        (drop if marked or measured.get(item.nodeid, 0.0) > FAST_LIMIT_S else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
+def pytest_runtest_logreport(report):
+    if report.when in ("setup", "call"):  # a session fixture's setup counts for the first test that needs it
+        _DURATIONS[report.nodeid] = _DURATIONS.get(report.nodeid, 0.0) + report.duration
+
+
+def pytest_sessionfinish(session):
+    if _DURATIONS and getattr(session.config, "cache", None) is not None:
+        merged = {**session.config.cache.get(_DURATIONS_KEY, {}), **_DURATIONS}
+        session.config.cache.set(_DURATIONS_KEY, {k: round(v, 3) for k, v in merged.items()})
+
+
+@pytest.fixture(autouse=True)
+def _no_subprocess_in_fast_mode(request, monkeypatch):
+    """Under --fast, a test that starts a subprocess fails, naming itself: mark it ``@pytest.mark.slow``."""
+    if not request.config.getoption("--fast"):
+        return
+    import subprocess
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"{request.node.nodeid} launches a subprocess ({args[0] if args else kwargs}): "
+                             "mark it @pytest.mark.slow (make test-fast runs none)")
+
+    monkeypatch.setattr(subprocess, "Popen", refuse)  # subprocess.run / check_output / call all go through it
 
 
 @pytest.fixture(scope="session")

@@ -200,11 +200,14 @@ def test_ldm_bundle_prepare_train_2d_3d_and_generate(assets, tmp_path):
     lt = dict(unet_channels=[16, 32], attention_levels=[False, True], num_res_blocks=1, num_head_channels=8,
               norm_num_groups=8, consistency_levels=[0, 1], bundle_root=str(tmp_path))
     assert check_properties(conf, ["train.yaml"], "train", stage="3d", **lt) == []
-    assert check_properties(conf, ["inference.yaml"], "inference", **lt) == []
-    # generation: a CT volume with the mask's geometry, in HU
+    assert check_properties(conf, ["inference.yaml"], "inference", bundle_root=str(tmp_path)) == []
+    # generation: a CT volume with the mask's geometry, in HU; the network is built from the architecture the
+    # checkpoint records (issue 27): none of train's options is repeated
+    assert c3["record"]["architecture"]["channels"] == [16, 32] and c3["record"]["architecture"]["mode"] == "attention"
+    assert c2["record"]["architecture"]["mode"] == "none"
     out = tmp_path / "gen"
     r = run([PY, "-m", "monai.bundle", "run", "--config_file", str(conf / "inference.yaml"), *root, "--mask", str(seg),
-             "--report", "Liver normal.", "--output_dir", str(out), "--steps", "4", "--depth_window", "12", *LTINY])
+             "--report", "Liver normal.", "--output_dir", str(out), "--steps", "4", "--depth_window", "12"])
     assert r.returncode == 0, r.stderr[-3000:]
     img, ref = nib.load(str(out / "totalseg_ct_sm_3mm_generated.nii.gz")), nib.load(str(seg))
     assert img.shape == ref.shape and np.array_equal(img.affine, ref.affine) and img.get_data_dtype() == np.int16

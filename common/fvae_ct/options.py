@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from .errors import OptionError
 
 __all__ = ["parse_bool", "literal", "literal_overrides"]
@@ -25,13 +27,29 @@ def parse_bool(value, name: str = "option") -> bool:
 
 
 def literal(s: str) -> str:
-    """A MONAI config expression that evaluates to exactly ``s``.
+    """A MONAI config value that MONAI reads back as exactly ``s``, and that its run log shows readably.
 
     MONAI runs a string starting with ``$`` as Python, treats ``@`` as a reference and ``%`` as a macro, and
-    rewrites ``#`` (even inside expressions), so a user's path, case name or report text must never be passed as
-    a plain config string. The expression carries ``s`` hex-encoded: no character of ``s`` reaches the evaluator.
+    rewrites ``#`` (and a relative id such as ``@::`` or ``%::``) anywhere in a string, so a user's path, case
+    name or report text must never be passed as such a config string. A string free of all that is data to MONAI
+    and passes unchanged (a path, a case name, plain text). Any other becomes a ``$``-expression that is just a
+    Python string literal in which every character MONAI acts on inside an expression (``@ % #``), the quote, the
+    backslash and anything not printable is a ``\\xNN`` / ``\\uNNNN`` escape: no user character reaches the evaluator
+    as syntax, and the log still shows the text (``$'$__import__(\\x27os\\x27)...'``, ``$'runs/a\\x23b'``).
     """
-    return f"$bytes.fromhex('{s.encode('utf-8').hex()}').decode('utf-8')"
+    if not s.startswith(_MONAI_PREFIXES) and not _MONAI_REWRITES.search(s):
+        return s
+    return "$'" + "".join(c if c.isprintable() and c not in _ESCAPED else _escape(c) for c in s) + "'"
+
+
+_MONAI_PREFIXES = ("$", "@", "%")
+_MONAI_REWRITES = re.compile(r"#|[@%]::")  # MONAI normalises '#' to '::', then resolves relative ids '@::' / '%::'
+_ESCAPED = set("@%#\\'")
+
+
+def _escape(c: str) -> str:
+    n = ord(c)
+    return f"\\x{n:02x}" if n < 0x100 else (f"\\u{n:04x}" if n < 0x10000 else f"\\U{n:08x}")
 
 
 def literal_overrides(value):

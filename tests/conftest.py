@@ -44,7 +44,42 @@ def pytest_addoption(parser):
     )
 
 
+def _launching_names(path: str) -> set[str]:
+    """Names of the functions / fixtures of one test module that start a subprocess, directly (``subprocess.*``,
+    conftest's ``run``) or through another function of the module: read from its source, so the marks cannot drift."""
+    import ast
+
+    tree = ast.parse(Path(path).read_text())
+    funcs = {n.name: n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+
+    def calls(node):
+        for c in ast.walk(node):
+            if isinstance(c, ast.Call):
+                f = c.func
+                if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) and f.value.id == "subprocess":
+                    yield "subprocess"
+                elif isinstance(f, ast.Name):
+                    yield f.id
+
+    used = {name: set(calls(node)) for name, node in funcs.items()}
+    args = {name: {a.arg for a in node.args.args} for name, node in funcs.items()}
+    launching = {n for n, c in used.items() if c & {"subprocess", "run", "Popen", "check_output"}}
+    while True:  # through helpers and fixtures of the same module
+        more = {n for n in funcs if n not in launching and (used[n] | args[n]) & launching}
+        if not more:
+            return launching
+        launching |= more
+
+
 def pytest_collection_modifyitems(config, items):
+    launching: dict[str, set[str]] = {}
+    for item in items:  # tests that launch a subprocess are `slow`, whatever their duration
+        path = str(item.fspath)
+        if path not in launching:
+            launching[path] = _launching_names(path)
+        name = getattr(item, "originalname", item.name)
+        if name in launching[path] or set(getattr(item, "fixturenames", ())) & launching[path]:
+            item.add_marker(pytest.mark.slow)
     if not config.getoption("--fast"):
         return
     cache = getattr(config, "cache", None)  # None with -p no:cacheprovider

@@ -19,8 +19,8 @@ import psutil
 
 from ..errors import user_error
 from ..io import discover_cases, load_ct, load_labels, write_text_atomic
-from .boundary import analyze
 from ..transforms import to_slices
+from .boundary import analyze
 from .workflow import RECON_SUFFIX, BatchFailure
 
 __all__ = ["PeakRSS", "compare_vaes"]

@@ -175,3 +175,16 @@ def test_input_error_survives_a_dataloader_worker():
     with pytest.raises(InputError) as e:
         next(iter(torch.utils.data.DataLoader(Bad(), num_workers=1)))
     assert str(e.value).rstrip().endswith("/data/case.nii.gz: not 3D")
+
+
+def test_cli_passes_every_config_option_through_and_refuses_unknown_ones(tmp_path):
+    write_nifti(tmp_path / "a.nii.gz", ct_like(), AFF)
+    out = tmp_path / "out"
+    r = run([PY, "-m", "fvae_ct.cli", "recon", str(tmp_path / "a.nii.gz"), "-o", str(out), "--vae", "identity",
+             "--figures", "False", "--slice_orientation", "file", "--hu_rounding", "truncate"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["slice_orientation"] == "file" and summary["hu_rounding"] == "truncate"
+    r = run([PY, "-m", "fvae_ct.cli", "recon", str(tmp_path / "a.nii.gz"), "-o", str(out), "--slice_orientaton", "x"])
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("fvae recon: unknown option(s) --slice_orientaton")

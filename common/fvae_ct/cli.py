@@ -44,58 +44,43 @@ def _run_cli(command: str, config, bundle: str = "fvae_recon", **overrides) -> N
         sys.exit(f"fvae {command}: {cause}")
 
 
+def _check_options(command: str, bundle: str, configs: list[str], options: dict) -> None:
+    """Refuse, in one line, an option that is not a top-level id of the bundle's configs (a typo would otherwise
+    set an id nothing reads)."""
+    import yaml
+
+    from .bundle import bundle_dir
+
+    root = bundle_dir(bundle)
+    ids = set()
+    for c in configs:
+        ids |= set(yaml.safe_load((root / "configs" / c).read_text()) or {})
+    unknown = sorted(set(options) - ids)
+    if unknown:
+        sys.exit(
+            f"fvae {command}: unknown option(s) {', '.join('--' + u for u in unknown)} (not ids of {bundle} "
+            f"{' + '.join(configs)})"
+        )
+
+
 class CLI:
     """fvae-ct: frozen natural-image/video foundation VAEs for 3D CT."""
 
-    def recon(
-        self,
-        input: str | None = None,
-        output_dir: str | None = None,
-        vae: str = "taef2",
-        vae_weights: str | None = None,
-        vae_dtype: str | None = None,
-        vae_kwargs: dict | None = None,
-        device: str | None = None,
-        hu_window=None,
-        working_spacing: float | None = None,
-        skip_existing: bool = False,
-        figures: bool = True,
-        tile_size: int | None = None,
-        tile_overlap: int | None = None,
-        depth_window: int | None = None,
-        depth_overlap: int | None = None,
-        slice_batch: int | None = None,
-        blend: str | None = None,
-    ) -> None:
+    def recon(self, input: str | None = None, output_dir: str | None = None, vae: str = "taef2", **options) -> None:
         """Reconstruct CT through a frozen VAE and score it (the fvae_recon bundle's inference.yaml).
 
         INPUT: a NIfTI file, a DICOM series folder, a folder of those, or a datalist JSON (default: the
         sample DICOM series from FVAE_ASSETS). Writes <case>_recon.nii.gz, <case>_views.png, metrics.csv
-        and summary.json into OUTPUT_DIR (-o). Exits non-zero when any case failed.
+        and summary.json into OUTPUT_DIR (-o). Exits non-zero when any case failed. Every option of the
+        config passes through as --<id> <value> (e.g. --vae_weights, --device, --hu_window, --working_spacing,
+        --skip_existing, --figures, --tile_size, --depth_window, --slice_orientation, --hu_rounding, --depth_last);
+        an id the config does not have is refused.
         """
+        output_dir = output_dir or options.pop("o", None)  # fire leaves -o among the free options
         if output_dir is None:
             sys.exit("fvae recon: give an output folder with -o / --output_dir")
-        _run_cli(
-            "recon",
-            "inference.yaml",
-            input=_path(input),
-            output_dir=_path(output_dir),
-            vae=vae,
-            vae_weights=vae_weights,
-            vae_dtype=vae_dtype,
-            vae_kwargs=vae_kwargs,
-            device=device,
-            hu_window=hu_window,
-            working_spacing=working_spacing,
-            skip_existing=skip_existing,
-            figures=figures,
-            tile_size=tile_size,
-            tile_overlap=tile_overlap,
-            depth_window=depth_window,
-            depth_overlap=depth_overlap,
-            slice_batch=slice_batch,
-            blend=blend,
-        )
+        _check_options("recon", "fvae_recon", ["inference.yaml"], options)
+        _run_cli("recon", "inference.yaml", input=_path(input), output_dir=_path(output_dir), vae=vae, **options)
 
     def analyze(
         self,

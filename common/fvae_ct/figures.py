@@ -9,14 +9,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import matplotlib
+import nibabel as nib
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.figure import Figure  # no pyplot: no global backend, no figure registry to close
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import nibabel as nib  # noqa: E402
-import numpy as np  # noqa: E402
-
-from .io import atomic_write  # noqa: E402
+from .io import atomic_write
 
 __all__ = ["three_view", "to_ras"]
 
@@ -62,7 +60,8 @@ def three_view(
         emax = max(float(np.percentile(np.concatenate([e.ravel() for e, _ in ve]), 99.5)), 1.0)
         rows += [("reconstruction", vb, "gray", window), ("|error| (HU)", ve, "magma", (0, emax))]
     lab = [img for img, _ in _views(to_ras(np.asarray(labels), affine)[0], sp)] if labels is not None else None
-    fig, axes = plt.subplots(len(rows), 3, figsize=(11, 3.6 * len(rows)), constrained_layout=True, squeeze=False)
+    fig = Figure(figsize=(11, 3.6 * len(rows)), layout="constrained")
+    axes = fig.subplots(len(rows), 3, squeeze=False)
     for r, (name, views, cmap, (vmin, vmax)) in enumerate(rows):
         for c, ((img, aspect), view) in enumerate(zip(views, ("axial", "coronal", "sagittal"))):
             ax = axes[r, c]
@@ -70,7 +69,7 @@ def three_view(
             if lab is not None and r == 0:
                 li = lab[c]
                 for v in np.unique(li)[1:]:
-                    ax.contour(li == v, levels=[0.5], linewidths=0.7, colors=[plt.cm.tab10(int(v) % 10)])
+                    ax.contour(li == v, levels=[0.5], linewidths=0.7, colors=[colormaps["tab10"](int(v) % 10)])
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
@@ -85,5 +84,4 @@ def three_view(
     fig.suptitle(title, fontsize=10)
     path = Path(path)
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
-    plt.close(fig)
     return path

@@ -715,7 +715,7 @@ def evaluate_generated(
     ``real_labels_dir``. ``segmenter``: a callable ``path -> label map`` (e.g. ``BundleSegmenter``) or a
     bundle folder. Writes ``generation_metrics.csv``, ``generation_summary.json`` and ``generation.png``.
     """
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     from ..io import spacing_of
     from .fvd import ct_to_clip, frechet_distance, fvd_sample_warning, load_i3d
@@ -810,7 +810,8 @@ def evaluate_generated(
         runner.raise_failures(" (generation_metrics.csv lists the others)")
         return summary
     write_text_atomic(out / "generation_summary.json", json.dumps(summary, indent=2))
-    fig, ax = plt.subplots(figsize=(8, 4), constrained_layout=True)
+    fig = Figure(figsize=(8, 4), layout="constrained")
+    ax = fig.subplots()
     x = np.arange(len(classes))
     g = [summary["organ_median_hu_generated"][c] or np.nan for c in classes]
     r = [summary["organ_median_hu_real"][c] or np.nan for c in classes]
@@ -826,7 +827,6 @@ def evaluate_generated(
         + (f", mask Dice {summary['dice_mean']:.3f}" if "dice_mean" in summary else "")
     )
     atomic_write(out / "generation.png", lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
-    plt.close(fig)
     print(json.dumps(summary, indent=2))
     runner.raise_failures(" (generation_metrics.csv lists the others)")
     return summary

@@ -16,21 +16,18 @@ import logging
 import time
 from pathlib import Path
 
-import matplotlib
+import nibabel as nib
+import numpy as np
+import torch
+from matplotlib.figure import Figure  # no pyplot: no global backend, no figure registry to close
+from tqdm.auto import tqdm
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import nibabel as nib  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-
-from ..batch import BatchRunner  # noqa: E402
-from ..io import Case, atomic_write, load_ct, load_labels, write_text_atomic  # noqa: E402
-from ..metrics.recon import recon_metrics  # noqa: E402
-from ..options import parse_bool  # noqa: E402
-from ..transforms import from_slices, to_slices  # noqa: E402
-from .boundary import (  # noqa: E402
+from ..batch import BatchRunner
+from ..io import Case, atomic_write, load_ct, load_labels, write_text_atomic
+from ..metrics.recon import recon_metrics
+from ..options import parse_bool
+from ..transforms import from_slices, to_slices
+from .boundary import (
     analyze,
     boundary_shift,
     ct_like_noise,
@@ -40,8 +37,8 @@ from .boundary import (  # noqa: E402
     noise_removed,
     reference,
 )
-from .denoisers import DENOISERS, gaussian, match_gaussian_sigma  # noqa: E402
-from .workflow import ReconWorkflow  # noqa: E402
+from .denoisers import DENOISERS, gaussian, match_gaussian_sigma
+from .workflow import ReconWorkflow
 
 __all__ = ["AnalysisWorkflow", "DEFAULT_METHODS", "COLUMNS"]
 
@@ -436,7 +433,7 @@ class AnalysisWorkflow:
         nrows = -(-n // cols)
         h, wd = errs[next(iter(errs))].shape
         map_h = 3.7 * h / wd  # each map about 3.7 inches wide
-        fig = plt.figure(figsize=(16, nrows * (map_h + 0.4) + 5.2), constrained_layout=True)
+        fig = Figure(figsize=(16, nrows * (map_h + 0.4) + 5.2), layout="constrained")
         top, mid, foot = fig.subfigures(3, 1, height_ratios=[nrows * (map_h + 0.4), 4.4, 0.8])
         axes = np.atleast_1d(top.subplots(nrows, cols)).ravel()
         im = None
@@ -494,4 +491,3 @@ class AnalysisWorkflow:
         fig.suptitle(f"{name}: is {next(iter(outputs), 'the VAE')} a boundary-preserving denoiser?")
         path = self.output_dir / f"{name}_analysis.png"
         atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=80, format="png"))
-        plt.close(fig)

@@ -57,7 +57,7 @@ def test_analysis_bundle_on_real_ct_with_labels(dicom_crop, tmp_path):
     for m in f:
         if not np.isnan(f[m]["psnr"]):
             assert 0.0 <= f[m]["boundary_shift_mean_mm"] < 3.0 and 0 <= f[m]["hf_error_fraction"] <= 1
-    # the new measures and their noise floors (issue 14)
+    # the displacement / blur / texture measures and their noise floors
     for m in ("vae:taef2", "gaussian_1vox", "median3_inplane"):
         assert int(rows[m]["edge_profiles"]) > 100 and f[m]["floor_white_shift_mean_mm"] > 0, (m, f[m])
         assert np.isfinite(f[m]["edge_width_ratio"]) and np.isfinite(f[m]["floor_spectrum_abs_offset_mm"])

@@ -1,4 +1,4 @@
-"""Batch bookkeeping of the reconstruction workflow (issue 12, points 8 and 12): inputs are never written over,
+"""Batch bookkeeping of the reconstruction workflow : inputs are never written over,
 metrics.csv survives interruptions (SIGINT, SIGKILL) and a resume leaves one row per case, one run per folder,
 corrupt outputs recomputed, inf PSNR and n/a SSIM recorded, warnings per case."""
 

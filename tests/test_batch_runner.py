@@ -1,4 +1,4 @@
-"""The one batch runner (issue 27, section 1): analysis and latent caching resume with skip_existing (a second run
+"""The one batch runner: analysis and latent caching resume with skip_existing (a second run
 re-does nothing), refuse a second concurrent run into their folder, and report failures in one BatchFailure."""
 
 from __future__ import annotations

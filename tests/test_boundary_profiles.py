@@ -1,4 +1,4 @@
-"""Issue 14: displacement, blur and texture told apart, noise floors, inserted noise, the baselines' noise estimate and
+"""Displacement, blur and texture told apart, noise floors, inserted noise, the baselines' noise estimate and
 the noise-ratio tolerance, each on a synthetic case whose answer is known in closed form."""
 
 from __future__ import annotations

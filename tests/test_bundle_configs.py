@@ -1,4 +1,4 @@
-"""Configs a model-zoo maintainer would accept (issue 27, section 3): every list that ``python -m monai.bundle run
+"""Configs a model-zoo maintainer would accept : every list that ``python -m monai.bundle run
 <id>`` can run starts with the command-line guard, in every config and in every overlay combination the READMEs
 use."""
 

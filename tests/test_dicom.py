@@ -1,4 +1,4 @@
-"""DICOM series geometry (issue 12, points 2-4 and gantry tilt): copies of 5 slices of the real 512x512 series,
+"""DICOM series geometry (gaps, mixed geometry, gantry tilt): copies of 5 slices of the real 512x512 series,
 edited with pydicom."""
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ def test_reader_warnings_go_to_the_log_not_away(dicom_dir, tmp_path, caplog, rec
     assert not [w for w in recwarn if "different spacings" in str(w.message)]  # logged, not re-raised
 
 
-# ---- issue items 7-10: non-image objects, DICOMDIR exports, Enhanced CT, one slice, decoders ----------------------
+# ---- non-image objects, DICOMDIR exports, Enhanced CT, one slice, decoders ----------------------
 def _uids(i, ds):
     """What a DICOMDIR record needs (the sample series is anonymised to empty UIDs)."""
     ds.PatientID, ds.StudyID, ds.SeriesNumber = "P1", "1", 4

@@ -1,6 +1,6 @@
-"""File-system conditions met as one line, not a traceback or silence: an output folder that cannot be written
-(item 11), broken and looping symbolic links among the inputs (item 12), an FVAE_ASSETS folder that does not exist
-(item 13). Real conditions only: /sys is read-only even for root, links are real links."""
+"""File-system conditions met as one line, not a traceback or silence: an output folder that cannot be written,
+broken and looping symbolic links among the inputs, an FVAE_ASSETS folder that does not exist. Real conditions only:
+/sys is read-only even for root, links are real links."""
 
 from __future__ import annotations
 

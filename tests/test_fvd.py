@@ -132,7 +132,7 @@ def test_evaluate_config_on_two_tiny_folders(assets, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     s = json.loads((out / "generation_summary.json").read_text())
     assert s["n_generated"] == 2 and s["n_real"] == 2 and s["fvd"] > 0
-    # 2 volumes per side, 1024-d features: reported with the counts and flagged (issue 13, defect 9)
+    # 2 volumes per side, 1024-d features: reported with the counts and flagged
     assert s["fvd_feature_dim"] == 1024
     assert s["fvd_warning"].startswith("FVD from 2 generated and 2 real volumes: with 1024-d I3D features at least 1025")
     assert "FVD from 2 generated and 2 real volumes" in r.stderr

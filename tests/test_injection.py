@@ -1,4 +1,4 @@
-"""No user string reaches MONAI's config evaluator on any bundle (issue 12, point 1): file names on the
+"""No user string reaches MONAI's config evaluator on any bundle: file names on the
 ``python -m monai.bundle run`` route are refused before MONAI evaluates them, and paths and report text inside
 datalists are data on every bundle."""
 

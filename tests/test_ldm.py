@@ -202,7 +202,7 @@ def test_ldm_bundle_prepare_train_2d_3d_and_generate(assets, tmp_path):
     assert check_properties(conf, ["train.yaml"], "train", stage="3d", **lt) == []
     assert check_properties(conf, ["inference.yaml"], "inference", bundle_root=str(tmp_path)) == []
     # generation: a CT volume with the mask's geometry, in HU; the network is built from the architecture the
-    # checkpoint records (issue 27): none of train's options is repeated
+    # the checkpoint records the architecture: none of train's options is repeated
     assert c3["record"]["architecture"]["channels"] == [16, 32] and c3["record"]["architecture"]["mode"] == "attention"
     assert c2["record"]["architecture"]["mode"] == "none"
     out = tmp_path / "gen"

@@ -1,4 +1,4 @@
-"""fvae_ldm correctness (issue 13, defects 1-5, 7, 8, 10): text encoder recorded and checked, one fixed mask
+"""fvae_ldm correctness: text encoder recorded and checked, one fixed mask
 mapping, EMA warm-up, stage 3d from the EMA weights, the trained depth window at inference, the joint null
 condition of classifier-free guidance, the mask's header kept."""
 

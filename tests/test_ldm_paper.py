@@ -1,4 +1,4 @@
-"""The paper's settings as options (issue 13): depth convolutions after every convolution, the mask gain, body-masked
+"""The paper's settings as options: depth convolutions after every convolution, the mask gain, body-masked
 training images, a fixed scale factor, and the official DDIM timestep spacing."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Long-volume sampling against whole-volume sampling, with exact depth-coupled denoisers (issues 13 and 25).
+"""Long-volume sampling against whole-volume sampling, with exact depth-coupled denoisers.
 
 The denoiser is the optimal one for a Gaussian prior along depth, computed on whatever window it gets, with one
 timestep per slice (:class:`fvae_ct.ldm.gaussian.GaussianDepthDenoiser`): AR(1) with rho 0.95 (Markov) and a

@@ -59,7 +59,7 @@ def test_shape_mismatch_is_an_error():
 
 
 def _whole_volume_reference(hu_in, hu_out, window=(-1000, 1000)):
-    """The metrics as computed before issue 12 (whole volume, float64 copies, MONAI's SSIMMetric)."""
+    """The metrics as computed by the reference path (whole volume, float64 copies, MONAI's SSIMMetric)."""
     from fvae_ct.transforms import hu_to_unit
 
     x, y = torch.as_tensor(hu_in, dtype=torch.float64), torch.as_tensor(hu_out, dtype=torch.float64)
@@ -72,8 +72,8 @@ def _whole_volume_reference(hu_in, hu_out, window=(-1000, 1000)):
 @pytest.mark.parametrize("shape,chunk", [((23, 40, 36), 8), ((23, 40, 36), 1), ((23, 40, 36), 100), ((5, 30, 30), 2),
                                          ((11, 17, 13), 3)])
 def test_streamed_metrics_equal_the_whole_volume_computation(shape, chunk, dicom_unit):
-    """Real CT (a crop of the sample series) + structured noise; streamed over slabs of `chunk` slices (issue 12,
-    point 13): identical to the whole-volume computation within 1e-6."""
+    """Real CT (a crop of the sample series) + structured noise; streamed over slabs of `chunk` slices: identical to
+    the whole-volume computation within 1e-6."""
     g = np.random.default_rng(1)
     vol = dicom_unit.numpy()[0, 0] * 2000 - 1000  # [20, 512, 512], upright axial slices
     vol = np.concatenate([vol, vol[::-1]])  # 40 slices, mirrored

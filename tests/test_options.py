@@ -1,5 +1,5 @@
 """User strings never reach MONAI's evaluator on the `fvae` route; booleans are parsed strictly; junk files and our
-own temporaries are not cases (issue 12: points 1, 7, 9 in part, 10)."""
+own temporaries are not cases."""
 
 from __future__ import annotations
 

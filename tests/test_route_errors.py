@@ -1,5 +1,5 @@
 """Bad input on every bundle route (aug_seg inference / train / evaluate, ldm prepare / inference / evaluate) ends in
-the project's one-line error naming the file and the problem, as on the recon route (issue 26, point 14): an
+the project's one-line error naming the file and the problem, as on the recon route: an
 unreadable file, a 2D image, NaN voxels, a missing file in a datalist, a malformed datalist JSON, a label map on
 another grid. Batch routes check every case first and list all bad ones (one line each) in one error."""
 

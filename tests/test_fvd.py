@@ -128,10 +128,11 @@ def test_evaluate_config_on_two_tiny_folders(assets, tmp_path):
     out = tmp_path / "eval"
     r = run([PY, "-m", "monai.bundle", "run", "--config_file", str(ROOT / "bundles/fvae_ldm/configs/evaluate.yaml"),
              "--gen_dir", str(gen), "--real_dir", str(real), "--masks_dir", str(masks), "--real_labels_dir", str(real),
-             "--output_dir", str(out), "--classes", "[5, 1]"])
+             "--output_dir", str(out), "--classes", "[5, 1]", "--hu_window", "[-1024, 1500]"])
     assert r.returncode == 0, r.stderr[-3000:]
     s = json.loads((out / "generation_summary.json").read_text())
     assert s["n_generated"] == 2 and s["n_real"] == 2 and s["fvd"] > 0
+    assert s["clip_protocol"].startswith("HU window [-1024, 1500] -> [-1, 1]")  # the window that was used
     # 2 volumes per side, 1024-d features: reported with the counts and flagged
     assert s["fvd_feature_dim"] == 1024
     assert s["fvd_warning"].startswith("FVD from 2 generated and 2 real volumes: with 1024-d I3D features at least 1025")

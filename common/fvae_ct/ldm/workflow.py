@@ -798,7 +798,8 @@ def evaluate_generated(
         "n_real": len(reals),
         "fvd_feature_dim": int(real_f.shape[1]),
         "fvd_warning": fvd_warning,
-        "clip_protocol": "HU window [-1000, 1000] -> [-1, 1]; 16 evenly spaced upright axial slices; 224 x 224; grey -> RGB",
+        "clip_protocol": f"HU window [{window[0]:g}, {window[1]:g}] -> [-1, 1]; 16 evenly spaced upright axial slices; "
+        "224 x 224; grey -> RGB",
         "organ_median_hu_generated": {c: float(np.nanmean(v)) if v else None for c, v in gen_hu.items()},
         "organ_median_hu_real": {c: float(np.nanmean(v)) if v else None for c, v in real_hu.items()},
     }

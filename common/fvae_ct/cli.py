@@ -202,9 +202,10 @@ class CLI:
         labels: str | None = None,
         **overrides,
     ) -> None:
-        """Reconstruct INPUT with every VAE of --vaes (comma-separated) through the recon bundle; one table
-        (PSNR, SSIM, MSE, seconds, peak memory, noise ratio, boundary shift, edge sharpness, HF error) in
-        compare.csv / compare.md. --weights '{"wan2.1": "/path/to/diffusers/folder"}' gives weights per VAE."""
+        """Reconstruct INPUT with every VAE of --vaes (comma-separated) through the recon bundle, each in a process
+        of its own; one table (PSNR, SSIM, MSE, seconds, peak memory of that process, noise ratio, boundary shift,
+        edge-width ratio, signed edge offset, HF error) in compare.csv / compare.md. --weights '{"wan2.1":
+        "/path/to/diffusers/folder"}' gives weights per VAE; other options go to every `fvae recon` run."""
         from .recon.compare import compare_vaes
 
         output_dir = output_dir or overrides.pop("o", None)

@@ -1,59 +1,48 @@
 """``fvae compare-vaes``: the recon bundle once per VAE, one table.
 
-For each VAE the fvae_recon bundle reconstructs every case into ``<output_dir>/<vae>/``; the table has the
-mean PSNR, SSIM, MSE and seconds from its summary.json, the peak resident memory of the run (sampled), and
-the boundary/noise figures of :mod:`fvae_ct.recon.boundary` computed from the written reconstructions.
+For each VAE the fvae_recon bundle reconstructs every case into ``<output_dir>/<vae>/``, in a process of its own
+(``fvae recon``), so ``peak_rss_mib`` is that VAE's run alone: the child's maximum resident memory as the kernel
+counts it (``wait4``), Python, torch and the data included. The table has the mean PSNR, SSIM, MSE from its
+summary.json, the wall seconds of the run, and the boundary / noise measures of :mod:`fvae_ct.recon.boundary`
+computed from the written reconstructions: noise ratio, mean boundary shift, edge-width ratio and signed edge offset
+(mm), high-frequency error fraction.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import threading
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import psutil
 
-from ..errors import user_error
 from ..io import discover_cases, load_ct, load_labels, write_text_atomic
 from ..transforms import to_slices
 from .boundary import analyze
 from .workflow import RECON_SUFFIX, BatchFailure
 
-__all__ = ["PeakRSS", "compare_vaes"]
+__all__ = ["MEASURES", "compare_vaes", "run_measured"]
 
 logger = logging.getLogger(__name__)
 
+#: the boundary / noise measures of the table (:func:`fvae_ct.recon.boundary.analyze` keys)
+MEASURES = ("noise_ratio", "boundary_shift_mean_mm", "edge_width_ratio", "edge_offset_mm", "hf_error_fraction")
 
-class PeakRSS:
-    """Context manager sampling this process's resident memory every ``interval`` s; ``peak_mib`` afterwards."""
 
-    def __init__(self, interval: float = 0.005):
-        self.interval, self.peak, self._run = interval, 0, False
-        self.proc = psutil.Process()
-
-    def _loop(self):
-        while self._run:
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-            time.sleep(self.interval)
-
-    def __enter__(self):
-        self.before = self.proc.memory_info().rss
-        self._run = True
-        self._t = threading.Thread(target=self._loop, daemon=True)
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._run = False
-        self._t.join()
-
-    @property
-    def peak_mib(self) -> float:
-        return self.peak / 2**20
+def run_measured(cmd: list[str]) -> tuple[int, str, float, float]:
+    """Run ``cmd`` as a child process: (exit code, its stderr, wall seconds, its peak resident memory in MiB)."""
+    t0 = time.perf_counter()
+    with open(os.devnull, "wb") as null:
+        proc = subprocess.Popen(cmd, stdout=null, stderr=subprocess.PIPE, text=True)
+        err = proc.stderr.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, err, time.perf_counter() - t0, usage.ru_maxrss / 1024  # Linux: ru_maxrss in KiB
 
 
 def compare_vaes(
@@ -65,33 +54,22 @@ def compare_vaes(
     hu_window=(-1000.0, 1000.0),
     **overrides,
 ) -> list[dict]:
-    """Reconstruct ``input_path`` with every VAE of ``vaes`` and write ``compare.csv`` / ``compare.md``."""
-    from ..bundle import run_bundle
-
+    """Reconstruct ``input_path`` with every VAE of ``vaes`` (one ``fvae recon`` process each; ``overrides``: its
+    options) and write ``compare.csv`` / ``compare.md``; a VAE that fails is reported at the end, after the others."""
     vaes = [v.strip() for v in (vaes.split(",") if isinstance(vaes, str) else vaes)]
     weights = weights or {}
     out = Path(output_dir)
     rows, failed = [], []
     for vae in vaes:
         sub = out / vae
-        t0 = time.perf_counter()
-        try:
-            with PeakRSS() as mem:
-                run_bundle(
-                    "fvae_recon",
-                    "inference.yaml",
-                    input=str(input_path),
-                    output_dir=str(sub),
-                    vae=vae,
-                    vae_weights=weights.get(vae),
-                    hu_window=list(hu_window),
-                    figures=False,
-                    **overrides,
-                )
-        except Exception as e:  # noqa: BLE001 - a VAE that cannot run is reported; the others go on
-            cause = user_error(e)
-            if cause is None:
-                raise
+        cmd = [sys.executable, "-m", "fvae_ct.cli", "recon", str(input_path), "--output_dir", str(sub), "--vae", vae]
+        opts = {"vae_weights": weights.get(vae), "hu_window": list(hu_window), "figures": False, **overrides}
+        for k, v in opts.items():
+            if v is not None:
+                cmd += [f"--{k}", json.dumps(v) if isinstance(v, (list, dict, bool)) else str(v)]
+        code, err, seconds, peak = run_measured(cmd)
+        if code:  # the child's one-line error ("fvae recon: ...") is its last stderr line
+            cause = (err.strip().splitlines() or [f"exit code {code}"])[-1].removeprefix("fvae recon: ")
             logger.error("compare-vaes: %s failed: %s", vae, cause)
             failed.append(f"{vae}: {cause}")
             continue
@@ -99,8 +77,8 @@ def compare_vaes(
         row = {
             "vae": vae,
             **{k: summary["metrics"][k]["mean"] for k in ("psnr", "ssim3d", "ssim2d", "mse_hu")},
-            "seconds": time.perf_counter() - t0,
-            "peak_rss_mib": mem.peak_mib,
+            "seconds": seconds,
+            "peak_rss_mib": peak,
         }
         figs = []
         for case in discover_cases(input_path):
@@ -113,13 +91,8 @@ def compare_vaes(
             if labels is not None:
                 lab = to_slices(load_labels(labels, aff, img.shape), aff)[0]
             a = analyze(x, y, sp, lab)
-            figs.append(
-                [a[k] for k in ("noise_ratio", "boundary_shift_mean_mm", "edge_sharpness", "hf_error_fraction")]
-            )
-        for k, v in zip(
-            ("noise_ratio", "boundary_shift_mean_mm", "edge_sharpness", "hf_error_fraction"),
-            np.nanmean(np.array(figs, dtype=np.float64), 0),
-        ):
+            figs.append([a[k] for k in MEASURES])
+        for k, v in zip(MEASURES, np.nanmean(np.array(figs, dtype=np.float64), 0)):
             row[k] = float(v)
         rows.append(row)
     if rows:

@@ -356,11 +356,14 @@ def edge_profiles(
     its centre is the edge position, its sigma the blur. Profiles are kept where the original's fit is a clear
     edge (step >= ``min_contrast`` HU, R^2 >= 0.8, centre within half of ``half_mm``, 10-90 % width below
     ``half_mm``) and ``y``'s fit has the same polarity. Returns the medians over them:
-    ``width_ratio`` (10-90 % width of y / of x; 1 = as sharp, > 1 = blurred), ``offset_mm`` (signed centre of y
+    ``added_blur_mm`` (the Gaussian blur y adds, in quadrature: sign(s_y^2 - s_x^2) sqrt|s_y^2 - s_x^2| of the fitted
+    sigmas; unbiased where the ratio is not), ``width_ratio`` (10-90 % width of y / of x; 1 = as sharp, > 1 =
+    blurred; biased toward 1, because the sampling adds its own width to both), ``offset_mm`` (signed centre of y
     minus x along the normal: with labels > 0 = organs grow; without, towards the brighter side), ``abs_offset_mm``,
     ``width_mm`` (the original's 10-90 % width) and ``n`` (profiles used)."""
     x, y = _f(x), _f(y)
     nan = {
+        "added_blur_mm": float("nan"),
         "width_ratio": float("nan"),
         "offset_mm": float("nan"),
         "abs_offset_mm": float("nan"),
@@ -387,7 +390,10 @@ def edge_profiles(
         return nan
     wr = fy["width"][ok] / fx["width"][good][ok]
     off = fy["mu"][ok] - fx["mu"][good][ok]
+    # blur added in quadrature: the sampling's own blur is in both sigmas and cancels in the difference of squares
+    d2 = fy["sigma"][ok] ** 2 - fx["sigma"][good][ok] ** 2
     return {
+        "added_blur_mm": float(np.median(np.sign(d2) * np.sqrt(np.abs(d2)))),
         "width_ratio": float(np.median(wr)),
         "offset_mm": float(np.median(off)),
         "abs_offset_mm": float(np.median(np.abs(off))),
@@ -569,6 +575,7 @@ def analyze(x, y, spacing, labels=None, cutoff: float = 0.25, ref: dict | None =
         "boundary_shift_mean_mm": shift["mean_mm"],
         "boundary_shift_p95_mm": shift["p95_mm"],
         "edge_width_ratio": ep["width_ratio"],
+        "edge_added_blur_mm": ep["added_blur_mm"],
         "edge_offset_mm": ep["offset_mm"],
         "edge_abs_offset_mm": ep["abs_offset_mm"],
         "edge_profiles": ep["n"],

@@ -4,8 +4,8 @@ For each VAE the fvae_recon bundle reconstructs every case into ``<output_dir>/<
 (``fvae recon``), so ``peak_rss_mib`` is that VAE's run alone: the child's maximum resident memory as the kernel
 counts it (``wait4``), Python, torch and the data included. The table has the mean PSNR, SSIM, MSE from its
 summary.json, the wall seconds of the run, and the boundary / noise measures of :mod:`fvae_ct.recon.boundary`
-computed from the written reconstructions: noise ratio, mean boundary shift, edge-width ratio and signed edge offset
-(mm), high-frequency error fraction.
+computed from the written reconstructions: noise ratio, mean boundary shift, edge-width ratio, added blur and signed
+edge offset (mm), high-frequency error fraction.
 """
 
 from __future__ import annotations
@@ -31,7 +31,14 @@ __all__ = ["MEASURES", "compare_vaes", "run_measured"]
 logger = logging.getLogger(__name__)
 
 #: the boundary / noise measures of the table (:func:`fvae_ct.recon.boundary.analyze` keys)
-MEASURES = ("noise_ratio", "boundary_shift_mean_mm", "edge_width_ratio", "edge_offset_mm", "hf_error_fraction")
+MEASURES = (
+    "noise_ratio",
+    "boundary_shift_mean_mm",
+    "edge_width_ratio",
+    "edge_added_blur_mm",
+    "edge_offset_mm",
+    "hf_error_fraction",
+)
 
 
 def run_measured(cmd: list[str]) -> tuple[int, str, float, float]:

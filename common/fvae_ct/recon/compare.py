@@ -1,8 +1,8 @@
 """``fvae compare-vaes``: the recon bundle once per VAE, one table.
 
 For each VAE the fvae_recon bundle reconstructs every case into ``<output_dir>/<vae>/``, in a process of its own
-(``fvae recon``), so ``peak_rss_mib`` is that VAE's run alone: the child's maximum resident memory as the kernel
-counts it (``wait4``), Python, torch and the data included. The table has the mean PSNR, SSIM, MSE from its
+(``python -m fvae_ct.recon.compare``), so ``peak_rss_mib`` is that VAE's run alone: the child's maximum resident
+memory as the kernel counts it (``wait4``), Python, torch and the data included. The table has the mean PSNR, SSIM, MSE from its
 summary.json, the wall seconds of the run, and the boundary / noise measures of :mod:`fvae_ct.recon.boundary`
 computed from the written reconstructions: noise ratio, mean boundary shift, edge-width ratio, added blur and signed
 edge offset (mm), high-frequency error fraction.
@@ -69,14 +69,11 @@ def compare_vaes(
     rows, failed = [], []
     for vae in vaes:
         sub = out / vae
-        cmd = [sys.executable, "-m", "fvae_ct.cli", "recon", str(input_path), "--output_dir", str(sub), "--vae", vae]
-        opts = {"vae_weights": weights.get(vae), "hu_window": list(hu_window), "figures": False, **overrides}
-        for k, v in opts.items():
-            if v is not None:
-                cmd += [f"--{k}", json.dumps(v) if isinstance(v, (list, dict, bool)) else str(v)]
-        code, err, seconds, peak = run_measured(cmd)
-        if code:  # the child's one-line error ("fvae recon: ...") is its last stderr line
-            cause = (err.strip().splitlines() or [f"exit code {code}"])[-1].removeprefix("fvae recon: ")
+        opts = {"input": str(input_path), "output_dir": str(sub), "vae": vae, "vae_weights": weights.get(vae)}
+        opts.update(hu_window=list(hu_window), figures=False, **overrides)
+        code, err, seconds, peak = run_measured([sys.executable, "-m", __name__, json.dumps(opts)])
+        if code:  # the child's one-line error is its last stderr line
+            cause = (err.strip().splitlines() or [f"exit code {code}"])[-1].removeprefix(_CHILD_ERROR)
             logger.error("compare-vaes: %s failed: %s", vae, cause)
             failed.append(f"{vae}: {cause}")
             continue
@@ -127,3 +124,25 @@ def _write_tables(rows: list[dict], out: Path) -> None:
     ]
     write_text_atomic(out / "compare.md", "\n".join(md) + "\n")
     print("\n".join(md))
+
+
+_CHILD_ERROR = "compare-vaes child: "
+
+
+def _child(argv: list[str]) -> None:
+    """``python -m fvae_ct.recon.compare '<json options>'``: one recon run of :func:`compare_vaes` in a process of
+    its own; an fvae-ct error ends it with one line on stderr and exit code 1."""
+    from ..bundle import run_bundle
+    from ..errors import user_error
+
+    try:
+        run_bundle("fvae_recon", "inference.yaml", **json.loads(argv[0]))
+    except Exception as e:  # noqa: BLE001 - user errors become one line, bugs keep their traceback
+        cause = user_error(e)
+        if cause is None:
+            raise
+        sys.exit(f"{_CHILD_ERROR}{cause}")
+
+
+if __name__ == "__main__":
+    _child(sys.argv[1:])

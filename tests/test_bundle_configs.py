@@ -149,8 +149,9 @@ def _ldm_checkpoint(tmp_path, stage, **options):
     p.read_config(str(ROOT / "bundles" / "fvae_ldm" / "configs" / "train.yaml"))
     p.update({"bundle_root": str(tmp_path), "stage": stage, "device": "cpu", **options})
     net = p.get_parsed_content("network")
-    assert p["checkpoint_saver"]["_target_"] == "CheckpointSaver"
-    rec = p.get_parsed_content("checkpoint_saver#save_dict#record")
+    saver = next(h for h in p["train"]["handlers"] if isinstance(h, dict) and h["_target_"] == "CheckpointSaver")
+    assert saver["save_dict"]["record"] == "@training_record"
+    rec = p.get_parsed_content("training_record")
     ckpt = {"model": (net.unet if stage == "2d" else net).state_dict(), "record": rec.state_dict()}
     (tmp_path / "models").mkdir(exist_ok=True)
     torch.save(ckpt, tmp_path / "models" / f"model_{stage}.pt")
@@ -203,9 +204,12 @@ def test_ldm_checkpoints_without_the_record_use_the_options():
     assert recorded_architecture(None, STATS, "2d")["channels"] == [64, 128, 256]
 
 
-def test_ldm_multi_gpu_overlay_patches_the_checkpoint_saver_by_id():
+def test_ldm_multi_gpu_overlay_patches_what_the_checkpoint_saves_by_id():
+    """The overlay sets the saved network through its ID, not a handler's list position; every handler is a dict,
+    as MONAI's check_properties reads train#handlers."""
     text = (ROOT / "bundles" / "fvae_ldm" / "configs" / "multi_gpu_train.yaml").read_text()
-    assert "checkpoint_saver#save_dict#model" in text
-    assert not re.search(r"handlers#\d", text)
+    assert re.search(r"^saved_network:", text, re.M) and not re.search(r"handlers#\d", text)
     train = yaml.safe_load((ROOT / "bundles" / "fvae_ldm" / "configs" / "train.yaml").read_text())
-    assert "@checkpoint_saver" in train["train"]["handlers"]
+    assert all(isinstance(h, dict) and "_target_" in h for h in train["train"]["handlers"])
+    saver = [h for h in train["train"]["handlers"] if h["_target_"] == "CheckpointSaver"]
+    assert len(saver) == 1 and saver[0]["save_dict"]["model"] == "@saved_network"

@@ -222,3 +222,13 @@ def test_monai_bundle_run_ends_in_that_one_line(route, kind, tmp_path):
         r.stderr[-3000:]
     )
     assert PROBLEM[kind] in last, r.stderr[-3000:]
+
+
+def test_a_missing_or_broken_checkpoint_is_one_line_naming_it(tmp_path):
+    from fvae_ct.checked_io import read_checkpoint
+
+    with pytest.raises(InputError, match=r"model_3d.pt: trained model \(train.yaml --stage 3d\) does not exist"):
+        read_checkpoint(tmp_path / "model_3d.pt", "trained model (train.yaml --stage 3d)")
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(InputError, match=r"bad.pt: cannot read the checkpoint, truncated or not a checkpoint\?"):
+        read_checkpoint(tmp_path / "bad.pt")

@@ -29,7 +29,14 @@ from monai.transforms import LoadImaged
 
 from .errors import BatchFailure, InputError, user_error
 
-__all__ = ["CheckedLoadImaged", "check_items", "read_json", "image_datalist", "install_one_line_errors"]
+__all__ = [
+    "CheckedLoadImaged",
+    "check_items",
+    "read_checkpoint",
+    "read_json",
+    "image_datalist",
+    "install_one_line_errors",
+]
 
 log = logging.getLogger("fvae_ct")
 
@@ -198,6 +205,21 @@ def read_json(path, what: str = "JSON file"):
         return json.loads(p.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InputError(p, f"not valid JSON ({' '.join(str(e).split())})") from e
+
+
+def read_checkpoint(path, what: str = "checkpoint", map_location="cpu") -> dict:
+    """A ``torch.save`` checkpoint read with ``weights_only``; a missing or unreadable one is an :class:`InputError`
+    naming it (``what``: what writes it, for the message)."""
+    import torch
+
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(p, f"{what} does not exist")
+    try:
+        return torch.load(str(p), map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch / pickle / zip errors of a truncated or foreign file
+        msg = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+        raise InputError(p, f"cannot read the {what}, truncated or not a checkpoint? ({msg})") from e
 
 
 def image_datalist(input_path) -> list[dict]:

@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 from monai.transforms import LoadImaged
 
+from .datalist import read_json  # also fvae_ct.checked_io.read_json, as the ldm configs call it
 from .errors import BatchFailure, InputError, user_error
 
 __all__ = [
@@ -194,17 +194,6 @@ def check_items(
     if errors:
         raise _failure(errors, len(items), what)
     return items
-
-
-def read_json(path, what: str = "JSON file"):
-    """The content of a JSON file; a missing or malformed one is an :class:`InputError` naming it."""
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(p, f"{what} does not exist")
-    try:
-        return json.loads(p.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(p, f"not valid JSON ({' '.join(str(e).split())})") from e
 
 
 def read_checkpoint(path, what: str = "checkpoint", map_location="cpu") -> dict:

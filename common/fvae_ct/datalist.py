@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .errors import InputError
 
-__all__ = ["read_datalist", "PATH_KEYS"]
+__all__ = ["read_datalist", "read_json", "PATH_KEYS"]
 
 #: the keys of a datalist item that hold paths (made absolute)
 PATH_KEYS = ("image", "label", "image_recon")
@@ -19,6 +19,17 @@ def _absolute(v, base: str):
     if isinstance(v, (list, tuple)):
         return [_absolute(x, base) for x in v]
     return os.path.abspath(v if os.path.isabs(str(v)) else os.path.join(base, str(v)))
+
+
+def read_json(path, what: str = "JSON file"):
+    """The content of a JSON file; a missing or malformed one is an :class:`InputError` naming it."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(p, f"{what} does not exist")
+    try:
+        return json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(p, f"not valid JSON ({' '.join(str(e).split())})") from e
 
 
 def read_datalist(
@@ -35,12 +46,7 @@ def read_datalist(
     or malformed JSON, none of ``sections`` (``optional``: ``[]`` instead), an item that is not an object or lacks one
     of ``required_keys``, a listed file that does not exist (``check_files``)."""
     p = Path(path)
-    if not p.is_file():
-        raise InputError(p, "datalist JSON does not exist")
-    try:
-        data = json.loads(p.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(p, f"not valid JSON ({' '.join(str(e).split())})") from e
+    data = read_json(p, "datalist JSON")
     if isinstance(data, dict):
         key = next((k for k in sections if k in data), None)
         if key is None:

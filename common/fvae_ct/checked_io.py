@@ -213,11 +213,10 @@ def read_checkpoint(path, what: str = "checkpoint", map_location="cpu") -> dict:
 
 def image_datalist(input_path) -> list[dict]:
     """``[{"image": path}]`` of a NIfTI file, a DICOM series folder, a folder of those, or a datalist JSON (what
-    :func:`fvae_ct.io.discover_cases` accepts: the inputs of the recon route)."""
-    from .io import discover_cases
+    :func:`fvae_ct.cases.discover_cases` accepts: the inputs of the recon route; a JSON is read by
+    :func:`fvae_ct.datalist.read_datalist`, sections :data:`~fvae_ct.datalist.CASE_SECTIONS`, with its errors)."""
+    from .cases import discover_cases
 
-    if str(input_path).lower().endswith(".json"):
-        read_json(input_path, "datalist JSON")  # missing or malformed: one line naming it
     return [{"image": c.path} for c in discover_cases(input_path)]
 
 

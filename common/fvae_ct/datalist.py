@@ -9,10 +9,12 @@ from pathlib import Path
 
 from .errors import InputError
 
-__all__ = ["read_datalist", "read_json", "PATH_KEYS"]
+__all__ = ["read_datalist", "read_json", "PATH_KEYS", "CASE_SECTIONS"]
 
 #: the keys of a datalist item that hold paths (made absolute)
 PATH_KEYS = ("image", "label", "image_recon")
+#: the sections of an MSD-style dict whose items are the cases to process (reconstruct, segment), first found used
+CASE_SECTIONS = ("testing", "test", "validation", "training", "data")
 
 
 def _absolute(v, base: str):

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from monai.handlers import from_engine
 
-from .io import write_text_atomic
+from .outputs import write_text_atomic
 
 __all__ = ["LossHistory", "WarmupEMA", "SaveFinalModel"]
 

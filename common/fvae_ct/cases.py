@@ -1,0 +1,164 @@
+"""Finding the cases of an input: a NIfTI file, a DICOM series folder (or DICOMDIR export), a folder of those, or a
+datalist JSON; case names (they name output files) and sizes from headers only."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from . import dicom_index
+from .datalist import CASE_SECTIONS, read_datalist
+from .dicom_folder import is_dicom_dir
+from .errors import InputError
+
+__all__ = [
+    "Case",
+    "discover_cases",
+    "case_name",
+    "unique_names",
+    "case_voxels",
+    "is_nifti",
+    "broken_link",
+    "NIFTI_SUFFIXES",
+]
+
+log = logging.getLogger("fvae_ct")
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+@dataclass
+class Case:
+    """One input volume: ``name`` (used for output files) and ``path`` (NIfTI file or DICOM folder)."""
+
+    name: str
+    path: str
+    label: str | None = None
+
+
+def is_nifti(p: Path) -> bool:
+    """Whether ``p`` names a NIfTI file (``.nii`` / ``.nii.gz``, any case)."""
+    return p.name.lower().endswith(NIFTI_SUFFIXES)
+
+
+def case_name(path: str | os.PathLike) -> str:
+    """The file or folder name of ``path`` without a NIfTI suffix: ``/d/lung_001.nii.gz`` -> ``lung_001``."""
+    name = Path(path).name
+    for s in NIFTI_SUFFIXES:
+        if name.lower().endswith(s):
+            return name[: -len(s)]
+    return name
+
+
+def _from_datalist(path: Path) -> list[Case]:
+    """The cases of a datalist JSON (a list, or a dict's ``testing``/``test``/``validation``/``training``/``data``);
+    a missing listed file fails as its case, not the batch."""
+    items = read_datalist(path, CASE_SECTIONS, check_files=False)
+    cases = []
+    for d in items:
+        img = d["image"][0] if isinstance(d["image"], list) else d["image"]
+        cases.append(Case(case_name(img), str(img), d.get("label")))
+    return cases
+
+
+def broken_link(p: Path) -> str | None:
+    """Why the symbolic link ``p`` leads nowhere (``None`` when ``p`` is not one)."""
+    if not p.is_symlink():
+        return None
+    try:
+        os.stat(p)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "symbolic link loop"
+    return f"broken symbolic link to {os.readlink(p)} (the target does not exist; an unmounted share?)"
+
+
+def _dicom_cases(p: Path) -> list[Case]:
+    """One case for a DICOM series folder; one per CT series for a DICOMDIR export (CD/DVD)."""
+    series = dicom_index.dicomdir_series(p)
+    return [Case(n, str(f)) for n, f in series] if series else [Case(p.name, str(p))]
+
+
+def discover_cases(input_path: str | os.PathLike) -> list[Case]:
+    """Cases from a NIfTI file, a DICOM series folder, a folder of NIfTI files / DICOM folders, or a datalist JSON."""
+    p = Path(input_path)
+    datalist = p.suffix.lower() == ".json" and not p.is_dir()
+    if not p.exists() and not (datalist and not p.is_symlink()):  # a missing JSON: read_datalist's message
+        raise InputError(p, broken_link(p) or "input path does not exist")
+    if datalist:
+        cases = _from_datalist(p)
+    elif p.is_file():
+        cases = [Case(case_name(p), str(p))]
+    elif is_dicom_dir(p):
+        nifti = sorted(e.name for e in p.iterdir() if e.is_file() and is_nifti(e) and not e.name.startswith("."))
+        if nifti:  # read as a series, the NIfTI files would be left out
+            raise InputError(
+                p,
+                f"folder mixes DICOM files with {len(nifti)} NIfTI file(s) ({', '.join(nifti[:3])}"
+                + (", ..." if len(nifti) > 3 else "")
+                + "): put each DICOM series in a folder of its own",
+            )
+        cases = _dicom_cases(p)
+    else:
+        # hidden entries are never cases: macOS "._x.nii.gz" resource forks, our own ".x.<random>.tmp.nii.gz" files
+        entries = sorted(e for e in p.iterdir() if not e.name.startswith("."))
+        cases, left = [], []
+        for e in entries:
+            if is_dicom_dir(e):
+                cases += _dicom_cases(e)
+            elif (e.is_file() and is_nifti(e)) or (e.is_symlink() and not e.exists()):  # broken: fails as a case
+                cases.append(Case(case_name(e), str(e)))
+            else:
+                left.append(e.name + ("/" if e.is_dir() else ""))
+        if left:
+            log.warning(
+                "%s: %d entr%s neither NIfTI files nor DICOM series folders, left out: %s",
+                p,
+                len(left),
+                "y" if len(left) == 1 else "ies",
+                ", ".join(left[:5]) + (", ..." if len(left) > 5 else ""),
+            )
+        if not cases:
+            raise InputError(
+                p, "folder holds no NIfTI files (.nii/.nii.gz), no DICOM files and no DICOM series folders"
+            )
+    return unique_names(cases)
+
+
+def case_voxels(path: str | os.PathLike) -> int:
+    """Voxel count of a NIfTI file or DICOM series folder from its header(s) only (no pixel data); 0 when it
+    cannot be read (the case then fails with the reader's error when it is processed)."""
+    p = Path(path)
+    try:
+        if p.is_dir():
+            import pydicom
+
+            files = [f for f in sorted(p.iterdir()) if f.is_file() and not f.name.startswith(".")]
+            for f in files:
+                try:
+                    h = pydicom.dcmread(f, stop_before_pixels=True)
+                except Exception:  # noqa: BLE001 - not a DICOM file: try the next
+                    continue
+                return int(h.Rows) * int(h.Columns) * len(files)
+            return 0
+        return int(np.prod(nib.load(str(p)).shape))
+    except Exception:  # noqa: BLE001 - unreadable: size unknown
+        return 0
+
+
+def unique_names(cases: list[Case]) -> list[Case]:
+    """Make case names unique (they name output files): a repeated name gets ``_1``, ``_2``, ..."""
+    seen: dict[str, int] = {}
+    for c in cases:
+        if c.name in seen:
+            seen[c.name] += 1
+            c.name = f"{c.name}_{seen[c.name]}"
+        else:
+            seen[c.name] = 0
+    return cases

@@ -11,6 +11,7 @@ fvae list-vaes
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 __all__ = ["main"]
@@ -36,6 +37,24 @@ def _run_cli(command: str, config, bundle: str = "fvae_recon", **overrides) -> N
             f"fvae {command}: interrupted (finished cases are kept; rerun with --skip_existing true to resume)",
             file=sys.stderr,
         )
+        sys.exit(130)
+    except Exception as e:  # noqa: BLE001 - user errors become one line, bugs keep their traceback
+        cause = user_error(e)
+        if cause is None:
+            raise
+        sys.exit(f"fvae {command}: {cause}")
+
+
+@contextlib.contextmanager
+def _user_errors(command: str, on_interrupt: str | None = None):
+    """fvae-ct errors (and missing files) raised in the block: one line ``fvae <command>: <error>``, exit code 1;
+    Ctrl-C: exit code 130 (with ``on_interrupt`` said); anything else (a bug) keeps its traceback."""
+    from .errors import user_error
+
+    try:
+        yield
+    except KeyboardInterrupt:
+        print(f"fvae {command}: interrupted" + (f" ({on_interrupt})" if on_interrupt else ""), file=sys.stderr)
         sys.exit(130)
     except Exception as e:  # noqa: BLE001 - user errors become one line, bugs keep their traceback
         cause = user_error(e)
@@ -140,7 +159,11 @@ class CLI:
         """Train the fvae_aug_seg bundle per arm (none, union, prob, online; controls gaussian, nlm) and seed on one
         train / validation / test split with the same steps and crops per step; score the held-out test split;
         write ablation.csv / .md / .json (Dice, NSD, detection, empty-label counts, paired differences to the first
-        arm with bootstrap 95 % CIs over seeds and cases). Extra --key value pairs override the bundle config."""
+        arm with bootstrap 95 % CIs over seeds and cases) and print ablation.md. Extra --key value pairs override the
+        bundle config. One ablation per output folder at a time; a failed run is listed at the end (exit 1) and a
+        rerun reuses the finished runs (--skip_existing false: train them all again)."""
+        from pathlib import Path
+
         from .aug_seg.ablation import ablate_seg
 
         output_dir = output_dir or overrides.pop("o", None)  # fire leaves -o among the free overrides
@@ -150,8 +173,10 @@ class CLI:
             sys.exit("fvae ablate-seg: training seeds are --seeds (e.g. --seeds 0,1,2); the split's is --split_seed")
         if isinstance(arms, (list, tuple)):
             arms = ",".join(arms)
-        ablate_seg(datalist, arms, output_dir, recon_dir, seeds, split_seed, val_fraction, test_fraction,
-                   num_samples, lesion_classes, n_boot, **overrides)  # fmt: skip
+        with _user_errors("ablate-seg", "finished runs are kept; rerun the same command to resume"):
+            ablate_seg(datalist, arms, _path(output_dir), recon_dir, seeds, split_seed, val_fraction, test_fraction,
+                       num_samples, lesion_classes, n_boot, **overrides)  # fmt: skip
+        print((Path(output_dir) / "ablation.md").read_text(), end="")
 
     def make_lesion_set(
         self, output_dir: str, n_cases: int = 6, ct: str | None = None, seg: str | None = None, seed: int = 0
@@ -161,9 +186,11 @@ class CLI:
         from .assets import resolve
         from .aug_seg.lesions import make_lesion_set
 
-        ct = ct or str(resolve("totalseg_ct_sm_3mm", download=True))
-        seg = seg or str(resolve("totalseg_ct_sm_3mm_seg", download=True))
-        print(make_lesion_set(output_dir, ct, seg, n_cases=n_cases, seed=seed))
+        with _user_errors("make-lesion-set"):
+            ct = ct or str(resolve("totalseg_ct_sm_3mm", download=True))
+            seg = seg or str(resolve("totalseg_ct_sm_3mm_seg", download=True))
+            path = make_lesion_set(_path(output_dir), ct, seg, n_cases=n_cases, seed=seed)
+        print(path)
 
     def evaluate_gen(
         self,

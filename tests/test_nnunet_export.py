@@ -10,7 +10,7 @@ import pytest
 from fvae_ct.aug_seg import build_datalists
 from fvae_ct.aug_seg.lesions import make_lesion_set
 from fvae_ct.aug_seg.nnunet_data import NNUNET_ARMS, export_arm, make_folds
-from fvae_ct.errors import InputError
+from fvae_ct.errors import InputError, OptionError
 from fvae_ct.recon.denoisers import DENOISERS
 
 CLASSES = ["background", "organ", "lesion"]
@@ -98,7 +98,7 @@ def test_k_folds_keep_every_view_with_its_original(splits, tmp_path):
         sources = {c.split("__")[0] for c in f["train"]}
         assert not sources & set(f["val"])  # no view of a validation case trains
         assert sorted(f["train"]) == sorted([*sources, *(f"{c}__recon" for c in sources)])
-    with pytest.raises(ValueError, match="at least 9"):
+    with pytest.raises(OptionError, match=r"nnunet_folds 9: .*at least k labelled cases \(the datalist has 2\)"):
         make_folds(["a"], ["b"], 9, 0)
 
 
@@ -126,7 +126,7 @@ def test_labels_outside_the_classes_are_refused_naming_the_file(splits, tmp_path
     s2 = {**s, "val": [{**s["val"][0], "label": str(bad)}]}
     with pytest.raises(InputError, match=r"bad_label.*117.*0\.\.2"):
         export_arm(s2, "none", tmp_path / "raw", tmp_path / "pre", 12, CLASSES)
-    with pytest.raises(ValueError, match="unknown nnU-Net arm"):
+    with pytest.raises(OptionError, match="nnunet_arm 'mixup': must be one of none, recon, union"):
         export_arm(s, "mixup", tmp_path / "raw", tmp_path / "pre", 12, CLASSES)
 
 

@@ -15,7 +15,7 @@ from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 from scipy import ndimage as ndi
 
-from fvae_ct.errors import InputError
+from fvae_ct.errors import InputError, OptionError
 from fvae_ct.aug_seg.lesions import insert_lesion, make_lesion_set
 from fvae_ct.aug_seg import SpacingSurfaceDiceMetric, build_datalists, spacing_from_affine
 
@@ -76,7 +76,7 @@ def test_inserted_lesion_is_inside_with_known_contrast_and_matched_noise(assets)
     assert abs(float(new[core].mean()) - (med - 60.0)) < 10.0
     far = ndi.distance_transform_edt(~les.mask) > 3
     assert np.abs(new[far] - ct[far]).max() < 0.01  # untouched elsewhere
-    with pytest.raises(ValueError, match="no place in the organ"):
+    with pytest.raises(OptionError, match="radius_mm 60: no place in the organ"):
         insert_lesion(ct, liver, (3.0, 3.0, 3.0), radius_mm=60.0)
 
 
@@ -255,7 +255,7 @@ def test_split_is_disjoint_fixed_and_arms_are_compute_matched(tmp_path):
     assert [len(v) for v in names.values()] == [5, 2, 3] and len(set(sum(names.values(), []))) == 10
     assert all(os.path.isabs(p) for p in sum(names.values(), []))
     assert split_cases(str(ds), None, 0.2, 0.3, seed=2)["test"] != a["test"]
-    with pytest.raises(ValueError, match="cannot give"):
+    with pytest.raises(OptionError, match="test_fraction 0.5: the 10 labelled case.* cannot give 5 test, 5 valid"):
         split_cases(str(ds), None, 0.5, 0.5)
     # the same crops per optimisation step: a two-view arm takes half as many crops per case
     views = {"gaussian": str(tmp_path / "g")}
@@ -263,7 +263,7 @@ def test_split_is_disjoint_fixed_and_arms_are_compute_matched(tmp_path):
     assert arm_overrides("prob", 2, views)["num_samples"] == 2
     assert arm_overrides("gaussian", 4, views) == {"recon_mode": "precomputed", "recon_mix": "union",
                                                    "num_samples": 2, "recon_dir": views["gaussian"]}
-    with pytest.raises(ValueError, match="even"):
+    with pytest.raises(OptionError, match="num_samples 3: arm union trains two views per crop, so give an even"):
         arm_overrides("union", 3, views)
     # evaluate.yaml's eval_datalist (val_fraction 0): every case is scored, none held back
     assert len(build_datalists(str(ds), val_fraction=0.0)["train"]) == 10

@@ -13,13 +13,14 @@
   95 % CI over seeds and cases (:func:`fvae_ct.aug_seg.stats.hierarchical_bootstrap`).
 
 Writes ``splits/`` (the split, as datalists), ``<arm>/seed<k>/`` (each run: models, test predictions, scores),
-``per_case.csv``, ``ablation.csv`` / ``.md`` / ``.json``.
+``per_case.csv``, ``ablation.csv`` / ``.md`` / ``.json``. The runs are the cases of :class:`fvae_ct.batch.BatchRunner`:
+one ablation per output folder at a time, a failed run is recorded and the others go on (one
+:class:`~fvae_ct.errors.BatchFailure` at the end, no table), and a rerun reuses every finished run made with the same
+settings (``skip_existing``).
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 import math
@@ -27,13 +28,14 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
+from ..batch import BatchRunner, csv_cell, write_csv
+from ..errors import OptionError
 from ..io import case_name, write_text_atomic
-from .scoring import score_case, summarise
-from .stats import hierarchical_bootstrap
+from .ablation_report import markdown, summary_rows
+from .scoring import score_case, scoring_settings
 from .workflow import DEFAULT_NETWORK, split_cases
 
 __all__ = ["ARMS", "VIEW_ARMS", "arm_overrides", "ablate_seg"]
@@ -54,7 +56,6 @@ VIEW_ARMS = {"gaussian": "gaussian_1vox", "nlm": "nlm"}
 #: nnU-Net v2 arms ``nnunet_<arm>`` (nnunet_train.yaml, then inference.yaml serves the model; views of
 #: :data:`fvae_ct.aug_seg.nnunet_data.NNUNET_ARMS`): every arm runs nnU-Net's fixed iterations per epoch
 NNUNET = "nnunet_"
-_LESION_WORDS = ("lesion", "tumour", "tumor", "nodule", "metasta", "cancer")
 
 
 def valid_arm(arm: str) -> bool:
@@ -71,8 +72,9 @@ def arm_overrides(arm: str, num_samples: int, view_dirs: dict[str, str]) -> dict
     ov = dict(ARMS[arm])
     two_views = _views_per_crop(ov) == 2
     if two_views and num_samples % 2:
-        raise ValueError(
-            f"num_samples must be even to compute-match arm {arm!r} (two views per crop), got {num_samples}"
+        raise OptionError(
+            f"num_samples {num_samples}: arm {arm} trains two views per crop, so give an even number "
+            "(every arm then sees the same crops per step)"
         )
     ov["num_samples"] = num_samples // 2 if two_views else num_samples
     if arm in VIEW_ARMS:
@@ -92,26 +94,30 @@ def _write_split(root: Path, split: dict) -> tuple[Path, Path]:
     trainval = sdir / "trainval.json"
     write_text_atomic(trainval, json.dumps({"training": split["train"], "validation": split["val"]}, indent=1))
     write_text_atomic(sdir / "test.json", json.dumps(split["test"], indent=1))
-    for d in split["test"]:
-        link = sdir / "test" / Path(d["image"]).name
-        if not link.is_symlink():
-            os.symlink(os.path.abspath(d["image"]), link)
+    links = {Path(d["image"]).name: os.path.abspath(d["image"]) for d in split["test"]}
+    for old in (sdir / "test").iterdir():  # an earlier split's test cases: not segmented again
+        if old.name not in links or not old.is_symlink() or os.readlink(old) != links[old.name]:
+            old.unlink()
+    for name, target in links.items():
+        if not (sdir / "test" / name).is_symlink():
+            os.symlink(target, sdir / "test" / name)
     return trainval, sdir / "test"
 
 
-def _prepare_views(root: Path, arms, train_items) -> dict[str, str]:
+def _view_dirs(root: Path, arms) -> dict[str, str]:
+    """``{control arm: folder of its classical-filter views}``."""
+    return {arm: str(root / "views" / VIEW_ARMS[arm]) for arm in arms if arm in VIEW_ARMS}
+
+
+def _prepare_views(view_dirs: dict[str, str], train_items) -> None:
     """Classical-filter views of the training cases, named like reconstructions (``<case>_recon.nii.gz``)."""
     from ..recon import RECON_SUFFIX
     from .nnunet_data import filtered_view
 
-    dirs = {}
-    for arm in arms:
-        if arm in VIEW_ARMS:
-            dirs[arm] = str(root / "views" / VIEW_ARMS[arm])
-            Path(dirs[arm]).mkdir(parents=True, exist_ok=True)
-            for d in train_items:
-                filtered_view(d["image"], VIEW_ARMS[arm], Path(dirs[arm]) / f"{case_name(d['image'])}{RECON_SUFFIX}")
-    return dirs
+    for arm, folder in view_dirs.items():
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        for d in train_items:
+            filtered_view(d["image"], VIEW_ARMS[arm], Path(folder) / f"{case_name(d['image'])}{RECON_SUFFIX}")
 
 
 def _run_in_subprocess(name: str, config, **overrides) -> None:
@@ -123,34 +129,51 @@ def _run_in_subprocess(name: str, config, **overrides) -> None:
         raise RuntimeError(f"{name} {config} failed (exit code {r.returncode}; its log is above)")
 
 
-def _run(run_root: Path, trainval, test_dir, split, overrides, scoring, infer_overrides) -> list[dict]:
-    """Train one arm/seed, segment the test split with the bundle's inference config (SegResNet or nnU-Net), score;
-    reuse a finished run with the same settings (``scores.json``)."""
+def _run_bundle(name: str, config, **overrides) -> None:
+    """:func:`fvae_ct.bundle.run_bundle` in this process."""
     from ..bundle import run_bundle
 
-    done = run_root / "scores.json"
-    settings = json.loads(
-        json.dumps({"overrides": overrides, "scoring": scoring, "infer": infer_overrides}, default=str)
-    )
-    if done.is_file():
-        saved = json.loads(done.read_text())
-        if saved.get("settings") == settings:
-            log.info("ablation: %s already done, reused", run_root)
-            return saved["rows"]
+    run_bundle(name, config, **overrides)
+
+
+def _train_and_segment(run_root: Path, trainval, test_dir, overrides: dict, infer_overrides: dict) -> Path:
+    """Train one arm/seed into ``run_root`` and segment the test split with the bundle's inference config (SegResNet
+    or nnU-Net, in a process of its own: nnU-Net reads its folders once per process); returns the predictions'
+    folder (``<case>_seg.nii.gz``)."""
     nnunet = "nnunet_arm" in overrides
-    run = _run_in_subprocess if nnunet else run_bundle  # nnU-Net reads its folders once per process
-    t0 = time.time()
+    run = _run_in_subprocess if nnunet else _run_bundle
     train = ["train.yaml", "nnunet_train.yaml"] if nnunet else "train.yaml"
     run("fvae_aug_seg", train, bundle_root=str(run_root), datalist=str(trainval), **overrides)
-    t_train = time.time() - t0
     pred_dir = run_root / "test_pred"
     run("fvae_aug_seg", "inference.yaml", bundle_root=str(run_root), input=str(test_dir), output_dir=str(pred_dir),
         **(infer_overrides if nnunet else {}))  # fmt: skip
+    return pred_dir
+
+
+def _run(run_root: Path, trainval, test_dir, split, overrides, scoring, infer_overrides, reuse=True) -> list[dict]:
+    """Train, segment and score one arm/seed (per-case rows of the test split); with ``reuse``, a finished run with
+    the same settings and split (its ``scores.json``) is not run again."""
+    done = run_root / "scores.json"
+    names = {k: [case_name(d["image"]) for d in v] for k, v in split.items()}
+    settings = {"overrides": overrides, "scoring": scoring, "infer": infer_overrides, "split": names}
+    settings = json.loads(json.dumps(settings, default=str))
+    if reuse and done.is_file():
+        try:
+            saved = json.loads(done.read_text())
+            if saved.get("settings") == settings:
+                log.info("ablation: %s already done, reused", run_root)
+                return saved["rows"]
+            log.info("ablation: %s was made with other settings; running it again", run_root)
+        except (OSError, ValueError, KeyError, AttributeError) as e:
+            log.warning("ablation: %s is unreadable (%s); running it again", done, type(e).__name__)
+    t0 = time.time()
+    pred_dir = _train_and_segment(run_root, trainval, test_dir, overrides, infer_overrides)
     rows = []
     for d in split["test"]:
         pred = pred_dir / f"{case_name(d['image'])}_seg.nii.gz"
         rows.append({"case": case_name(d["image"]), **score_case(pred, d["label"], **scoring)})
-    write_text_atomic(done, json.dumps({"settings": settings, "train_seconds": t_train, "rows": rows}, indent=1))
+    record = {"settings": settings, "seconds": time.time() - t0, "rows": rows}
+    write_text_atomic(done, json.dumps(record, indent=1))
     return rows
 
 
@@ -165,13 +188,33 @@ def _budget(arm: str, run_root: Path, ov: dict, steps: int, batch: int) -> tuple
     return int(epochs) * int(length), int(conf["batch_size"])
 
 
-def _csv(rows: list[dict]) -> str:
-    cols = list(dict.fromkeys(k for r in rows for k in r))
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, cols, lineterminator="\n")
-    w.writeheader()
-    w.writerows([{k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows])
-    return buf.getvalue()
+def _cell(v) -> str:
+    """A ``per_case.csv`` / ``ablation.csv`` cell: floats with 6 significant digits (``nan`` written)."""
+    return f"{v:.6g}" if isinstance(v, float) else csv_cell(v)
+
+
+@dataclass
+class _Run:
+    """One training run of the ablation: a case of the batch runner (``name`` ``<arm>/seed<k>``, ``path`` its
+    folder)."""
+
+    name: str
+    path: str
+    arm: str
+    seed: int
+
+
+def _parse_list(value, what: str, kind=str) -> list:
+    """``"a,b"`` / ``[a, b]`` / ``(a, b)`` / one value -> a list of ``kind``; an empty list or a bad item:
+    :class:`OptionError` naming the option."""
+    items = str(value).strip("[]()").split(",") if isinstance(value, (str, int)) else list(value)
+    try:
+        out = [kind(str(v).strip()) for v in items if str(v).strip()]
+    except ValueError:
+        raise OptionError(f"{what} {value!r}: give a comma-separated list, e.g. 0,1,2") from None
+    if not out:
+        raise OptionError(f"{what} {value!r}: give at least one")
+    return out
 
 
 def ablate_seg(
@@ -187,9 +230,11 @@ def ablate_seg(
     lesion_classes=None,
     n_boot: int = 10000,
     nnunet_mirroring=True,
+    skip_existing=True,
     **overrides,
 ) -> list[dict]:
-    """Run the ablation (module docstring) and return the table's rows (one per arm).
+    """Run the ablation (module docstring) and return the table's rows (one per arm; also in ``ablation.csv``,
+    ``ablation.md`` and ``ablation.json``).
 
     ``overrides`` go to every training run (``max_epochs``, ``patch_size``, ``class_names``, ``scored_classes``,
     ``nsd_tolerance_mm``, ``vae`` ...). The reconstruction arms share one folder, filled once by the bundle's
@@ -197,113 +242,81 @@ def ablate_seg(
     scored classes whose name says lesion / tumour / nodule). nnU-Net arms (``nnunet_none``, ``nnunet_union``,
     ``nnunet_gaussian`` ...) take ``nnunet_*`` overrides (``nnunet_max_epochs``, ``nnunet_epoch_length``, ...) and
     segment the test split with ``nnunet_mirroring`` (nnU-Net's test-time mirroring; ``false`` is 8x faster).
+    ``skip_existing`` (default true): a run finished with the same settings and split is reused, not trained again.
+
+    Raises :class:`~fvae_ct.errors.OptionError` (bad option, before anything runs), :class:`~fvae_ct.errors.InputError`
+    (bad datalist; another ablation writing into ``output_dir``) and, after every run was tried,
+    :class:`~fvae_ct.errors.BatchFailure` listing the failed runs (the finished ones are kept and reused by a rerun).
     """
-    from ..bundle import run_bundle
     from ..options import parse_bool
 
-    arms = [a.strip() for a in (arms.split(",") if isinstance(arms, str) else arms)]
-    seeds = [int(s) for s in (str(seeds).strip("[]()").split(",") if isinstance(seeds, (str, int)) else seeds)]
+    arms = _parse_list(arms, "arms")
+    seeds = _parse_list(seeds, "seeds", int)
     unknown = [a for a in arms if not valid_arm(a)]
     if unknown:
-        raise ValueError(f"unknown arms {unknown}; valid: {', '.join(ARMS)}, and nnunet_<arm> for nnU-Net arms")
+        raise OptionError(f"arms {','.join(unknown)}: not an arm; valid: {', '.join(ARMS)}, or nnunet_<arm> (nnU-Net)")
     infer = {"mirroring": parse_bool(nnunet_mirroring, "nnunet_mirroring")}
-    if not seeds:
-        raise ValueError("give at least one seed")
+    reuse = parse_bool(skip_existing, "skip_existing")
     root = Path(output_dir)
-    root.mkdir(parents=True, exist_ok=True)
     class_names = list(overrides.get("class_names", DEFAULT_NETWORK["class_names"]))
-    scored = [int(c) for c in overrides.get("scored_classes", [1, 2])]
-    tol = [float(t) for t in overrides.get("nsd_tolerance_mm", [2.0] * len(scored))]
-    if lesion_classes is None:
-        lesion_classes = [c for c in scored if any(w in class_names[c].lower() for w in _LESION_WORDS)]
-    scoring = {"scored_classes": scored, "tolerances_mm": tol, "lesion_classes": [int(c) for c in lesion_classes]}
-
-    split = split_cases(datalist, overrides.pop("dataset_dir", None), val_fraction, test_fraction, split_seed)
-    trainval, test_dir = _write_split(root, split)
+    scoring = scoring_settings(
+        class_names, overrides.get("scored_classes", [1, 2]), overrides.get("nsd_tolerance_mm"), lesion_classes
+    )
+    dataset_dir = overrides.pop("dataset_dir", None)
     recon_dir = str(recon_dir or root / "recon")
     common = {"recon_dir": recon_dir, **overrides}
-    if any(a in ARMS and ARMS[a]["recon_mode"] == "precomputed" and a not in VIEW_ARMS for a in arms):
-        log.info("ablation: reconstructing the training cases into %s", recon_dir)
-        run_bundle("fvae_aug_seg", "train.yaml", run_id="prepare", bundle_root=str(root / "prepare"),
-                   datalist=str(trainval), **common)  # fmt: skip
-    view_dirs = _prepare_views(root, arms, split["train"])
+    view_dirs = _view_dirs(root, arms)
+    arm_ov = {arm: {**common, **arm_overrides(arm, num_samples, view_dirs)} for arm in arms}
+    state, table = {}, []
 
-    batch, epochs = int(overrides.get("batch_size", 2)), int(overrides.get("max_epochs", 200))
+    def prepare() -> list[_Run]:  # under the output folder's lock: the split, reconstructions, control views
+        split = state["split"] = split_cases(datalist, dataset_dir, val_fraction, test_fraction, split_seed)
+        state["trainval"], state["test_dir"] = _write_split(root, split)
+        if any(a in ARMS and ARMS[a]["recon_mode"] == "precomputed" and a not in VIEW_ARMS for a in arms):
+            log.info("ablation: reconstructing the training cases into %s", recon_dir)
+            _run_bundle("fvae_aug_seg", "train.yaml", run_id="prepare", bundle_root=str(root / "prepare"),
+                        datalist=str(state["trainval"]), **common)  # fmt: skip
+        _prepare_views(view_dirs, split["train"])
+        return [_Run(f"{a}/seed{s}", str(root / a / f"seed{s}"), a, s) for a in arms for s in seeds]
+
+    with BatchRunner(root, "fvae ablate-seg", progress=False) as runner:
+        runner.plan(prepare)
+        split = state["split"]
+        for r in runner.mine():
+            log.info("ablation: arm %s, seed %d", r.arm, r.seed)
+            with runner.case(r) as c:
+                rows = _run(Path(r.path), state["trainval"], state["test_dir"], split, {**arm_ov[r.arm], "seed": r.seed},
+                            scoring, infer, reuse)  # fmt: skip
+                c.add({"case": r.name, "arm": r.arm, "seed": r.seed, "rows": rows})
+        done, failures = runner.gather()
+        done = done.get("rows", [])
+        per_case = [{"arm": d["arm"], "seed": d["seed"], **row} for d in done for row in d["rows"]]
+        write_csv(root / "per_case.csv", None, per_case, _cell)
+        if failures:
+            for f in ("ablation.csv", "ablation.md", "ablation.json"):  # an earlier table is not this run's
+                (root / f).unlink(missing_ok=True)
+        else:
+            table = _write_table(root, arms, seeds, split, done, arm_ov, scoring, n_boot, split_seed, common)
+    runner.raise_failures("; no table: rerun the same command to run them (finished runs are reused)")
+    return table
+
+
+def _write_table(root, arms, seeds, split, done, arm_ov, scoring, n_boot, split_seed, common) -> list[dict]:
+    """``ablation.csv`` / ``.md`` / ``.json`` from every run's per-case rows; returns the table's rows."""
+    results = {arm: {} for arm in arms}
+    for d in done:
+        results[d["arm"]][d["seed"]] = {row["case"]: row for row in d["rows"]}
+    batch, epochs = int(common.get("batch_size", 2)), int(common.get("max_epochs", 200))
     steps = epochs * math.ceil(len(split["train"]) / batch)
-    per_case, results = [], {}
-    for arm in arms:
-        ov = {**common, **arm_overrides(arm, num_samples, view_dirs)}
-        results[arm] = {"seeds": {}}
-        for s in seeds:
-            log.info("ablation: arm %s, seed %d", arm, s)
-            rows = _run(root / arm / f"seed{s}", trainval, test_dir, split, {**ov, "seed": s}, scoring, infer)
-            results[arm]["seeds"][s] = {r["case"]: r for r in rows}
-            per_case += [{"arm": arm, "seed": s, **r} for r in rows]
-        results[arm]["budget"] = _budget(arm, root / arm / f"seed{seeds[0]}", ov, steps, batch)
-    write_text_atomic(root / "per_case.csv", _csv(per_case))
-
+    budgets = {arm: _budget(arm, root / arm / f"seed{seeds[0]}", arm_ov[arm], steps, batch) for arm in arms}
     cases = [case_name(d["image"]) for d in split["test"]]
-    base = arms[0]
-    table = []
-    for arm in arms:
-        by_seed = [summarise([results[arm]["seeds"][s][c] for c in cases], scored, scoring["lesion_classes"])
-                   for s in seeds]  # fmt: skip
-        row = {"arm": arm, "seeds": len(seeds), "test_cases": len(cases), "steps": results[arm]["budget"][0],
-               "crops_per_step": results[arm]["budget"][1]}  # fmt: skip
-        for k in by_seed[0]:
-            if k == "cases":
-                continue
-            v = np.array([b[k] for b in by_seed], dtype=np.float64)
-            row[k] = float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
-            if k in ("dice", "nsd"):
-                row[f"{k}_seed_sd"] = float(np.std(v, ddof=1)) if len(v) > 1 else float("nan")
-        for m in ("dice", "nsd"):
-            d = np.array([[_case_mean(results, arm, s, c, m, scored) - _case_mean(results, base, s, c, m, scored)
-                           for c in cases] for s in seeds])  # fmt: skip
-            mean, lo, hi = hierarchical_bootstrap(d, n_boot, split_seed) if arm != base else (0.0, 0.0, 0.0)
-            row.update({f"{m}_diff": mean, f"{m}_ci_low": lo, f"{m}_ci_high": hi})
-        table.append(row)
-    write_text_atomic(root / "ablation.csv", _csv(table))
-    text = _markdown(table, base, split, scored, scoring["lesion_classes"], seeds)
-    write_text_atomic(root / "ablation.md", text + "\n")
+    table = summary_rows(results, budgets, cases, seeds, scoring, n_boot, split_seed)
+    write_csv(root / "ablation.csv", None, table, _cell)
+    write_text_atomic(root / "ablation.md", markdown(table, split, scoring, seeds) + "\n")
     write_text_atomic(
         root / "ablation.json",
         json.dumps({"arms": arms, "seeds": seeds, "rows": table, "scoring": scoring, "overrides": common,
                     "split": {k: [case_name(d["image"]) for d in v] for k, v in split.items()}}, indent=2, default=str),
     )  # fmt: skip
-    print(text)
+    log.info("ablation: table in %s", root / "ablation.md")
     return table
-
-
-def _case_mean(results, arm, seed, case, metric, scored) -> float:
-    """One test case's score of one run, mean over the scored classes."""
-    return float(np.nanmean([results[arm]["seeds"][seed][case][f"{metric}_{k}"] for k in scored]))
-
-
-def _markdown(table, base, split, scored, lesion_classes, seeds) -> str:
-    lines = [
-        f"Checkpoint: best validation Dice on {len(split['val'])} validation cases; scored on {len(split['test'])} "
-        f"held-out test cases (never trained on or used for selection); {len(split['train'])} training cases; seeds "
-        f"{', '.join(map(str, seeds))}. Empty ground truth: Dice = NSD = 1 if the prediction is empty too, else 0. "
-        f"Scores: mean over seeds of the mean over test cases and classes {scored}; +- SD over seeds; difference to "
-        f"{base} paired by seed and case, 95 % CI by bootstrap over seeds and cases.",
-        "",
-    ]
-    det = [f"det. sens. {c} | FP/case {c}" for c in lesion_classes]
-    lines.append("| arm | steps x crops | Dice | NSD | Dice - " + base + " [95% CI] | NSD - " + base + " [95% CI] | "
-                 + "".join(f"{d} | " for d in det) + "empty GT (FP) |")  # fmt: skip
-    lines.append("|---" * (7 + 2 * len(lesion_classes)) + "|")
-    for r in table:
-        cells = [
-            r["arm"],
-            f"{r['steps']} x {r['crops_per_step']}",
-            f"{r['dice']:.4f} +- {r['dice_seed_sd']:.4f}",
-            f"{r['nsd']:.4f} +- {r['nsd_seed_sd']:.4f}",
-            f"{r['dice_diff']:+.4f} [{r['dice_ci_low']:+.4f}, {r['dice_ci_high']:+.4f}]",
-            f"{r['nsd_diff']:+.4f} [{r['nsd_ci_low']:+.4f}, {r['nsd_ci_high']:+.4f}]",
-        ]
-        for c in lesion_classes:
-            cells += [f"{r[f'sensitivity_{c}']:.3f}", f"{r[f'fp_per_case_{c}']:.2f}"]
-        cells.append(", ".join(f"{c}: {r[f'empty_gt_{c}']:.0f} ({r[f'empty_gt_fp_{c}']:.1f})" for c in scored))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)

@@ -15,6 +15,8 @@ import numpy as np
 from scipy import ndimage as ndi
 from scipy.special import expit
 
+from ..errors import InputError, OptionError
+
 __all__ = ["Lesion", "insert_lesion", "make_lesion_set", "HOST_ORGANS"]
 
 
@@ -50,14 +52,15 @@ def insert_lesion(
     organ = np.asarray(organ, bool)
     sp = np.asarray(spacing, dtype=np.float64)
     if not organ.any():
-        raise ValueError("the organ mask is empty")
+        raise ValueError("the organ mask is empty")  # make_lesion_set checks the label file first
     axes = radius_mm * np.array([elongation, 1.0, 1.0 / elongation])
     rng.shuffle(axes)
     depth = ndi.distance_transform_edt(organ, sampling=sp)
     candidates = np.argwhere(depth >= axes.max() + edge_mm)
     if len(candidates) == 0:
-        raise ValueError(
-            f"no place in the organ is {axes.max() + edge_mm:.1f} mm from its surface: use a smaller radius_mm"
+        raise OptionError(
+            f"radius_mm {radius_mm:g}: no place in the organ is {axes.max() + edge_mm:.1f} mm from its surface "
+            f"(its deepest point is {float(depth.max()):.1f} mm deep); use a smaller radius_mm"
         )
     centre = candidates[rng.integers(len(candidates))]
     grids = np.meshgrid(*[(np.arange(n) - c) * s for n, c, s in zip(ct.shape, centre, sp)], indexing="ij")
@@ -107,6 +110,14 @@ def make_lesion_set(
     ct = np.asarray(ct_img.dataobj).astype(np.float32)
     seg = np.asarray(nib.load(str(seg_path)).dataobj).astype(np.int16)
     spacing = ct_img.header.get_zooms()[:3]
+    unknown = [o for o in organs if o not in HOST_ORGANS]
+    if unknown:
+        raise OptionError(f"organs {list(organs)}: {unknown} not among {', '.join(HOST_ORGANS)}")
+    if int(n_cases) < 1:
+        raise OptionError(f"n_cases {n_cases!r}: give at least 1")
+    absent = [f"{o} ({HOST_ORGANS[o]})" for o in organs[: int(n_cases)] if not (seg == HOST_ORGANS[o]).any()]
+    if absent:
+        raise InputError(seg_path, f"no voxel of organ label(s) {', '.join(absent)}: not a TotalSegmentator label map?")
     rng = np.random.default_rng(seed)
     items = []
     for i in range(n_cases):

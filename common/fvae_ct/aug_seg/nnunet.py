@@ -28,7 +28,7 @@ import torch
 from monai.apps.nnunet import ModelnnUNetWrapper
 from monai.data import MetaTensor
 
-from ..errors import InputError
+from ..errors import InputError, OptionError
 from ..io import write_text_atomic
 from .workflow import spacing_from_affine
 
@@ -61,8 +61,9 @@ def set_paths(work_dir: str) -> dict[str, str]:
     }
     loaded = sys.modules.get("nnunetv2.paths")
     if loaded is not None and getattr(loaded, "nnUNet_raw", None) not in (None, paths["nnUNet_raw"]):
-        raise RuntimeError(
-            f"nnU-Net was already imported with nnUNet_raw={loaded.nnUNet_raw}; one process serves one nnunet work_dir"
+        raise OptionError(
+            f"nnunet_dir {work_dir}: this process already imported nnU-Net with nnUNet_raw={loaded.nnUNet_raw}; "
+            "one process serves one nnunet_dir (run this one in a new process)"
         )
     for k, v in paths.items():
         Path(v).mkdir(parents=True, exist_ok=True)

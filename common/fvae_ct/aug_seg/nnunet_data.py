@@ -25,10 +25,10 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from ..errors import InputError
+from ..errors import InputError, OptionError
 from ..io import case_name, save_nifti_atomic, write_text_atomic
 
-__all__ = ["NNUNET_ARMS", "export_arm", "make_folds", "dataset_folder_name", "filtered_view"]
+__all__ = ["NNUNET_ARMS", "arm_views", "export_arm", "make_folds", "dataset_folder_name", "filtered_view"]
 
 log = logging.getLogger("fvae_ct")
 
@@ -42,20 +42,30 @@ NNUNET_ARMS = {
 }
 
 
+def arm_views(arm: str) -> tuple[str, ...]:
+    """The training views of nnU-Net arm ``arm`` (:data:`NNUNET_ARMS`); another name is an :class:`OptionError`."""
+    if arm not in NNUNET_ARMS:
+        raise OptionError(f"nnunet_arm {arm!r}: must be one of {', '.join(NNUNET_ARMS)}")
+    return NNUNET_ARMS[arm]
+
+
 def dataset_folder_name(dataset_id: int, name: str) -> str:
     """nnU-Net's folder name ``Dataset<ID:03d>_<name>``."""
     if not 1 <= int(dataset_id) <= 999:
-        raise ValueError(f"nnU-Net dataset ids are 1..999, got {dataset_id}")
+        raise OptionError(f"nnunet_dataset_id {dataset_id}: nnU-Net dataset ids are 1..999")
     return f"Dataset{int(dataset_id):03d}_{name}"
 
 
 def make_folds(train_ids: list[str], val_ids: list[str], num_folds: int, seed: int) -> list[tuple[list, list]]:
     """``[(train originals, val originals)]``: one fold = the bundle's split; k folds = a seeded k-way split of all."""
+    ids = sorted(train_ids + val_ids)
+    if not 1 <= int(num_folds) <= max(1, len(ids)):
+        raise OptionError(
+            f"nnunet_folds {num_folds}: give 1 (the bundle's split) or k folds with at least k labelled cases "
+            f"(the datalist has {len(ids)})"
+        )
     if num_folds == 1:
         return [(sorted(train_ids), sorted(val_ids))]
-    ids = sorted(train_ids + val_ids)
-    if len(ids) < num_folds:
-        raise ValueError(f"{num_folds} folds need at least {num_folds} labelled cases, got {len(ids)}")
     order = np.random.default_rng(seed).permutation(len(ids))
     groups = [sorted(ids[i] for i in order[k::num_folds]) for k in range(num_folds)]
     return [(sorted(set(ids) - set(g)), g) for g in groups]
@@ -119,9 +129,7 @@ def export_arm(
         view_dir: folder for the classical-filter views (cached).
         num_folds: 1 = the given train / val split as fold 0; k > 1 = k folds over train + val.
     """
-    if arm not in NNUNET_ARMS:
-        raise ValueError(f"unknown nnU-Net arm {arm!r}; valid: {', '.join(NNUNET_ARMS)}")
-    views = NNUNET_ARMS[arm]
+    views = arm_views(arm)
     folder = dataset_folder_name(dataset_id, name or f"fvae_{arm}")
     root = Path(nnunet_raw) / folder
     items = {case_name(d["image"]): d for k in ("train", "val", "test") for d in splits.get(k) or []}
@@ -140,7 +148,7 @@ def export_arm(
             if view == "original":
                 src = d["image"]
             elif view == "recon":
-                if recon_path is None:
+                if recon_path is None:  # a caller's bug: the bundle config always passes it
                     raise ValueError(f"arm {arm} needs reconstructions (recon_path)")
                 src = str(recon_path(d["image"]))
             else:

@@ -18,11 +18,43 @@ import numpy as np
 import torch
 from monai.metrics import compute_dice, compute_surface_dice
 
-from ..errors import InputError
+from ..errors import InputError, OptionError
 from ..io import read_labels, spacing_of
 from .stats import apply_empty_rule, lesion_detection
 
-__all__ = ["score_case", "summarise"]
+__all__ = ["scoring_settings", "score_case", "summarise"]
+
+
+_LESION_WORDS = ("lesion", "tumour", "tumor", "nodule", "metasta", "cancer")
+
+
+def _numbers(option: str, value, kind=int) -> list:
+    """``value`` (one number or a list of them) as a list of ``kind``; anything else: :class:`OptionError`."""
+    items = [value] if isinstance(value, (int, float, str)) else list(value)
+    try:
+        return [kind(v) for v in items]
+    except (TypeError, ValueError):
+        raise OptionError(f"{option} {value!r}: give a number or a list of numbers") from None
+
+
+def scoring_settings(class_names, scored_classes, tolerances_mm=None, lesion_classes=None) -> dict:
+    """``{"scored_classes", "tolerances_mm", "lesion_classes"}`` for :func:`score_case`, checked before anything
+    runs (:class:`OptionError` naming the option). ``tolerances_mm`` default 2 mm per class; ``lesion_classes``
+    default: the scored classes whose name says lesion / tumour / nodule / metastasis / cancer."""
+    names = list(class_names)
+    scored = _numbers("scored_classes", scored_classes)
+    bad = [c for c in scored if not 1 <= c < len(names)]
+    if bad or not scored:
+        raise OptionError(f"scored_classes {scored}: give classes among 1..{len(names) - 1} of class_names {names}")
+    tol = [2.0] * len(scored) if tolerances_mm is None else _numbers("nsd_tolerance_mm", tolerances_mm, float)
+    if len(tol) != len(scored) or any(not t > 0 for t in tol):
+        raise OptionError(f"nsd_tolerance_mm {tol}: give one positive tolerance (mm) per scored class {scored}")
+    if lesion_classes is None:
+        lesion_classes = [c for c in scored if any(w in names[c].lower() for w in _LESION_WORDS)]
+    lesions = _numbers("lesion_classes", lesion_classes)
+    if any(not 1 <= c < len(names) for c in lesions):
+        raise OptionError(f"lesion_classes {lesions}: give classes among 1..{len(names) - 1} of class_names {names}")
+    return {"scored_classes": scored, "tolerances_mm": tol, "lesion_classes": lesions}
 
 
 def score_case(
@@ -35,7 +67,9 @@ def score_case(
     """
     scored_classes = [int(c) for c in scored_classes]
     if len(tolerances_mm) != len(scored_classes):
-        raise ValueError(f"one NSD tolerance per scored class: {list(tolerances_mm)} for classes {scored_classes}")
+        raise OptionError(
+            f"nsd_tolerance_mm {list(tolerances_mm)}: give one tolerance per scored class {scored_classes}"
+        )
     pred, pa = read_labels(pred_path)
     gt, ga = read_labels(label_path)
     if pred.shape != gt.shape or not np.allclose(pa, ga, atol=atol_mm):

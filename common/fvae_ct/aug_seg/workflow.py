@@ -15,18 +15,17 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from monai.data import load_decathlon_datalist
 from monai.handlers import IgniteMetricHandler, from_engine
 from monai.metrics import HausdorffDistanceMetric, SurfaceDiceMetric
 from monai.transforms import MapTransform, Randomizable
 
-from ..errors import InputError
+from ..datalist import read_datalist, read_json
+from ..errors import InputError, OptionError
 from ..io import case_name, write_text_atomic
 from ..recon import RECON_SUFFIX
 
@@ -53,31 +52,21 @@ RECON_MODES = ("none", "precomputed", "online")
 RECON_MIXES = ("union", "prob")
 
 
+def check_choice(option: str, value, allowed) -> None:
+    """An :class:`OptionError` naming ``option``, ``value`` and the ``allowed`` values unless ``value`` is one."""
+    if value not in allowed:
+        raise OptionError(f"{option} {value!r}: must be one of {', '.join(map(str, allowed))}")
+
+
 def _read_datalist(datalist: str, dataset_dir: str | None) -> tuple[list[dict], list[dict] | None]:
-    p = Path(datalist)
-    if not p.is_file():
-        raise InputError(p, "datalist JSON does not exist")
-    base = dataset_dir or str(p.parent)
-    try:
-        data = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise InputError(p, f"not valid JSON ({e})") from e
-    if isinstance(data, dict):
-        if "training" not in data:
-            raise InputError(p, "an MSD-style datalist needs a 'training' list of {'image', 'label'} items")
-        train = load_decathlon_datalist(str(p), True, "training", base_dir=base)
-        val = load_decathlon_datalist(str(p), True, "validation", base_dir=base) if "validation" in data else None
-        return train, val
-    items = []
-    for d in data:
-        if not isinstance(d, dict) or "image" not in d or "label" not in d:
-            raise InputError(p, f"each item needs 'image' and 'label', got {d!r}")
-        items.append({k: (v if os.path.isabs(str(v)) else os.path.join(base, str(v))) for k, v in d.items()})
-    return items, None
-
-
-def _absolute(item: dict) -> dict:
-    return {k: os.path.abspath(v) if k in ("image", "label", "image_recon") else v for k, v in item.items()}
+    """(training items, the datalist's own validation items or ``None``), absolute paths, by the one datalist reader
+    (:func:`fvae_ct.datalist.read_datalist`: a list, or an MSD dict's ``training`` / ``validation``; every item needs
+    ``image`` and ``label``). Files are checked later, all at once (``checked_io.check_items``)."""
+    kw = {"required_keys": ("image", "label"), "base_dir": dataset_dir, "check_files": False}
+    train = read_datalist(datalist, ("training",), **kw)
+    data = read_json(datalist, "datalist JSON")  # read_datalist checked it; only: is there a validation list?
+    has_val = isinstance(data, dict) and "validation" in data
+    return train, (read_datalist(datalist, ("validation",), **kw) if has_val else None)
 
 
 def split_cases(datalist: str, dataset_dir=None, val_fraction=0.2, test_fraction=0.0, seed=0) -> dict[str, list]:
@@ -85,15 +74,20 @@ def split_cases(datalist: str, dataset_dir=None, val_fraction=0.2, test_fraction
     ablation. The datalist's own ``validation`` list is the validation split when present; the test split is a seeded
     draw of ``test_fraction`` of the other labelled cases (at least one; none at 0); the validation split (if not
     given) a draw of ``val_fraction`` of all (at least one; none at 0 or with a single case); the rest trains."""
+    for name, f in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0.0 <= float(f) < 1.0:
+            raise OptionError(f"{name} {f!r}: give a fraction of the cases in [0, 1)")
     train, val = _read_datalist(datalist, dataset_dir)
-    train, val = [_absolute(d) for d in train], (None if val is None else [_absolute(d) for d in val])
     order = np.random.default_rng(seed).permutation(len(train))
     n_all = len(order) + len(val or [])
     n_test = max(1, round(test_fraction * n_all)) if test_fraction > 0 else 0
     rest = len(order) - n_test
     n_val = 0 if val is not None or val_fraction <= 0 or rest < 2 else max(1, round(val_fraction * n_all))
     if rest - n_val < 1:
-        raise ValueError(f"{len(order)} labelled cases cannot give {n_test} test, {n_val} validation and 1 training")
+        raise OptionError(
+            f"val_fraction {val_fraction} / test_fraction {test_fraction}: the {len(order)} labelled case(s) of "
+            f"{datalist} cannot give {n_test} test, {n_val} validation and 1 training case; lower them"
+        )
 
     def pick(idx):  # each split keeps the datalist's order
         return [train[i] for i in sorted(idx)]
@@ -118,8 +112,7 @@ def build_datalists(
     ``val_fraction`` of the cases (at least one; none at 0, as for evaluate.yaml's ``eval_datalist``): the same split
     for every arm.
     """
-    if recon_mode not in RECON_MODES:
-        raise ValueError(f"recon_mode must be one of {RECON_MODES}, got {recon_mode!r}")
+    check_choice("recon_mode", recon_mode, RECON_MODES)
     split = split_cases(datalist, dataset_dir, val_fraction, 0.0, seed)
     train, val = split["train"], split["val"]
     for item in (*train, *val):
@@ -270,8 +263,8 @@ class RandReconViewd(Randomizable, MapTransform):
 
     def __init__(self, prob: float = 0.5, image_key: str = "image", recon_key: str = "image_recon"):
         MapTransform.__init__(self, [image_key, recon_key])
-        if not 0.0 <= prob <= 1.0:
-            raise ValueError(f"recon_prob must be in [0, 1], got {prob}")
+        if not isinstance(prob, (int, float)) or not 0.0 <= prob <= 1.0:
+            raise OptionError(f"recon_prob {prob!r}: give a probability in [0, 1]")
         self.prob, self.image_key, self.recon_key = prob, image_key, recon_key
 
     def randomize(self, data=None) -> None:
@@ -298,10 +291,8 @@ class _Passthrough:
 
 def view_mixer(recon_mode: str = "none", recon_mix: str = "union", recon_prob: float = 0.5):
     """The transform that mixes the two views after the joint crop (run it with ``map_items=False``)."""
-    if recon_mode not in RECON_MODES:
-        raise ValueError(f"recon_mode must be one of {RECON_MODES}, got {recon_mode!r}")
-    if recon_mix not in RECON_MIXES:
-        raise ValueError(f"recon_mix must be one of {RECON_MIXES}, got {recon_mix!r}")
+    check_choice("recon_mode", recon_mode, RECON_MODES)
+    check_choice("recon_mix", recon_mix, RECON_MIXES)
     if recon_mode == "none":
         return _Passthrough()
     return SplitViewsd() if recon_mix == "union" else RandReconViewd(recon_prob)

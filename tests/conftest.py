@@ -155,6 +155,30 @@ def run(cmd: list[str], **kw):
 PY = sys.executable
 
 
+def barrier_env(folder: Path, after: int, env: dict | None = None) -> dict:
+    """The environment of a child process whose batch runs its first ``after`` cases and then blocks (each process
+    of a torchrun run on its own), writing ``folder/blocked.<pid>``: see ``tests/barrier/sitecustomize.py``."""
+    env = dict(os.environ if env is None else env)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = [str(ROOT / "tests" / "barrier"), *filter(None, [env.get("PYTHONPATH")])]
+    env.update(PYTHONPATH=os.pathsep.join(path), FVAE_TEST_BLOCK_AFTER=str(after), FVAE_TEST_BARRIER_DIR=str(folder))
+    return env
+
+
+def wait_blocked(folder: Path, n: int, proc, timeout: float = 300) -> list[str]:
+    """Wait until ``n`` processes wait at the barrier of :func:`barrier_env`; the names of the cases they hold."""
+    import time
+
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        marks = sorted(folder.glob("blocked.*"))
+        if len(marks) >= n:
+            return [m.read_text() for m in marks]
+        assert proc.poll() is None, f"the run ended (rc {proc.returncode}) before reaching the barrier"
+        time.sleep(0.05)
+    raise TimeoutError(f"{n} process(es) did not reach the barrier in {folder} within {timeout} s")
+
+
 def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray) -> Path:
     import nibabel as nib
 

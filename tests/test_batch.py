@@ -11,12 +11,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import PY
+from conftest import PY, barrier_env, wait_blocked
 
 from fvae_ct.errors import InputError
 from fvae_ct.io import OUTPUT_MARK, folder_lock, is_own_output
@@ -160,7 +159,7 @@ def test_a_second_run_into_the_same_folder_is_refused(tmp_path):
 N_CASES = 6
 
 
-def _slow_batch(tmp_path):
+def _batch(tmp_path):
     src = tmp_path / "in"
     src.mkdir()
     imgs = {f"c{i}": _ct(src / f"c{i}.nii.gz", i, shape=(96, 96, 24)) for i in range(N_CASES)}
@@ -173,35 +172,26 @@ def _default_sigint():
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def _launch(src, out, *extra):
+def _launch(src, out, *extra, env=None):
     cmd = [PY, "-m", "fvae_ct.cli", "recon", str(src), "-o", str(out), "--vae", "identity", *extra]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
-
-
-def _wait_for_rows(path, n, proc, timeout=120):
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if path.exists() and len(_rows(path)) >= n:
-            return
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        time.sleep(0.02)
-    raise TimeoutError(path)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint,
+                            env=env)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
 def test_interrupted_batch_keeps_its_rows_and_resumes(sig, tmp_path):
-    """Kill the real ``fvae recon`` after its first case: the finished rows are on disk; the resumed run with
-    ``--skip_existing true`` reuses them, finishes the rest, and ends with one row per case, outputs equal to the
-    inputs (identity VAE), no temporaries, no lock file."""
-    src, imgs = _slow_batch(tmp_path)
+    """Interrupt the real ``fvae recon`` after its second case (a barrier holds the third until the signal): the
+    finished rows are on disk; the resumed run with ``--skip_existing true`` reuses them, finishes the rest, and ends
+    with one row per case, outputs equal to the inputs (identity VAE), no temporaries, no lock file."""
+    src, imgs = _batch(tmp_path)
     out = tmp_path / "out"
-    proc = _launch(src, out, "--figures", "true")  # the figures make each case take a while
-    _wait_for_rows(out / "metrics.csv", 1, proc)
+    proc = _launch(src, out, "--figures", "false", env=barrier_env(tmp_path / "barrier", after=2))
+    held = wait_blocked(tmp_path / "barrier", 1, proc)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode != 0
     done = _rows(out / "metrics.csv")
-    assert 1 <= len(done) < N_CASES, "the run finished before it was interrupted: make the cases slower"
+    assert [r["case"] for r in done] == ["c0", "c1"] and held == ["c2"], (done, held)
     assert len({r["case"] for r in done}) == len(done) and all(r["status"] == "ok" for r in done)
     if sig == signal.SIGINT:  # a Ctrl-C also leaves a summary saying so, and one line instead of a traceback
         assert proc.returncode in (130, -signal.SIGINT) and "fvae recon: interrupted" in err and "Traceback" not in err, err[-3000:]

@@ -15,7 +15,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import PY, ROOT
+from conftest import PY, ROOT, barrier_env, wait_blocked
 
 from fvae_ct import distributed
 
@@ -155,17 +155,16 @@ def test_killed_torchrun_resumes_with_skip_existing(crops, single_run, tmp_path)
     out = tmp_path / "out"
     cmd = _torchrun(2, "--config_file", str(RECON), "--input", str(crops), "--output_dir", str(out), "--figures",
                     "False")
-    p = subprocess.Popen(cmd, env=_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                         start_new_session=True)
-    deadline = time.time() + 240
-    while not _outputs(out) and time.time() < deadline and p.poll() is None:
-        time.sleep(0.05)
+    barrier = tmp_path / "barrier"  # each worker runs its first case, then waits there until killed
+    p = subprocess.Popen(cmd, env=barrier_env(barrier, 1, _env()), cwd=ROOT, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, start_new_session=True)
+    held = wait_blocked(barrier, 2, p)  # both shares have two cases or more: both workers wait there
     for pid in [p.pid, *_descendants(p.pid)]:  # preemption: the launcher and its workers (own sessions) die at once
         os.kill(pid, signal.SIGKILL)
     p.wait()
     time.sleep(0.5)
     done = _outputs(out)
-    assert 1 <= len(done) < 4, "the kill should land mid-way"
+    assert len(done) == 2 and not set(held) & set(done), (sorted(done), held)
     parts = sorted(out.glob("metrics.rank*.csv"))  # the killed run's per-rank rows (a case killed between its
     assert parts  # NIfTI and its row has none)
     killed_rows = {}

@@ -3,12 +3,18 @@
 Each archive holds one folder ``<bundle>/`` with what is in ``bundles/<bundle>/`` in git (configs, docs,
 LICENSE, large_files.yml) plus the code the bundle needs, vendored from the one source ``common/fvae_ct`` as
 ``<bundle>/fvae_ct/``: the import closure (:func:`import_closure`) of the ``fvae_ct`` modules its configs name (and
-the ``python -m fvae_ct...`` commands of its README), so nothing is kept by hand and an archive carries no module
+the ``python -m fvae_ct...`` commands of its docs), so nothing is kept by hand and an archive carries no module
 that none of them can reach. A site that downloads
 one archive runs it with ``python -m monai.bundle run`` and the packages its metadata lists: MONAI puts the
 bundle folder on ``sys.path`` (``ConfigWorkflow.run``; the model-zoo CI and MONAI Label do the same), so the
 configs' ``import fvae_ct`` finds the vendored copy; in the repository it finds the installed package. The same
 configs serve both, unedited.
+
+Sections that all three bundle READMEs share (requirements, getting the bundle, how the configs find the code, ...)
+are written once in ``bundles/_shared_docs/<name>.md``. A repository README holds a one-line pointer with the marker
+``<!-- shared: <name> -->`` in their place; the archive's ``docs/README.md`` holds the section's text there, with the
+placeholders ``{{bundle}}``, ``{{version}}``, ``{{torch}}``, ``{{vendored}}`` and ``{{large_files}}`` filled in, and
+lines marked ``<!-- repo-only -->`` are left out (:func:`archive_readme`).
 
 The archives are reproducible: sorted entries, fixed timestamps, no caches.
 
@@ -36,6 +42,13 @@ _EPOCH = (2024, 1, 1, 0, 0, 0)
 #: a dotted reference to fvae_ct: ``fvae_ct.recon.analysis.AnalysisWorkflow`` in a config, ``"from fvae_ct.bundle
 #: import run_bundle"`` in a code string handed to a subprocess
 _REF = re.compile(r"\bfvae_ct(?:\.[A-Za-z_][A-Za-z0-9_]*)+|\bfvae_ct\b")
+#: the shared README sections, one file per section (``bundles/_shared_docs/<name>.md``)
+SHARED_DOCS = REPO / "bundles" / "_shared_docs"
+#: a README line holding ``<!-- shared: <name> -->``: the whole line is replaced by that section in the archive
+SHARED_MARKER = re.compile(r"^.*<!-- shared: ([A-Za-z0-9_-]+) -->.*$", re.M)
+#: a README line holding ``<!-- repo-only -->`` (a note for readers of the repository) is left out of the archive
+REPO_ONLY = re.compile(r"^.*<!-- repo-only -->.*\n?", re.M)
+_PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
 
 
 def _skip(p: Path) -> bool:
@@ -112,14 +125,18 @@ def module_imports(module: str, package: Path = PACKAGE) -> set[str]:
 
 def config_references(bundle: str) -> set[str]:
     """The fvae_ct modules a bundle runs: those its configs name (``fvae_ct.x.y`` in ``bundles/<bundle>/configs/*``)
-    and those its README runs as commands (``python -m fvae_ct.x.y``, e.g. fvae_aug_seg's lesion generator)."""
+    and those its docs run as commands (``python -m fvae_ct.x.y`` in ``docs/*.md`` and the shared sections its README
+    names, e.g. fvae_aug_seg's lesion generator)."""
     refs = set()
     for p in sorted((REPO / "bundles" / bundle / "configs").iterdir()):
         if p.is_file() and not _skip(p):
             refs.update(_REF.findall(p.read_text()))
+    docs = sorted((REPO / "bundles" / bundle / "docs").glob("*.md"))
     readme = REPO / "bundles" / bundle / "docs" / "README.md"
     if readme.is_file():
-        refs.update(re.findall(r"python -m (fvae_ct(?:\.[A-Za-z_][A-Za-z0-9_]*)+)", readme.read_text()))
+        docs += [shared_section(name) for name in SHARED_MARKER.findall(readme.read_text())]
+    for doc in docs:
+        refs.update(re.findall(r"python -m (fvae_ct(?:\.[A-Za-z_][A-Za-z0-9_]*)+)", doc.read_text()))
     missing = sorted(r for r in refs if _longest_module(r) is None)
     if missing:
         raise SystemExit(f"{bundle}: its configs or README name fvae_ct modules that do not exist: {missing}")
@@ -158,6 +175,70 @@ def bundle_files(bundle: str) -> list[tuple[Path, str]]:
     return sorted(files, key=lambda f: f[1])
 
 
+def shared_section(name: str) -> Path:
+    """The file of the shared README section ``name``; a marker naming no section stops the build."""
+    f = SHARED_DOCS / f"{name}.md"
+    if not f.is_file():
+        known = sorted(p.stem for p in SHARED_DOCS.glob("*.md") if p.stem != "README")
+        raise SystemExit(f"<!-- shared: {name} -->: no {f.relative_to(REPO)} (shared sections: {known})")
+    return f
+
+
+def _large_files_summary(bundle: str) -> str:
+    """What ``download_large_files`` fetches, one entry per file or per folder of files: ``models/a.pth``,
+    ``sample_data/series/`` (20 files)."""
+    import yaml
+
+    groups: dict[str, int] = {}
+    for item in yaml.safe_load((REPO / "bundles" / bundle / "large_files.yml").read_text())["large_files"]:
+        parts = item["path"].split("/")
+        key = "/".join(parts[:2]) + "/" if len(parts) > 2 else item["path"]
+        groups[key] = groups.get(key, 0) + 1
+    return ", ".join(f"`{k}` ({n} files)" if k.endswith("/") else f"`{k}`" for k, n in groups.items())
+
+
+def placeholders(bundle: str) -> dict[str, str]:
+    """The values the shared sections' ``{{name}}`` placeholders take for one bundle."""
+    meta = json.loads((REPO / "bundles" / bundle / "configs" / "metadata.json").read_text())
+    subs = sorted({m.split(".")[1] for m in vendored_modules(bundle) if m.count(".") >= 1} & WORKFLOW_PACKAGES)
+    return {
+        "bundle": bundle,
+        "version": meta["version"],
+        "torch": meta["pytorch_version"],
+        "vendored": "the shared core plus " + " and ".join(f"`fvae_ct.{s}`" for s in subs),
+        "large_files": _large_files_summary(bundle),
+    }
+
+
+def expand_shared(text: str, values: dict[str, str]) -> str:
+    """``text`` with every ``<!-- shared: <name> -->`` line replaced by that shared section, placeholders filled in,
+    and every ``<!-- repo-only -->`` line left out; an unknown section or placeholder stops the build."""
+
+    def section(m: re.Match) -> str:
+        body = shared_section(m.group(1)).read_text().strip("\n")
+
+        def fill(p: re.Match) -> str:
+            if p.group(1) not in values:
+                raise SystemExit(f"{m.group(1)}.md: unknown placeholder {p.group(0)} (known: {sorted(values)})")
+            return values[p.group(1)]
+
+        return _PLACEHOLDER.sub(fill, body)
+
+    return SHARED_MARKER.sub(section, REPO_ONLY.sub("", text))
+
+
+def archive_readme(bundle: str) -> str:
+    """The archive's ``docs/README.md``: the repository README with the shared sections inserted."""
+    text = (REPO / "bundles" / bundle / "docs" / "README.md").read_text()
+    return expand_shared(text, placeholders(bundle))
+
+
+def _archive_bytes(bundle: str, src: Path, name: str) -> bytes:
+    if name == f"{bundle}/docs/README.md":
+        return archive_readme(bundle).encode()
+    return src.read_bytes()
+
+
 def build(bundle: str, out: Path) -> Path:
     meta = json.loads((REPO / "bundles" / bundle / "configs" / "metadata.json").read_text())
     out.mkdir(parents=True, exist_ok=True)
@@ -168,7 +249,7 @@ def build(bundle: str, out: Path) -> Path:
             info = zipfile.ZipInfo(name, date_time=_EPOCH)
             info.external_attr = 0o644 << 16
             info.compress_type = zipfile.ZIP_DEFLATED
-            z.writestr(info, src.read_bytes())
+            z.writestr(info, _archive_bytes(bundle, src, name))
     tmp.replace(dest)
     return dest
 

@@ -104,7 +104,7 @@ def main() -> int:
     ap.add_argument("--work", default=str(REPO / "outputs" / "zoo_ci"))
     ap.add_argument("--bundles", default=",".join(BUNDLES))
     ap.add_argument("--venv", default=str(REPO / ".venv-zoo"))
-    ap.add_argument("--update-readmes", action="store_true", help="write the results into each bundle's README")
+    ap.add_argument("--update-readmes", action="store_true", help="write the results into bundles/*/docs/results.md")
     a = ap.parse_args()
     bundles = [b for b in a.bundles.split(",") if b]
     work = Path(a.work).resolve()
@@ -207,7 +207,7 @@ def main() -> int:
                     END,
                 ]
             )
-            readme = REPO / "bundles" / b / "docs" / "README.md"
+            readme = REPO / "bundles" / b / "docs" / "results.md"  # the README links to it
             text = readme.read_text()
             start = text.index(MARK)
             end = text.index(END) + len(END) if END in text else start + len(MARK)

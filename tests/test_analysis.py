@@ -93,9 +93,26 @@ def test_label_free_mode_and_registry_growth(assets, tmp_path):
     assert (tmp_path / "totalseg_ct_sm_3mm_analysis.png").is_file()
 
 
-def test_unknown_method_is_refused(tmp_path):
+def test_bad_analysis_options_are_one_line_option_errors(tmp_path):
+    """A bad --methods / --insert_noise / --hf_cutoff is an OptionError naming the option, the value and what is allowed,
+    raised when the analysis is built (before any case); text from the command line is split at commas."""
+    from fvae_ct.errors import OptionError
+
     recon = ReconWorkflow(IdentityVAE(), str(tmp_path), figures=False, progress=False)
-    with pytest.raises(ValueError, match="unknown methods \\['wiener'\\]"):
-        AnalysisWorkflow(recon, methods=["vae", "wiener"])
-    with pytest.raises(ValueError, match="need the 'vae' method"):
-        AnalysisWorkflow(recon, methods=["gaussian_matched"])
+    cases = [
+        ({"methods": ["vae", "wiener"]}, r"^methods \['vae', 'wiener'\]: unknown \['wiener'\]; give any of vae, "
+                                         r"gaussian_matched, gaussian_psnr_matched, gaussian_1vox, median3"),
+        ({"methods": "foo"}, r"^methods \['foo'\]: unknown \['foo'\]; give any of vae"),
+        ({"methods": "[]"}, r"^methods \[\]: unknown \[\]; give any of vae"),
+        ({"methods": ["gaussian_matched"]}, r"^methods \['gaussian_matched'\]: gaussian_matched need the 'vae' method"),
+        ({"insert_noise": "white10,pink5"}, r"^insert_noise 'pink5': give white<HU> or ct<HU>, e.g. white10, ct20$"),
+        ({"insert_noise": ["ct-3"]}, r"^insert_noise 'ct-3': give white<HU> or ct<HU>"),
+        ({"cutoff": "high"}, r"^hf_cutoff 'high': give a frequency in cycles/voxel, above 0 and at most 0.707$"),
+        ({"cutoff": 0.0}, r"^hf_cutoff 0.0: give a frequency"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(OptionError, match=message):
+            AnalysisWorkflow(recon, **kwargs)
+    a = AnalysisWorkflow(recon, methods="median3, vae", insert_noise="[white10, ct20]", cutoff="0.3", progress=False)
+    assert a.methods == ["vae", "median3"] and a.insert_noise == ["white10", "ct20"] and a.cutoff == 0.3
+    assert AnalysisWorkflow(recon, insert_noise="[]").insert_noise == []

@@ -232,20 +232,25 @@ class CLI:
         """Reconstruct INPUT with every VAE of --vaes (comma-separated) through the recon bundle, each in a process
         of its own; one table (PSNR, SSIM, MSE, seconds, peak memory of that process, noise ratio, boundary shift,
         edge-width ratio, signed edge offset, HF error) in compare.csv / compare.md. --weights '{"wan2.1":
-        "/path/to/diffusers/folder"}' gives weights per VAE; other options go to every `fvae recon` run."""
-        from .recon.compare import compare_vaes
+        "/path/to/diffusers/folder"}' gives weights per VAE; other options go to every `fvae recon` run. Prints the
+        table (compare.md). One comparison per output folder at a time; a failed VAE is listed at the end (exit 1)
+        and --skip_existing true reuses the VAEs done with the same settings."""
+        from .errors import BatchFailure
+        from .recon.compare import compare_vaes, markdown_table
 
         output_dir = output_dir or overrides.pop("o", None)
         if output_dir is None:
             sys.exit("fvae compare-vaes: give an output folder with -o / --output_dir")
         if isinstance(vaes, (list, tuple)):
             vaes = ",".join(vaes)
-        from .recon import BatchFailure
-
-        try:
-            compare_vaes(input, vaes, output_dir, weights, labels, **overrides)
-        except BatchFailure as e:
-            sys.exit(f"fvae compare-vaes: {e}")
+        with _user_errors("compare-vaes", "finished VAEs are kept; rerun with --skip_existing true to resume"):
+            try:
+                rows = compare_vaes(_path(input), vaes, _path(output_dir), weights, _path(labels), **overrides)
+            except BatchFailure as e:
+                if getattr(e, "rows", None):
+                    print(markdown_table(e.rows))  # the VAEs that ran
+                raise
+        print(markdown_table(rows))
 
     def list_vaes(self) -> None:
         """Print every registered VAE: what it is, the weights it needs and where they come from."""

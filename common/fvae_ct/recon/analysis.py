@@ -19,25 +19,19 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
-from matplotlib.figure import Figure  # no pyplot: no global backend, no figure registry to close
 from tqdm.auto import tqdm
 
 from ..batch import BatchRunner
-from ..io import Case, atomic_write, load_ct, load_labels, write_text_atomic
+from ..errors import OptionError
+from ..io import Case, load_ct, load_labels, write_text_atomic
 from ..metrics.recon import recon_metrics
 from ..options import parse_bool
 from ..transforms import from_slices, to_slices
-from .boundary import (
-    analyze,
-    boundary_shift,
-    ct_like_noise,
-    edge_profiles,
-    noise_floor,
-    noise_ratio,
-    noise_removed,
-    reference,
-)
+from .analysis_figure import analysis_figure
+from .boundary import analyze, boundary_shift, edge_profiles, noise_floor, reference
 from .denoisers import DENOISERS, gaussian, match_gaussian_sigma
+from .noise import make_noise, noise_level, noise_ratio, noise_removed
+from .tables import COLUMNS, NOISE_COLUMNS, SHORT, cell, noise_table, table
 from .workflow import ReconWorkflow
 
 __all__ = ["AnalysisWorkflow", "DEFAULT_METHODS", "COLUMNS"]
@@ -57,70 +51,6 @@ DEFAULT_METHODS = (
 )
 DEFAULT_NOISE = ("white10", "white20", "ct20")
 _MATCHED = ("gaussian_matched", "gaussian_psnr_matched")
-COLUMNS = (
-    "case",
-    "method",
-    "psnr",
-    "ssim2d",
-    "ssim3d",
-    "noise_ratio",
-    "boundary_shift_mean_mm",
-    "boundary_shift_p95_mm",
-    "floor_white_shift_mean_mm",
-    "floor_white_shift_p95_mm",
-    "floor_spectrum_shift_mean_mm",
-    "floor_spectrum_shift_p95_mm",
-    "edge_width_ratio",
-    "edge_added_blur_mm",
-    "edge_offset_mm",
-    "edge_abs_offset_mm",
-    "floor_white_abs_offset_mm",
-    "floor_spectrum_abs_offset_mm",
-    "floor_white_width_ratio",
-    "floor_spectrum_width_ratio",
-    "edge_profiles",
-    "edge_sharpness",
-    "hf_error_fraction",
-    "error_near_boundary_hu",
-    "error_far_hu",
-    "param",
-    "seconds",
-)
-NOISE_COLUMNS = (
-    "case",
-    "method",
-    "noise",
-    "noise_hu",
-    "noise_removed",
-    "error_hu",
-    "boundary_shift_mean_mm",
-    "boundary_shift_p95_mm",
-    "edge_width_ratio",
-    "edge_offset_mm",
-    "param",
-)
-_SHORT = {
-    "psnr": "PSNR",
-    "ssim2d": "SSIM2d",
-    "noise_ratio": "noise",
-    "boundary_shift_mean_mm": "shift mm",
-    "floor_white_shift_mean_mm": "floor wht",
-    "floor_spectrum_shift_mean_mm": "floor spc",
-    "boundary_shift_p95_mm": "shift p95",
-    "edge_width_ratio": "width",
-    "edge_added_blur_mm": "blur+ mm",
-    "edge_offset_mm": "offset mm",
-    "edge_abs_offset_mm": "|offset|",
-    "floor_spectrum_abs_offset_mm": "fl |off|",
-    "hf_error_fraction": "HF err",
-    "error_near_boundary_hu": "err near",
-    "error_far_hu": "err far",
-}
-
-
-def _cell(v) -> str:
-    """An analysis.csv cell: floats with 6 significant digits (``nan`` kept)."""
-    return f"{v:.6g}" if isinstance(v, float) else ("" if v is None else v)
 
 
 def _label_for(case: Case, labels: str | None) -> str | None:
@@ -138,6 +68,17 @@ def _label_for(case: Case, labels: str | None) -> str | None:
             if q.is_file():
                 return str(q)
     return None
+
+
+def names(value, option: str) -> list[str]:
+    """A list option given as a list, or as text (the command line): ``"a,b"``, ``"[a, b]"``; ``None``: empty."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [v.strip().strip("'\"") for v in value.strip().strip("[]").split(",") if v.strip()]
+    if isinstance(value, (list, tuple)):
+        return [str(v) for v in value]
+    raise OptionError(f"{option} {value!r}: give a list of names, e.g. [a, b]")
 
 
 class AnalysisWorkflow:
@@ -160,37 +101,32 @@ class AnalysisWorkflow:
         progress: bool = True,
         insert_noise=DEFAULT_NOISE,
     ):
-        unknown = [m for m in methods if m not in ("vae", *_MATCHED) and m not in DENOISERS]
-        if unknown:
-            raise ValueError(f"unknown methods {unknown}; valid: vae, {', '.join(_MATCHED)}, {', '.join(DENOISERS)}")
-        if any(m in methods for m in _MATCHED) and "vae" not in methods:
-            raise ValueError("gaussian_matched / gaussian_psnr_matched need the 'vae' method (they match the VAE)")
+        methods = names(methods, "methods")
+        valid = ("vae", *_MATCHED, *DENOISERS)
+        unknown = [m for m in methods if m not in valid]
+        if unknown or not methods:
+            raise OptionError(f"methods {methods}: unknown {unknown}; give any of {', '.join(valid)}")
+        matched = [m for m in methods if m in _MATCHED]
+        if matched and "vae" not in methods:
+            raise OptionError(f"methods {methods}: {', '.join(matched)} need the 'vae' method (they match the VAE)")
         if "vae" in methods:  # the matched gaussians need the VAE's row first
             methods = ["vae", *[m for m in methods if m != "vae"]]
+        try:
+            self.cutoff = float(cutoff)
+        except (TypeError, ValueError):
+            self.cutoff = float("nan")
+        if not 0 < self.cutoff <= 0.5**0.5:
+            raise OptionError(f"hf_cutoff {cutoff!r}: give a frequency in cycles/voxel, above 0 and at most 0.707")
         self.recon = recon
         self.labels = labels
-        self.methods = list(methods)
-        self.cutoff = float(cutoff)
+        self.methods = methods
         self.figures = parse_bool(figures, "figures")
         self.progress = progress
         self.output_dir = recon.output_dir
-        self.insert_noise = [str(k) for k in (insert_noise or ())]
+        self.insert_noise = names(insert_noise, "insert_noise")
         for k in self.insert_noise:
-            self._noise(k, (1, 2, 2), 0)  # a bad name fails now, not after the first case
+            noise_level(k)  # a bad name fails now, not after the first case
         self.noise_rows: list[dict] = []
-
-    def _noise(self, kind: str, shape, seed: int) -> np.ndarray:
-        """Inserted noise ``white<HU>`` (gaussian) or ``ct<HU>`` (FBP-like correlated, :func:`ct_like_noise`)."""
-        for prefix, make in (
-            ("white", lambda hu: np.random.default_rng(seed).normal(0.0, hu, shape)),
-            ("ct", lambda hu: ct_like_noise(shape, hu, seed)),
-        ):
-            if kind.startswith(prefix):
-                try:
-                    return make(float(kind[len(prefix) :]))
-                except ValueError:
-                    break
-        raise ValueError(f"insert_noise {kind!r}: use white<HU> or ct<HU>, e.g. white10, ct20")
 
     def run_case(self, case: Case) -> list[dict]:
         window = self.recon.hu_window
@@ -241,7 +177,7 @@ class AnalysisWorkflow:
                         {
                             "case": case.name,
                             "method": name,
-                            **{k: float("nan") for k in (*_SHORT, *COLUMNS[2:-2])},
+                            **{k: float("nan") for k in (*SHORT, *COLUMNS[2:-2])},
                             "param": f"no match: VAE {what} {target:.3f}",
                             "seconds": time.perf_counter() - t0,
                             "labels": lab_path or "",
@@ -272,7 +208,8 @@ class AnalysisWorkflow:
             outputs[name] = y
         self.noise_rows.extend(self._inserted_noise(case.name, x, spacing, lab, ref, apply, sigmas, window, outputs))
         if self.figures:
-            self.figure(case.name, x, outputs, spectra, rows, lab is not None)
+            path = self.output_dir / f"{case.name}_analysis.png"
+            analysis_figure(path, case.name, x, outputs, spectra, rows, lab is not None, self.cutoff)
         return rows
 
     def _inserted_noise(self, name, x, spacing, lab, ref, apply, sigmas, window, outputs) -> list[dict]:
@@ -286,7 +223,7 @@ class AnalysisWorkflow:
             return float(np.sqrt(np.mean(v[hom] ** 2))) if hom.any() else float("nan")
 
         for j, kind in enumerate(self.insert_noise):
-            n = self._noise(kind, x.shape, seed=100 + j)
+            n = make_noise(kind, x.shape, seed=100 + j)
             xn = np.clip(x + n, *window)
             for method in self.methods:
                 label = f"vae:{self.recon.network.name}" if method == "vae" else method
@@ -361,18 +298,19 @@ class AnalysisWorkflow:
         write_text_atomic(path, json.dumps(record, indent=1, default=float))
         return rows, noise
 
-    def run(self, input_path) -> list[dict]:
-        """Analyse every case; write ``analysis.csv``, ``denoising.csv`` (inserted noise), ``analysis.json``, one
-        PNG and one ``<case>_analysis.json`` per case. The batch of :class:`fvae_ct.batch.BatchRunner`: one run per
-        folder, rows appended as each case ends, torchrun sharding; the recon's ``skip_existing`` resumes (a case with
-        a ``<case>_analysis.json`` of the same settings is not analysed again)."""
+    def run(self, input_path=None) -> list[dict]:
+        """Analyse every case of ``input_path`` (default: the cases of the recon's dataset); write ``analysis.csv``,
+        ``denoising.csv`` (inserted noise), ``analysis.json``, one PNG and one ``<case>_analysis.json`` per case. The
+        batch of :class:`fvae_ct.batch.BatchRunner`: one run per folder, rows appended as each case ends, torchrun
+        sharding; the recon's ``skip_existing`` resumes (a case with a ``<case>_analysis.json`` of the same settings is
+        not analysed again)."""
         tables = {
             "analysis.csv": [*COLUMNS, "labels"],
             **({"denoising.csv": NOISE_COLUMNS} if self.insert_noise else {}),
         }
         self.noise_rows = []
-        with BatchRunner(self.output_dir, "fvae analyze", tables, _cell, self.progress) as runner:
-            runner.plan(lambda: self.recon.cases(input_path))
+        with BatchRunner(self.output_dir, "fvae analyze", tables, cell, self.progress) as runner:
+            runner.plan(lambda: self.recon.case_list(input_path))
             for case in runner.mine():
                 with runner.case(case) as c:
                     rows, noise = self._case_result(case)
@@ -388,108 +326,8 @@ class AnalysisWorkflow:
                 }
                 record.update(rows=rows, inserted_noise=self.noise_rows, failures=failures)
                 write_text_atomic(self.output_dir / "analysis.json", json.dumps(record, indent=2, default=float))
-                print(self.table(rows))
+                print(table(rows))
                 if self.noise_rows:
-                    print(self.noise_table(self.noise_rows))
+                    print(noise_table(self.noise_rows))
         runner.raise_failures()
         return rows
-
-    @staticmethod
-    def table(rows: list[dict], markdown: bool = False) -> str:
-        keys = list(_SHORT)
-        if markdown:
-            out = ["| case | method | " + " | ".join(_SHORT[k] for k in keys) + " |", "|---|---|" + "---|" * len(keys)]
-            for r in rows:
-                out.append(
-                    f"| {r['case']} | {r['method']}{' (' + r['param'] + ')' if r['param'] else ''} | "
-                    + " | ".join(f"{r[k]:.3g}" for k in keys)
-                    + " |"
-                )
-            return "\n".join(out)
-        head = f"{'method':<18}" + "".join(f"{_SHORT[k]:>10}" for k in keys)
-        out = [head, "-" * len(head)]
-        for r in rows:
-            out.append(f"{r['method'][:18]:<18}" + "".join(f"{r[k]:>10.4g}" for k in keys))
-        return "\n".join(out)
-
-    @staticmethod
-    def noise_table(rows: list[dict]) -> str:
-        """The inserted-noise test: per noise and method, the fraction removed and the boundary movement."""
-        keys = ("noise_removed", "error_hu", "boundary_shift_mean_mm", "edge_width_ratio", "edge_offset_mm")
-        short = ("removed", "error HU", "shift mm", "width", "offset mm")
-        head = f"{'noise':<9}{'method':<20}" + "".join(f"{h:>10}" for h in short)
-        out = [head, "-" * len(head)]
-        for r in rows:
-            out.append(f"{r['noise']:<9}{r['method'][:20]:<20}" + "".join(f"{r[k]:>10.3g}" for k in keys))
-        return "\n".join(out)
-
-    def figure(self, name: str, x: np.ndarray, outputs: dict, spectra: dict, rows: list[dict], labelled: bool):
-        """Error maps (centre axial slice, |method - original| HU), spectra on one plot, and the table."""
-        k = x.shape[0] // 2
-        n = len(outputs)
-        rows_, cols_ = np.nonzero(x[k] > -500)  # crop the maps to the body
-        crop = (slice(rows_.min(), rows_.max() + 1), slice(cols_.min(), cols_.max() + 1)) if rows_.size else ...
-        errs = {m: np.abs(y[k] - x[k])[crop] for m, y in outputs.items()}
-        vmax = max(float(np.percentile(np.concatenate([e.ravel() for e in errs.values()]), 99.5)), 1.0)
-        cols = min(n, 4)
-        nrows = -(-n // cols)
-        h, wd = errs[next(iter(errs))].shape
-        map_h = 3.7 * h / wd  # each map about 3.7 inches wide
-        fig = Figure(figsize=(16, nrows * (map_h + 0.4) + 5.2), layout="constrained")
-        top, mid, foot = fig.subfigures(3, 1, height_ratios=[nrows * (map_h + 0.4), 4.4, 0.8])
-        axes = np.atleast_1d(top.subplots(nrows, cols)).ravel()
-        im = None
-        for ax, (m, e) in zip(axes, errs.items()):
-            im = ax.imshow(e, cmap="magma", vmin=0, vmax=vmax, interpolation="nearest")
-            ax.set_title(f"|{m} - original|", fontsize=9)
-        for ax in axes:
-            ax.set_xticks([])
-            ax.set_yticks([])
-        for ax in axes[n:]:
-            ax.axis("off")
-        top.colorbar(im, ax=axes.tolist(), shrink=0.8, label="|error| HU, centre axial slice")
-        gs = mid.add_gridspec(1, 2, width_ratios=[1.0, 1.25])
-        ax = mid.add_subplot(gs[0, 0])
-        first = next(iter(spectra.values()))
-        ax.semilogy(first["freq"], first["image_power"], "k-", lw=2, label="original image")
-        for m, s in spectra.items():
-            ax.semilogy(s["freq"], s["error_power"], lw=1.4, label=f"error: {m} (HF {s['hf_fraction']:.2f})")
-        ax.axvline(self.cutoff, color="grey", ls=":", lw=1)
-        ax.set_xlabel("radial frequency (cycles/voxel), per axial slice")
-        ax.set_ylabel("power")
-        ax.legend(fontsize=7)
-        ax.set_title("power spectra: image vs. reconstruction error")
-        ax = mid.add_subplot(gs[0, 1])
-        ax.axis("off")
-        keys = list(_SHORT)
-        cell = [[f"{r[kk]:.3g}" for kk in keys] for r in rows]
-        tab_rows = [r["method"] + (f"\n{r['param']}" if r["param"] else "") for r in rows]
-        tab = ax.table(cellText=cell, rowLabels=tab_rows, colLabels=[_SHORT[kk] for kk in keys], loc="center")
-        tab.auto_set_font_size(False)
-        tab.set_fontsize(7)
-        tab.scale(1.0, 1.4)
-        ax = foot.add_subplot(1, 1, 1)
-        ax.axis("off")
-        ax.text(
-            0.0,
-            0.9,
-            "noise: HU std in homogeneous regions vs original (lower = more denoising); shift: "
-            "surface distance of re-thresholded boundaries (mm); floor wht / spc: the same for the original plus "
-            "white noise of the method's RMSE / noise with its error spectrum (what noise alone causes); width: "
-            "10-90 %% edge width vs original (erf fits along surface normals; > 1 = blurred); offset: median signed "
-            "edge displacement (mm; labelled: > 0 = organs grow); |offset| and fl |off|: median absolute "
-            "displacement, and its spectrum noise floor; HF err: error energy above %.2f cycles/voxel (white "
-            "noise: %.2f); err near / far: mean |error| HU within 1 mm of boundaries / elsewhere in the body."
-            "\nBoundaries: %s."
-            % (
-                self.cutoff,
-                1 - np.pi * self.cutoff**2,
-                "labelled organs" if labelled else "3D gradient edges of the original (no labels given)",
-            ),
-            fontsize=8,
-            va="top",
-            wrap=True,
-        )
-        fig.suptitle(f"{name}: is {next(iter(outputs), 'the VAE')} a boundary-preserving denoiser?")
-        path = self.output_dir / f"{name}_analysis.png"
-        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=80, format="png"))

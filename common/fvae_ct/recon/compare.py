@@ -2,10 +2,15 @@
 
 For each VAE the fvae_recon bundle reconstructs every case into ``<output_dir>/<vae>/``, in a process of its own
 (``python -m fvae_ct.recon.compare``), so ``peak_rss_mib`` is that VAE's run alone: the child's maximum resident
-memory as the kernel counts it (``wait4``), Python, torch and the data included. The table has the mean PSNR, SSIM, MSE from its
-summary.json, the wall seconds of the run, and the boundary / noise measures of :mod:`fvae_ct.recon.boundary`
-computed from the written reconstructions: noise ratio, mean boundary shift, edge-width ratio, added blur and signed
-edge offset (mm), high-frequency error fraction.
+memory as the kernel counts it (``wait4``), Python, torch and the data included. The table has the mean PSNR, SSIM,
+MSE from its summary.json, the wall seconds of the run, and the boundary / noise measures of
+:mod:`fvae_ct.recon.boundary` computed from the written reconstructions: noise ratio, mean boundary shift, edge-width
+ratio, added blur and signed edge offset (mm), high-frequency error fraction.
+
+The VAEs are the cases of one :class:`fvae_ct.batch.BatchRunner` batch: one comparison at a time per output folder,
+a row appended to compare.csv as each VAE ends, a VAE that fails reported at the end after the others ran. With
+``skip_existing`` a VAE whose ``<vae>/compare.json`` was made with the same settings is not run again (its row is
+reused), and the others resume their own recon run.
 """
 
 from __future__ import annotations
@@ -16,17 +21,22 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
+from ..batch import BatchRunner
+from ..errors import BatchFailure, FvaeError
 from ..io import discover_cases, load_ct, load_labels, write_text_atomic
+from ..options import parse_bool
+from ..reconstruct import RECON_SUFFIX
 from ..transforms import to_slices
 from .boundary import analyze
-from .workflow import RECON_SUFFIX, BatchFailure
+from .preprocessing import check_hu_window
 
-__all__ = ["MEASURES", "compare_vaes", "run_measured"]
+__all__ = ["MEASURES", "COLUMNS", "compare_vaes", "markdown_table", "run_measured"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +49,20 @@ MEASURES = (
     "edge_offset_mm",
     "hf_error_fraction",
 )
+#: compare.csv's columns
+COLUMNS = ("vae", "psnr", "ssim3d", "ssim2d", "mse_hu", "seconds", "peak_rss_mib", *MEASURES)
+
+
+@dataclass
+class _VAERun:
+    """One VAE as a case of the batch: ``name`` the VAE, ``path`` the input it reconstructs."""
+
+    name: str
+    path: str
+
+
+class _ChildFailed(FvaeError):
+    """The child recon run of one VAE ended with an error (its one line)."""
 
 
 def run_measured(cmd: list[str]) -> tuple[int, str, float, float]:
@@ -52,6 +76,32 @@ def run_measured(cmd: list[str]) -> tuple[int, str, float, float]:
     return proc.returncode, err, time.perf_counter() - t0, usage.ru_maxrss / 1024  # Linux: ru_maxrss in KiB
 
 
+def _measures(input_path, sub: Path, labels, hu_window) -> dict:
+    """Mean over the cases of the boundary / noise measures of the reconstructions in ``sub``."""
+    figs = []
+    for case in discover_cases(input_path):
+        img = nib.load(str(sub / f"{case.name}{RECON_SUFFIX}"))
+        src = load_ct(case.path)
+        aff = img.affine
+        x, sp = to_slices(np.clip(src[0].numpy().astype(np.float64), *hu_window), aff)
+        y, _ = to_slices(np.asarray(img.dataobj).astype(np.float64), aff)
+        lab = None if labels is None else to_slices(load_labels(labels, aff, img.shape), aff)[0]
+        a = analyze(x, y, sp, lab)
+        figs.append([a[k] for k in MEASURES])
+    return {k: float(v) for k, v in zip(MEASURES, np.nanmean(np.array(figs, dtype=np.float64), 0))}
+
+
+def _run_vae(vae: str, opts: dict, input_path, sub: Path, labels, hu_window) -> dict:
+    """One VAE: its recon run in a child process, then the table row."""
+    code, err, seconds, peak = run_measured([sys.executable, "-m", __name__, json.dumps(opts)])
+    if code:  # the child's one-line error is its last stderr line
+        raise _ChildFailed((err.strip().splitlines() or [f"exit code {code}"])[-1].removeprefix(_CHILD_ERROR))
+    summary = json.loads((sub / "summary.json").read_text())
+    row = {"vae": vae, **{k: summary["metrics"][k]["mean"] for k in ("psnr", "ssim3d", "ssim2d", "mse_hu")}}
+    row.update(seconds=seconds, peak_rss_mib=peak, **_measures(input_path, sub, labels, hu_window))
+    return row
+
+
 def compare_vaes(
     input_path: str,
     vaes,
@@ -59,71 +109,67 @@ def compare_vaes(
     weights: dict | None = None,
     labels: str | None = None,
     hu_window=(-1000.0, 1000.0),
+    skip_existing=False,
+    progress: bool = True,
     **overrides,
 ) -> list[dict]:
     """Reconstruct ``input_path`` with every VAE of ``vaes`` (one ``fvae recon`` process each; ``overrides``: its
-    options) and write ``compare.csv`` / ``compare.md``; a VAE that fails is reported at the end, after the others."""
-    vaes = [v.strip() for v in (vaes.split(",") if isinstance(vaes, str) else vaes)]
-    weights = weights or {}
-    out = Path(output_dir)
-    rows, failed = [], []
-    for vae in vaes:
-        sub = out / vae
-        opts = {"input": str(input_path), "output_dir": str(sub), "vae": vae, "vae_weights": weights.get(vae)}
-        opts.update(hu_window=list(hu_window), figures=False, **overrides)
-        code, err, seconds, peak = run_measured([sys.executable, "-m", __name__, json.dumps(opts)])
-        if code:  # the child's one-line error is its last stderr line
-            cause = (err.strip().splitlines() or [f"exit code {code}"])[-1].removeprefix(_CHILD_ERROR)
-            logger.error("compare-vaes: %s failed: %s", vae, cause)
-            failed.append(f"{vae}: {cause}")
-            continue
-        summary = json.loads((sub / "summary.json").read_text())
-        row = {
-            "vae": vae,
-            **{k: summary["metrics"][k]["mean"] for k in ("psnr", "ssim3d", "ssim2d", "mse_hu")},
-            "seconds": seconds,
-            "peak_rss_mib": peak,
-        }
-        figs = []
-        for case in discover_cases(input_path):
-            img = nib.load(str(sub / f"{case.name}{RECON_SUFFIX}"))
-            src = load_ct(case.path)
-            aff = img.affine
-            x, sp = to_slices(np.clip(src[0].numpy().astype(np.float64), *hu_window), aff)
-            y, _ = to_slices(np.asarray(img.dataobj).astype(np.float64), aff)
-            lab = None
-            if labels is not None:
-                lab = to_slices(load_labels(labels, aff, img.shape), aff)[0]
-            a = analyze(x, y, sp, lab)
-            figs.append([a[k] for k in MEASURES])
-        for k, v in zip(MEASURES, np.nanmean(np.array(figs, dtype=np.float64), 0)):
-            row[k] = float(v)
-        rows.append(row)
-    if rows:
-        _write_tables(rows, out)
-    if failed:
-        raise BatchFailure(
-            f"{len(failed)} of {len(vaes)} VAEs failed (the table has the others):\n  " + "\n  ".join(failed)
+    options), write ``compare.csv`` / ``compare.md`` and return the rows (one per VAE that ran, in the order of
+    ``vaes``); a VAE that fails is reported at the end, after the others, as one :class:`BatchFailure` whose ``rows``
+    are those of the others."""
+    vaes = [v.strip() for v in (vaes.split(",") if isinstance(vaes, str) else vaes) if v.strip()]
+    weights, out = weights or {}, Path(output_dir)
+    skip_existing = parse_bool(skip_existing, "skip_existing")
+    hu_window = list(check_hu_window(hu_window))
+    runner = BatchRunner(out, "fvae compare-vaes", {"compare.csv": COLUMNS}, progress=progress)
+    with runner:
+        runner.plan(lambda: [_VAERun(v, str(input_path)) for v in vaes])
+        for run in runner.mine():
+            with runner.case(run) as c:
+                sub = out / run.name
+                opts = {"input": str(input_path), "output_dir": str(sub), "vae": run.name}
+                opts.update(vae_weights=weights.get(run.name), hu_window=hu_window, figures=False, **overrides)
+                settings = {"options": opts, "labels": labels}
+                record = sub / "compare.json"
+                old = _previous(record, settings) if skip_existing else None
+                if old is None:
+                    row = _run_vae(
+                        run.name, {**opts, "skip_existing": skip_existing}, input_path, sub, labels, hu_window
+                    )
+                    write_text_atomic(record, json.dumps({"settings": settings, "row": row}, indent=1))
+                c.add({**(old or row), "case": run.name})
+        rows, _ = runner.gather()
+        rows = rows["compare.csv"]
+        if rows:
+            write_text_atomic(out / "compare.md", markdown_table(rows) + "\n")
+    if runner.failures:
+        lines = [f"{f['case']}: {f['error'].removeprefix(_ChildFailed.__name__ + ': ')}" for f in runner.failures]
+        e = BatchFailure(
+            f"{len(lines)} of {len(vaes)} VAEs failed (the table has the others):\n  " + "\n  ".join(lines)
         )
+        e.rows = rows  # the table of the VAEs that ran
+        raise e
     return rows
 
 
-def _write_tables(rows: list[dict], out: Path) -> None:
-    cols = list(rows[0])
-    write_text_atomic(
-        out / "compare.csv",
-        "\n".join(
-            [",".join(cols)]
-            + [",".join(f"{r[c]:.6g}" if isinstance(r[c], float) else str(r[c]) for c in cols) for r in rows]
-        )
-        + "\n",
-    )
-    md = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    md += [
-        "| " + " | ".join(f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |" for r in rows
-    ]
-    write_text_atomic(out / "compare.md", "\n".join(md) + "\n")
-    print("\n".join(md))
+def _previous(record: Path, settings: dict) -> dict | None:
+    """The row ``record`` holds if it was made with ``settings`` (a resumed comparison), else ``None``."""
+    try:
+        old = json.loads(record.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(old, dict) or old.get("settings") != settings or not isinstance(old.get("row"), dict):
+        return None
+    logger.info("compare-vaes: %s done earlier with the same settings; its row is reused", record.parent.name)
+    return old["row"]
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """compare.md: one row per VAE, the columns of compare.csv."""
+    md = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for r in rows:
+        md.append("| " + " | ".join(f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in COLUMNS) + " |")
+    return "\n".join(md)
 
 
 _CHILD_ERROR = "compare-vaes child: "

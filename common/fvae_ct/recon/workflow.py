@@ -1,9 +1,9 @@
 """The reconstruction workflow behind ``bundles/fvae_recon`` and ``fvae recon`` (one implementation).
 
-For each case: load + validate -> HU window -> (working spacing) -> axial slices -> frozen VAE
-``reconstruct`` (tiled, memory-bounded) -> inverse transforms (HU restored by rounding) -> int16 NIfTI
-with the input's affine, written atomically -> metrics on the original grid -> three-view PNG.
-A failing case is reported and skipped; the run ends with an error listing the failures.
+For each case: load + validate -> the preprocessing chain (HU window -> (working spacing) -> axial slices) -> frozen
+VAE ``reconstruct`` (tiled, memory-bounded) -> the chain's inverse (integer HU) -> int16 NIfTI with the input's affine,
+written atomically -> metrics on the original grid -> three-view PNG. A failing case is reported and skipped; the run
+ends with an error listing the failures.
 """
 
 from __future__ import annotations
@@ -13,147 +13,30 @@ import logging
 import math
 import os
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.inferers import Inferer
-from monai.transforms import MapTransform
 
 from .. import distributed
 from ..batch import BatchRunner, csv_cell
 from ..errors import BatchFailure, OptionError
 from ..figures import three_view
-from ..io import (
-    OUTPUT_MARK,
-    Case,
-    axial_axis,
-    discover_cases,
-    is_own_output,
-    load_ct,
-    save_nifti_atomic,
-    spacing_of,
-    unique_names,
-    write_text_atomic,
-)
-from ..metrics import PROTOCOL, recon_metrics, ssim_unavailable
+from ..io import OUTPUT_MARK, Case, axial_axis, load_ct, save_nifti_atomic, spacing_of, write_text_atomic
+from ..metrics import recon_metrics, ssim_unavailable
 from ..options import parse_bool
-from ..tiling import TilingConfig, auto_tile_size
-from ..transforms import DEFAULT_HU_WINDOW, HU_ROUNDING, SLICE_ORIENTATIONS, recon_preprocessing
+from ..reconstruct import RECON_SUFFIX, VAEReconInferer, reconstruct_hu
+from ..transforms import DEFAULT_HU_WINDOW
 from ..vae.base import FrozenVAE
+from .inputs import cases_of, list_cases
+from .preprocessing import chain_settings, recon_chain
+from .summary import CSV_COLUMNS, as_float, metrics_table, summarize
 
-__all__ = ["VAEReconInferer", "ReconWorkflow", "BatchFailure", "RECON_SUFFIX", "VAEReconstructd", "reconstruct_hu"]
+__all__ = ["ReconWorkflow", "BatchFailure", "RECON_SUFFIX"]
 
 log = logging.getLogger("fvae_ct")
-RECON_SUFFIX = "_recon.nii.gz"
-METRIC_KEYS = ("psnr", "ssim3d", "ssim2d", "mse", "mse_hu", "mae_hu", "seconds")
-
-
-class VAEReconInferer(Inferer):
-    """MONAI ``Inferer``: ``inferer(x, vae)`` = ``vae.reconstruct(x)`` with the tiling knobs of this object.
-
-    ``x: [B, 1, D, H, W]`` in the VAE's input range -> same shape and range. ``tile_size="auto"``: whole slices on
-    the CPU; on a GPU the tile edge :func:`fvae_ct.tiling.auto_tile_size` picks from the free GPU memory (whole
-    slices when they fit), decided per call and kept in ``self.tiling``.
-    """
-
-    def __init__(
-        self,
-        tile_size: int | None = None,
-        tile_overlap: int = 96,
-        depth_window: int | None = None,
-        depth_overlap: int = 4,
-        slice_batch: int = 4,
-        blend: str = "cosine",
-        progress: bool = False,
-        depth_last: str = "shift",
-    ):
-        super().__init__()
-        self.auto = tile_size == "auto"
-        tile_size = None if self.auto else tile_size
-        self.tiling = TilingConfig(tile_size, tile_overlap, depth_window, depth_overlap, slice_batch, blend, depth_last)
-        self.progress = progress
-
-    def __call__(self, inputs: torch.Tensor, network: FrozenVAE, *args, **kwargs) -> torch.Tensor:
-        if self.auto and network.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(network.device)
-            tile = auto_tile_size(network, *inputs.shape[-2:], free / 2**30)
-            overlap = min(self.tiling.tile_overlap, tile // 2) if tile else self.tiling.tile_overlap
-            self.tiling = replace(self.tiling, tile_size=tile, tile_overlap=overlap)
-            log.info(
-                "%s: %s (%.1f GiB free on %s)",
-                network.name,
-                f"tiles of {tile}" if tile else "whole slices",
-                free / 2**30,
-                network.device,
-            )
-        return network.reconstruct(inputs, tiling=self.tiling, progress=self.progress)
-
-
-def reconstruct_hu(image: MetaTensor, network: FrozenVAE, preprocessing, inferer: VAEReconInferer) -> MetaTensor:
-    """HU ``MetaTensor [1, X, Y, Z]`` -> reconstructed HU ``[1, X, Y, Z]`` (integer values, float dtype).
-
-    ``preprocessing`` is :func:`fvae_ct.transforms.recon_preprocessing` for this network; its inverse puts
-    the reconstruction back on the input's grid and restores HU by rounding.
-    """
-    x = preprocessing({"image": image})["image"]
-    y = inferer(x.as_tensor()[None].to(network.device), network)[0].cpu()
-    pred = MetaTensor(y, meta=dict(x.meta), applied_operations=list(x.applied_operations))
-    out = preprocessing.inverse({"image": pred})["image"]
-    return MetaTensor(out.as_tensor(), meta=dict(image.meta))
-
-
-class VAEReconstructd(MapTransform):
-    """The frozen VAE as a MONAI dictionary transform: ``d[output_key] = reconstruction of d[key]`` (HU).
-
-    For the ``online`` reconstruction view of segmentation training (GPU users). ``d[key]`` is an HU
-    ``MetaTensor [1, X, Y, Z]``; the output has the same shape, affine and meta.
-    """
-
-    def __init__(
-        self,
-        keys,
-        network: FrozenVAE,
-        output_key: str = "image_recon",
-        hu_window=DEFAULT_HU_WINDOW,
-        working_spacing: float | None = None,
-        inferer: VAEReconInferer | None = None,
-    ):
-        super().__init__(keys)
-        self.network = network
-        self.output_key = output_key
-        self.inferer = inferer or VAEReconInferer()
-        self.preprocessing = recon_preprocessing(
-            "image", hu_window, network.input_range, working_spacing, check_hu=False
-        )
-
-    def __call__(self, data):
-        d = dict(data)
-        for key in self.key_iterator(d):
-            img = d[key] if isinstance(d[key], MetaTensor) else MetaTensor(d[key])
-            d[self.output_key] = reconstruct_hu(img, self.network, self.preprocessing, self.inferer)
-        return d
-
-
-CASE_KEYS = ("shape", "spacing_mm", "modality", "warnings", "input", "output")
-CSV_COLUMNS = ("case", "status", *METRIC_KEYS, *CASE_KEYS)
-
-
-def _float(v) -> float:
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        return math.nan
-
-
-def _json_value(v):
-    """JSON-safe: inf -> ``"inf"``, NaN -> ``None`` (not measured); the rest as is."""
-    if isinstance(v, float) and not math.isfinite(v):
-        return None if math.isnan(v) else ("inf" if v > 0 else "-inf")
-    return v
 
 
 class ReconWorkflow:
@@ -162,7 +45,7 @@ class ReconWorkflow:
     Args:
         network: the frozen VAE (see :func:`fvae_ct.vae.load`).
         output_dir: where ``<case>_recon.nii.gz``, ``<case>_views.png``, ``metrics.csv`` and ``summary.json`` go.
-        inferer: a :class:`VAEReconInferer` (tiling knobs); default untiled, 4 slices per batch.
+        inferer: a :class:`~fvae_ct.reconstruct.VAEReconInferer` (tiling knobs); default untiled, 4 slices per batch.
         hu_window: HU window ``[low, high]``; voxels outside it are clipped (also in the output).
         working_spacing: in-plane spacing (mm) to resample to before the VAE (``None``: native grid).
         skip_existing: reuse an existing ``<case>_recon.nii.gz`` (metrics are still computed).
@@ -170,6 +53,11 @@ class ReconWorkflow:
         hu_rounding: ``round`` (ours) or ``truncate`` (toward zero, the paper's ``astype(int16)``).
         figures: write the three-view PNG per case.
         device: torch device for the VAE.
+        dataset: the bundle's ``dataset``: a MONAI ``Dataset`` of :func:`fvae_ct.recon.inputs.datalist` items whose
+            ``transform`` is the preprocessing chain (:func:`fvae_ct.recon.preprocessing.recon_chain`); :meth:`run`
+            without an input runs its cases.
+        preprocessing: the chain itself (default: the dataset's transform, else one built from ``hu_window``,
+            ``working_spacing``, ``slice_orientation``, ``hu_rounding``, which are then read from the chain).
     """
 
     def __init__(
@@ -177,25 +65,21 @@ class ReconWorkflow:
         network: FrozenVAE,
         output_dir: str,
         inferer: VAEReconInferer | None = None,
-        hu_window=DEFAULT_HU_WINDOW,
+        hu_window=None,
         working_spacing: float | None = None,
         skip_existing: bool = False,
         figures: bool = True,
         check_hu: bool = True,
         device: str | torch.device | None = None,
         progress: bool = True,
-        slice_orientation: str = "display",
-        hu_rounding: str = "round",
+        slice_orientation: str | None = None,
+        hu_rounding: str | None = None,
+        dataset=None,
+        preprocessing=None,
     ):
         self.network = network if device is None else network.to(device)
         self.output_dir = Path(output_dir)
         self.inferer = inferer or VAEReconInferer()
-        if len(hu_window) != 2 or not float(hu_window[0]) < float(hu_window[1]):
-            raise OptionError(f"hu_window {list(hu_window)}: give [low, high] with low < high, e.g. [-1000, 1000]")
-        self.hu_window = (float(hu_window[0]), float(hu_window[1]))
-        self.working_spacing = None if working_spacing in (None, "", "None") else float(working_spacing)
-        if self.working_spacing is not None and not self.working_spacing > 0:
-            raise OptionError(f"working_spacing {working_spacing}: give a positive in-plane spacing in mm, or none")
         if self.output_dir.exists() and not self.output_dir.is_dir():
             raise OptionError(f"output_dir {self.output_dir}: exists and is a file, not a folder")
         if any(p.exists() and not p.is_dir() for p in self.output_dir.parents):
@@ -203,13 +87,33 @@ class ReconWorkflow:
         self.skip_existing = parse_bool(skip_existing, "skip_existing")
         self.figures = parse_bool(figures, "figures")
         self.progress = progress
-        if slice_orientation not in SLICE_ORIENTATIONS:
-            raise OptionError(f"slice_orientation {slice_orientation!r}: give one of {', '.join(SLICE_ORIENTATIONS)}")
-        if hu_rounding not in HU_ROUNDING:
-            raise OptionError(f"hu_rounding {hu_rounding!r}: give one of {', '.join(HU_ROUNDING)}")
-        self.slice_orientation, self.hu_rounding = slice_orientation, hu_rounding
-        self.preprocessing = recon_preprocessing(
-            "image", self.hu_window, network.input_range, self.working_spacing, check_hu, slice_orientation, hu_rounding
+        self.dataset = dataset
+        preprocessing = preprocessing if preprocessing is not None else getattr(dataset, "transform", None)
+        given = {"hu_window": hu_window, "working_spacing": working_spacing}
+        given.update(slice_orientation=slice_orientation, hu_rounding=hu_rounding)
+        if preprocessing is None:
+            preprocessing = recon_chain(
+                DEFAULT_HU_WINDOW if hu_window is None else hu_window,
+                network.input_range,
+                working_spacing,
+                slice_orientation or "display",
+                hu_rounding or "round",
+                check_hu=check_hu,
+            )
+        elif any(v is not None for v in given.values()):
+            raise ValueError(f"{sorted(k for k, v in given.items() if v is not None)}: set them in the preprocessing")
+        s = chain_settings(preprocessing)
+        if tuple(s["input_range"]) != tuple(float(v) for v in network.input_range):
+            raise OptionError(
+                f"preprocessing: it maps HU to {list(s['input_range'])}, {network.name} takes "
+                f"{list(network.input_range)} (build it with input_range: $@network_def.input_range)"
+            )
+        self.preprocessing = preprocessing
+        self.hu_window, self.working_spacing = s["hu_window"], s["working_spacing"]
+        self.slice_orientation, self.hu_rounding, self.arithmetic = (
+            s["slice_orientation"],
+            s["hu_rounding"],
+            s["arithmetic"],
         )
 
     # ---- one case -------------------------------------------------------------------------------------
@@ -296,25 +200,20 @@ class ReconWorkflow:
 
     # ---- a batch --------------------------------------------------------------------------------------
     def cases(self, input_path) -> list[Case]:
-        """Cases of a path (see :func:`fvae_ct.io.discover_cases`) or of a list of paths."""
-        if isinstance(input_path, (list, tuple)):
-            cases = unique_names([c for p in input_path for c in discover_cases(p)])
-        else:
-            cases = discover_cases(input_path)
-        out = self.output_dir.resolve()
-        # when the output folder is the input folder, our own earlier reconstructions (marked in their header) are
-        # not inputs; any other file there is, and is never written over
-        return [
-            c
-            for c in cases
-            if not (
-                Path(os.path.realpath(c.path)).parent == out and c.path.endswith(RECON_SUFFIX) and is_own_output(c.path)
-            )
-        ]
+        """Cases of a path or a list of paths (:func:`fvae_ct.recon.inputs.list_cases`) for this output folder."""
+        return list_cases(input_path, self.output_dir)
 
-    def run(self, input_path) -> dict:
-        """Process every case of ``input_path``; write metrics.csv (one row per case, appended and synced as each
-        case ends) and summary.json; raise if any case failed.
+    def case_list(self, input_path=None) -> list[Case]:
+        """The cases of ``input_path``, or without it those of the ``dataset`` this workflow was built with."""
+        if input_path is not None:
+            return self.cases(input_path)
+        if self.dataset is None:
+            raise ValueError("ReconWorkflow.run(): give the input, or build the workflow with a dataset")
+        return cases_of(self.dataset.data)
+
+    def run(self, input_path=None) -> dict:
+        """Process every case of ``input_path`` (default: the cases of ``dataset``); write metrics.csv (one row per
+        case, appended and synced as each case ends) and summary.json; raise if any case failed.
 
         One run at a time per output folder (a second one is refused while the first holds the folder's lock).
         Interrupted (Ctrl-C, a kill): the rows written so far stay in metrics.csv; Ctrl-C also writes summary.json
@@ -342,14 +241,14 @@ class ReconWorkflow:
             interrupted=interrupted,
         )
         with runner:
-            cases = runner.plan(lambda: self.cases(input_path))
+            cases = runner.plan(lambda: self.case_list(input_path))
             previous = runner.previous.get("metrics.csv", {})  # the times of an earlier (killed, sharded) run
             inputs = tuple(os.path.realpath(c.path) for c in cases)  # a link loop: no error
             for case in runner.mine():
                 with runner.case(case) as c:
                     row = self.run_case(case, forbid=inputs)
                     if row["status"] == "skipped" and case.name in previous:  # keep the time it took when it ran
-                        row["seconds"] = _float(previous[case.name].get("seconds"))
+                        row["seconds"] = as_float(previous[case.name].get("seconds"))
                     c.add(row)
                     log.info(
                         "%s%s: PSNR %.2f dB, SSIM2d %s", runner.tag, case.name, row["psnr"], csv_cell(row["ssim2d"])
@@ -359,41 +258,15 @@ class ReconWorkflow:
             if runner.rank == 0:
                 rows = tables["metrics.csv"]
                 summary = self._write(rows, failures, n_cases=len(cases), ranks=runner.ranks())
-                print(self.table(rows, failures))
+                print(metrics_table(rows, failures))
             summary = distributed.broadcast_object(summary)
         runner.raise_failures()
         return summary
 
-    def _write(
-        self,
-        rows: list[dict],
-        failures: list[dict],
-        n_cases: int,
-        interrupted: bool = False,
-        ranks: list[dict] | None = None,
-    ) -> dict:
-        """summary.json: statistics per metric over the finished cases, each case, the failures; ``ranks``: the
-        share of each rank of a torchrun run (cases, voxels)."""
-        stats = {}
-        for k in METRIC_KEYS:
-            vals = [r.get(k) for r in rows]
-            v = np.array([x for x in vals if isinstance(x, float) and math.isfinite(x)])
-            stats[k] = {
-                "mean": float(v.mean()) if v.size else None,
-                "std": float(v.std()) if v.size else None,
-                "n": int(v.size),
-            }
-            n_inf = sum(isinstance(x, float) and math.isinf(x) for x in vals)
-            n_na = sum(x == "n/a" for x in vals)
-            if k == "psnr" or n_inf:
-                stats[k]["n_inf"] = int(n_inf)  # identical reconstructions: counted, not averaged
-            if n_na:
-                stats[k]["n_na"] = int(n_na)
+    def _write(self, rows, failures, n_cases: int, interrupted: bool = False, ranks=None) -> dict:
+        """summary.json (:func:`fvae_ct.recon.summary.summarize`) of this run; returns its content."""
         net = self.network
-        modalities: dict[str, int] = {}
-        for r in rows:
-            modalities[r["modality"] or "unknown"] = modalities.get(r["modality"] or "unknown", 0) + 1
-        summary = {
+        run = {
             "vae": net.name,
             "vae_properties": {
                 "latent_channels": net.latent_channels,
@@ -406,48 +279,8 @@ class ReconWorkflow:
             "tiling": self.inferer.tiling.as_dict(),
             "slice_orientation": self.slice_orientation,
             "hu_rounding": self.hu_rounding,
-            "protocol": PROTOCOL,
-            "n_cases": n_cases,
-            "n_ok": len(rows),
-            "n_failed": len(failures),
-            "interrupted": interrupted,
-            "world_size": len(ranks) if ranks else 1,
-            **({"ranks": ranks} if ranks else {}),
-            "metrics": stats,
-            "modalities": modalities,
-            "n_with_warnings": sum(bool(r["warnings"]) for r in rows),
-            "cases": [{k: _json_value(r.get(k)) for k in ("case", "status", *METRIC_KEYS, *CASE_KEYS)} for r in rows],
-            "failures": failures,
+            "arithmetic": self.arithmetic,
         }
+        summary = summarize(rows, failures, n_cases, run, interrupted, ranks)
         write_text_atomic(self.output_dir / "summary.json", json.dumps(summary, indent=2, allow_nan=False))
         return summary
-
-    @staticmethod
-    def table(rows: list[dict], failures: list[dict]) -> str:
-        def cell(v, width, fmt):
-            return (
-                f"{v:{width}{fmt}}" if isinstance(v, float) and math.isfinite(v) else f"{csv_cell(v) or '-':>{width}}"
-            )
-
-        head = f"{'case':<32} {'PSNR dB':>8} {'SSIM3d':>7} {'SSIM2d':>7} {'MSE HU2':>9} {'sec':>7}"
-        lines = [head, "-" * len(head)]
-        for r in rows:
-            lines.append(
-                f"{r['case'][:32]:<32} {cell(r['psnr'], 8, '.2f')} {cell(r['ssim3d'], 7, '.4f')} "
-                f"{cell(r['ssim2d'], 7, '.4f')} {cell(r['mse_hu'], 9, '.1f')} {cell(r['seconds'], 7, '.1f')}"
-            )
-        if len(rows) > 1:
-            mean = {}
-            for k in ("psnr", "ssim3d", "ssim2d", "mse_hu"):
-                v = [r[k] for r in rows if isinstance(r[k], float) and math.isfinite(r[k])]
-                mean[k] = float(np.mean(v)) if v else math.nan
-            lines.append(
-                f"{'mean (finite)':<32} {cell(mean['psnr'], 8, '.2f')} {cell(mean['ssim3d'], 7, '.4f')} "
-                f"{cell(mean['ssim2d'], 7, '.4f')} {cell(mean['mse_hu'], 9, '.1f')}"
-            )
-        for r in rows:
-            for w in r.get("warnings") or ():
-                lines.append(f"WARNING {r['case']}: {w}")
-        for f in failures:
-            lines.append(f"FAILED {f['case']}: {f['error']}")
-        return "\n".join(lines)

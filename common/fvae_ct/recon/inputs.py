@@ -1,0 +1,45 @@
+"""What the recon bundle runs on: the cases of its ``input`` (the bundle's ``datalist`` property).
+
+Our own reconstructions (``<case>_recon.nii.gz`` marked in their header) are left out when the output folder is the
+input folder; any other file there is a case, and is never written over.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..io import Case, discover_cases, is_own_output, unique_names
+from ..reconstruct import RECON_SUFFIX
+
+__all__ = ["list_cases", "datalist", "cases_of"]
+
+
+def list_cases(input_path, output_dir) -> list[Case]:
+    """Cases of a path (see :func:`fvae_ct.io.discover_cases`) or of a list of paths, for a run writing into
+    ``output_dir``."""
+    if isinstance(input_path, (list, tuple)):
+        cases = unique_names([c for p in input_path for c in discover_cases(p)])
+    else:
+        cases = discover_cases(input_path)
+    out = Path(output_dir).resolve()
+    return [
+        c
+        for c in cases
+        if not (
+            Path(os.path.realpath(c.path)).parent == out and c.path.endswith(RECON_SUFFIX) and is_own_output(c.path)
+        )
+    ]
+
+
+def datalist(input_path, output_dir) -> list[dict]:
+    """The cases as MONAI data items ``{"image": path, "case": name[, "label": path]}``."""
+    return [
+        {"image": c.path, "case": c.name, **({"label": c.label} if c.label else {})}
+        for c in list_cases(input_path, output_dir)
+    ]
+
+
+def cases_of(items) -> list[Case]:
+    """The :class:`~fvae_ct.io.Case` of each item of :func:`datalist`."""
+    return [Case(d["case"], d["image"], d.get("label")) for d in items]

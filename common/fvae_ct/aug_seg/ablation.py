@@ -111,7 +111,7 @@ def _view_dirs(root: Path, arms) -> dict[str, str]:
 
 def _prepare_views(view_dirs: dict[str, str], train_items) -> None:
     """Classical-filter views of the training cases, named like reconstructions (``<case>_recon.nii.gz``)."""
-    from ..recon import RECON_SUFFIX
+    from ..reconstruct import RECON_SUFFIX
     from .nnunet_data import filtered_view
 
     for arm, folder in view_dirs.items():

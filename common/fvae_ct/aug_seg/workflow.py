@@ -27,7 +27,7 @@ from monai.transforms import MapTransform, Randomizable
 from ..datalist import read_datalist, read_json
 from ..errors import InputError, OptionError
 from ..io import case_name, write_text_atomic
-from ..recon import RECON_SUFFIX
+from ..reconstruct import RECON_SUFFIX
 
 __all__ = [
     "build_datalists",

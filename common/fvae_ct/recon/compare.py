@@ -21,6 +21,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,7 +89,10 @@ def _measures(input_path, sub: Path, labels, hu_window) -> dict:
         lab = None if labels is None else to_slices(load_labels(labels, aff, img.shape), aff)[0]
         a = analyze(x, y, sp, lab)
         figs.append([a[k] for k in MEASURES])
-    return {k: float(v) for k, v in zip(MEASURES, np.nanmean(np.array(figs, dtype=np.float64), 0))}
+    with warnings.catch_warnings():  # a measure no case has (NaN: not measurable there) stays NaN, without a warning
+        warnings.simplefilter("ignore", RuntimeWarning)
+        means = np.nanmean(np.array(figs, dtype=np.float64), 0)
+    return {k: float(v) for k, v in zip(MEASURES, means)}
 
 
 def _run_vae(vae: str, opts: dict, input_path, sub: Path, labels, hu_window) -> dict:

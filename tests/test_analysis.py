@@ -96,7 +96,7 @@ def test_label_free_mode_and_registry_growth(assets, tmp_path):
 def test_bad_analysis_options_are_one_line_option_errors(tmp_path):
     """A bad --methods / --insert_noise / --hf_cutoff is an OptionError naming the option, the value and what is allowed,
     raised when the analysis is built (before any case); text from the command line is split at commas."""
-    from fvae_ct.errors import OptionError
+    from fvae_ct.errors import InputError, OptionError
 
     recon = ReconWorkflow(IdentityVAE(), str(tmp_path), figures=False, progress=False)
     cases = [
@@ -116,3 +116,5 @@ def test_bad_analysis_options_are_one_line_option_errors(tmp_path):
     a = AnalysisWorkflow(recon, methods="median3, vae", insert_noise="[white10, ct20]", cutoff="0.3", progress=False)
     assert a.methods == ["vae", "median3"] and a.insert_noise == ["white10", "ct20"] and a.cutoff == 0.3
     assert AnalysisWorkflow(recon, insert_noise="[]").insert_noise == []
+    with pytest.raises(InputError, match=rf"^{tmp_path}/segs: does not exist \(give a label map, or a folder of "):
+        AnalysisWorkflow(recon, labels=str(tmp_path / "segs"))

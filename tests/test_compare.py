@@ -107,4 +107,13 @@ def test_bad_options_are_one_line_option_errors(children, tmp_path):
         cmp.compare_vaes(ct, "identity", str(tmp_path / "a"), skip_existing="perhaps")
     with pytest.raises(OptionError, match=r"^hu_window \[500, -500\]: give \[low, high\] with low < high"):
         cmp.compare_vaes(ct, "identity", str(tmp_path / "a"), hu_window=[500, -500])
-    assert children["calls"] == []
+    with pytest.raises(OptionError, match=r"^vaes \['taef2', 'wan9'\]: unknown \['wan9'\]; give VAE names of `fvae "
+                                          r"list-vaes`: .*taef2"):
+        cmp.compare_vaes(ct, "taef2, wan9", str(tmp_path / "a"))
+    with pytest.raises(OptionError, match=r"^vaes \[\]: unknown \[\]"):
+        cmp.compare_vaes(ct, " ,", str(tmp_path / "a"))
+    with pytest.raises(OptionError, match=r"^weights 'a.pth': give a JSON object of weights per VAE"):
+        cmp.compare_vaes(ct, "identity", str(tmp_path / "a"), weights="a.pth")
+    with pytest.raises(InputError, match=rf"^{tmp_path}/seg.nii.gz: does not exist \(give the label map of the input\)$"):
+        cmp.compare_vaes(ct, "identity", str(tmp_path / "a"), labels=str(tmp_path / "seg.nii.gz"))
+    assert children["calls"] == [] and not (tmp_path / "a").exists()

@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..batch import BatchRunner
-from ..errors import OptionError
+from ..errors import InputError, OptionError
 from ..io import Case, load_ct, load_labels, write_text_atomic
 from ..metrics.recon import recon_metrics
 from ..options import parse_bool
@@ -117,8 +117,10 @@ class AnalysisWorkflow:
             self.cutoff = float("nan")
         if not 0 < self.cutoff <= 0.5**0.5:
             raise OptionError(f"hf_cutoff {cutoff!r}: give a frequency in cycles/voxel, above 0 and at most 0.707")
+        if labels is not None and not Path(labels).exists():
+            raise InputError(labels, "does not exist (give a label map, or a folder of <case>[_seg].nii.gz)")
         self.recon = recon
-        self.labels = labels
+        self.labels = None if labels is None else str(labels)
         self.methods = methods
         self.figures = parse_bool(figures, "figures")
         self.progress = progress

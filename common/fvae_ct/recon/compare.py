@@ -29,7 +29,7 @@ import nibabel as nib
 import numpy as np
 
 from ..batch import BatchRunner
-from ..errors import BatchFailure, FvaeError
+from ..errors import BatchFailure, FvaeError, InputError, OptionError
 from ..io import discover_cases, load_ct, load_labels, write_text_atomic
 from ..options import parse_bool
 from ..reconstruct import RECON_SUFFIX
@@ -121,7 +121,16 @@ def compare_vaes(
     options), write ``compare.csv`` / ``compare.md`` and return the rows (one per VAE that ran, in the order of
     ``vaes``); a VAE that fails is reported at the end, after the others, as one :class:`BatchFailure` whose ``rows``
     are those of the others."""
-    vaes = [v.strip() for v in (vaes.split(",") if isinstance(vaes, str) else vaes) if v.strip()]
+    from ..vae import REGISTRY
+
+    vaes = [str(v).strip() for v in (vaes.split(",") if isinstance(vaes, str) else vaes) if str(v).strip()]
+    unknown = [v for v in vaes if v not in REGISTRY]
+    if unknown or not vaes:
+        raise OptionError(f"vaes {vaes}: unknown {unknown}; give VAE names of `fvae list-vaes`: {', '.join(REGISTRY)}")
+    if weights is not None and not isinstance(weights, dict):
+        raise OptionError(f'weights {weights!r}: give a JSON object of weights per VAE, e.g. {{"wan2.1": "/path"}}')
+    if labels is not None and not Path(labels).exists():
+        raise InputError(labels, "does not exist (give the label map of the input)")
     weights, out = weights or {}, Path(output_dir)
     skip_existing = parse_bool(skip_existing, "skip_existing")
     hu_window = list(check_hu_window(hu_window))

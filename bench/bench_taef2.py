@@ -79,7 +79,7 @@ def child(n: int, tile: int | None) -> None:
     from fvae_ct.tiling import TilingConfig
     from fvae_ct.vae import load
 
-    from fvae_ct.recon.compare import PeakRSS
+    from peak_rss import PeakRSS  # bench/peak_rss.py (this script's folder is on sys.path)
 
     vae = load("taef2")
     x = _slices(n)

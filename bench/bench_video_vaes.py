@@ -52,7 +52,7 @@ def _slices(n: int, lo: float, hi: float) -> torch.Tensor:
 
 
 def child(name: str, n: int) -> None:
-    from fvae_ct.recon.compare import PeakRSS
+    from peak_rss import PeakRSS  # bench/peak_rss.py (this script's folder is on sys.path)
 
     vae = _build(name)
     x = _slices(n, *vae.input_range)

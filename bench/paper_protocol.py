@@ -27,6 +27,7 @@ VARIANTS = {  # name: overrides on inference.yaml ("paper" = the whole preset)
     "+ file voxel order": {"slice_orientation": "file"},
     "+ HU truncation": {"hu_rounding": "truncate"},
     "+ 65-slice windows, last padded": {"depth_window": 65, "depth_overlap": 0, "depth_last": "pad"},
+    "+ the script's arithmetic (Wan)": {"arithmetic": "script"},
     "paper.yaml": "paper",
 }
 
@@ -44,9 +45,11 @@ def tiny_wan(folder: Path) -> str:
 def run(ct: str, out: Path, vae: str, weights: str | None, variant) -> tuple[dict, np.ndarray]:
     p = ConfigParser()
     p.read_config([str(CONF / "inference.yaml")] + ([str(CONF / "paper.yaml")] if variant == "paper" else []))
+    # the script's float32 arithmetic is Wan's (fvae_ct.recon.script); TAEF2 takes the preset's other steps
+    paper = {"arithmetic": "ours"} if vae == "taef2" else {}
     p.update({"input": ct, "output_dir": str(out), "vae": vae, "vae_weights": weights, "figures": False,
-              "device": "cpu", **({} if variant == "paper" else variant)})
-    s = p.get_parsed_content("workflow").run(ct)
+              "device": "cpu", **(paper if variant == "paper" else variant)})
+    s = p.get_parsed_content("evaluator").run()
     rec = next(out.glob("*_recon.nii.gz"))
     return s, np.asarray(nib.load(str(rec)).dataobj).astype(np.int32)
 
@@ -67,6 +70,8 @@ def main(argv=None) -> None:
                 continue  # one case for the real weights (the windows do not matter to an image autoencoder)
             ref = None
             for vname, variant in VARIANTS.items():
+                if vae == "taef2" and isinstance(variant, dict) and variant.get("arithmetic") == "script":
+                    continue  # the scripts' arithmetic is Wan's
                 dest = out / f"{vae.split()[0]}_{ct_name.split()[0]}_{len(rows)}"
                 s, hu = run(ct, dest, vae.split()[0], weights, variant)
                 ref = hu if ref is None else ref

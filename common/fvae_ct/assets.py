@@ -24,7 +24,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .errors import WeightsError
+from .errors import OptionError, WeightsError
 
 __all__ = [
     "Asset",
@@ -234,9 +234,10 @@ def _download(url: str, dest: Path) -> None:
 
 def resolve(name: str, download: bool = False, bundle_root: str | os.PathLike | None = None) -> Path:
     """Path of the named asset, hash-checked: ``<bundle_root>/<bundle_path>``, ``$FVAE_ASSETS``, the cache, then
-    (``download=True``) the upstream address. Raises :class:`WeightsError` naming every place searched."""
+    (``download=True``) the upstream address. Raises :class:`WeightsError` naming every place searched; an unknown
+    ``name`` is an :class:`OptionError` listing the known ones."""
     if name not in ASSETS:
-        raise KeyError(f"unknown asset '{name}'; known: {', '.join(sorted(ASSETS))}")
+        raise OptionError(f"asset {name!r}: not a known asset; known: {', '.join(sorted(ASSETS))}")
     asset = ASSETS[name]
     if bundle_root is not None and (Path(bundle_root) / asset.bundle_path).is_file():
         return _check(Path(bundle_root) / asset.bundle_path, asset, name)

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from monai.handlers import from_engine
 
+from .errors import OptionError
 from .outputs import write_text_atomic
 
 __all__ = ["LossHistory", "WarmupEMA", "SaveFinalModel"]
@@ -52,9 +53,13 @@ class WarmupEMA:
     """
 
     def __init__(self, model: torch.nn.Module, decay: float = 0.9999, warmup: bool = True):
-        if not 0.0 <= float(decay) < 1.0:
-            raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
-        self.model, self.decay, self.warmup = model, float(decay), bool(warmup)
+        try:
+            rate = float(decay)
+        except (TypeError, ValueError):
+            rate = float("nan")
+        if not 0.0 <= rate < 1.0:
+            raise OptionError(f"ema_decay {decay!r}: give a decay in [0, 1) (0: the copy follows the weights)")
+        self.model, self.decay, self.warmup = model, rate, bool(warmup)
         self.ema_model = copy.deepcopy(model).eval()
         for p in self.ema_model.parameters():
             p.requires_grad_(False)

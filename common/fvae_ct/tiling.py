@@ -25,6 +25,18 @@ from .errors import OptionError
 __all__ = ["TilingConfig", "windowed_apply", "depth_window_starts", "shifted_depth_apply"]
 
 
+def _whole(option: str, value) -> int:
+    """``value`` as an integer (``8``, ``8.0``, ``"8"``), else an :class:`OptionError` naming ``option``."""
+    try:
+        n = int(value)
+        ok = not isinstance(value, bool) and float(value) == n
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise OptionError(f"{option} {value!r}: give a whole number of voxels")
+    return n
+
+
 @dataclass
 class TilingConfig:
     """Knobs of :func:`windowed_apply` (all sizes in voxels of the array given to the VAE).
@@ -51,6 +63,10 @@ class TilingConfig:
     depth_last: str = "shift"
 
     def __post_init__(self):
+        for k in ("tile_size", "depth_window", "tile_overlap", "depth_overlap", "slice_batch"):
+            v = getattr(self, k)
+            if v is not None or k not in ("tile_size", "depth_window"):
+                setattr(self, k, _whole(k, v))
         for k in ("tile_size", "depth_window"):
             v = getattr(self, k)
             if v is not None and int(v) < 1:

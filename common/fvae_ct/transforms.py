@@ -23,6 +23,7 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import Compose, InvertibleTransform, MapTransform
 
+from .errors import OptionError
 from .io import axial_axis, load_ct, spacing_of
 
 __all__ = [
@@ -34,6 +35,8 @@ __all__ = [
     "recon_preprocessing",
     "hu_to_unit",
     "unit_to_hu",
+    "hu_window_of",
+    "working_spacing_of",
     "to_slices",
     "from_slices",
 ]
@@ -55,10 +58,42 @@ def hu_to_unit(hu, window=DEFAULT_HU_WINDOW):
 HU_ROUNDING = ("round", "truncate")
 
 
+def _one_of(option: str, value, allowed) -> str:
+    """``value`` if it is one of ``allowed``, else an :class:`OptionError` naming ``option``, the value and them."""
+    if value not in allowed:
+        raise OptionError(f"{option} {value!r}: give one of {', '.join(allowed)}")
+    return value
+
+
+def hu_window_of(window) -> tuple[float, float]:
+    """``(low, high)`` HU of a ``hu_window`` option ``[low, high]``, ``low < high``; else an :class:`OptionError`."""
+    try:
+        lo, hi = (float(v) for v in window)
+    except (TypeError, ValueError):
+        lo = hi = None
+    if lo is None or not lo < hi:
+        shown = list(window) if isinstance(window, (list, tuple)) else window
+        raise OptionError(f"hu_window {shown!r}: give [low, high] in HU with low < high, e.g. [-1000, 1000]")
+    return lo, hi
+
+
+def working_spacing_of(value) -> float | None:
+    """The in-plane ``working_spacing`` option in mm (> 0), ``None`` for none (``None``, ``""``, ``"none"``); else an
+    :class:`OptionError`."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
+        return None
+    try:
+        mm = float(value)
+    except (TypeError, ValueError):
+        mm = float("nan")
+    if not mm > 0 or mm == float("inf"):
+        raise OptionError(f"working_spacing {value!r}: give a positive in-plane spacing in mm, or none")
+    return mm
+
+
 def unit_to_hu(u, window=DEFAULT_HU_WINDOW, rounding: str = "round"):
     """Inverse of :func:`hu_to_unit` on [0, 1], made integer HU by ``rounding`` (values stay float)."""
-    if rounding not in HU_ROUNDING:
-        raise ValueError(f"hu_rounding must be one of {HU_ROUNDING}, got {rounding!r}")
+    _one_of("hu_rounding", rounding, HU_ROUNDING)
     lo, hi = float(window[0]), float(window[1])
     v = u * (hi - lo) + lo
     if isinstance(v, torch.Tensor):
@@ -100,12 +135,8 @@ class HUWindowd(MapTransform, InvertibleTransform):
         rounding: str = "round",
     ):
         super().__init__(keys, allow_missing_keys)
-        if len(window) != 2 or not float(window[0]) < float(window[1]):
-            raise ValueError(f"hu_window must be [low, high] with low < high, got {window}")
-        if rounding not in HU_ROUNDING:
-            raise ValueError(f"hu_rounding must be one of {HU_ROUNDING}, got {rounding!r}")
-        self.rounding = rounding
-        self.window = (float(window[0]), float(window[1]))
+        self.window = hu_window_of(window)
+        self.rounding = _one_of("hu_rounding", rounding, HU_ROUNDING)
         self.out_range = (float(out_range[0]), float(out_range[1]))
 
     def __call__(self, data):
@@ -144,9 +175,7 @@ class AxialSlicesd(MapTransform, InvertibleTransform):
 
     def __init__(self, keys: KeysCollection, orientation: str = "display", allow_missing_keys: bool = False):
         super().__init__(keys, allow_missing_keys)
-        if orientation not in SLICE_ORIENTATIONS:
-            raise ValueError(f"slice_orientation must be one of {SLICE_ORIENTATIONS}, got {orientation!r}")
-        self.orientation = orientation
+        self.orientation = _one_of("slice_orientation", orientation, SLICE_ORIENTATIONS)
 
     @staticmethod
     def layout(affine, orientation: str = "display") -> tuple[list[int], list[int]]:
@@ -192,9 +221,7 @@ class InPlaneResampled(MapTransform, InvertibleTransform):
 
     def __init__(self, keys: KeysCollection, working_spacing: float | None = None, allow_missing_keys: bool = False):
         super().__init__(keys, allow_missing_keys)
-        if working_spacing is not None and float(working_spacing) <= 0:
-            raise ValueError(f"working_spacing must be > 0 mm, got {working_spacing}")
-        self.working_spacing = None if working_spacing is None else float(working_spacing)
+        self.working_spacing = working_spacing_of(working_spacing)
 
     @staticmethod
     def _resize(x: torch.Tensor, ax: int, size: Sequence[int]) -> torch.Tensor:

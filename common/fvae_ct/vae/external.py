@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import WeightsError
+from ..errors import OptionError, WeightsError
 from ..tiling import TilingConfig
 from .base import FrozenVAE
 
@@ -59,6 +59,29 @@ def _latent(out) -> torch.Tensor:
     raise WeightsError(f"cannot find a tensor in the model's output of type {type(out).__name__}")
 
 
+def _positive_int(option: str, value) -> int:
+    """``value`` as a positive integer, else an :class:`OptionError` naming ``option``."""
+    try:
+        n = int(value)
+        ok = not isinstance(value, bool) and float(value) == n and n >= 1
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise OptionError(f"{option} {value!r}: give a positive whole number")
+    return n
+
+
+def _value_range(value) -> tuple[float, float]:
+    """The ``input_range`` option ``[low, high]``, ``low < high``, else an :class:`OptionError`."""
+    try:
+        lo, hi = (float(v) for v in value)
+    except (TypeError, ValueError):
+        lo = hi = None
+    if lo is None or not lo < hi:
+        raise OptionError(f"input_range {value!r}: give [low, high] with low < high, e.g. [-1, 1]")
+    return lo, hi
+
+
 class ExternalVAE(FrozenVAE):
     """A user-provided VAE class (dotted path + kwargs), frozen, behind :class:`FrozenVAE`."""
 
@@ -80,15 +103,24 @@ class ExternalVAE(FrozenVAE):
     ):
         super().__init__(tiling=tiling, scale_factor=scale_factor)
         if layout not in ("video", "image"):
-            raise ValueError(f"layout must be 'video' or 'image', got {layout!r}")
+            raise OptionError(f"layout {layout!r}: give 'video' (clips, depth = time) or 'image' (single slices)")
+        sizes = {
+            k: _positive_int(k, v)
+            for k, v in (
+                ("latent_channels", latent_channels),
+                ("spatial_factor", spatial_factor),
+                ("depth_factor", depth_factor),
+            )
+        }
+        input_range = _value_range(input_range)
         factory = import_target(target, repo)
         self.model = factory(**(kwargs or {}))
         if not hasattr(self.model, encode_fn) or not hasattr(self.model, decode_fn):
             raise WeightsError(f"{target} has no {encode_fn}/{decode_fn} methods")
         self.name, self.layout = name, layout
-        self.latent_channels, self.spatial_factor = int(latent_channels), int(spatial_factor)
-        self.depth_factor = 1 if layout == "image" else int(depth_factor)
-        self.input_range = tuple(float(v) for v in input_range)
+        self.latent_channels, self.spatial_factor = sizes["latent_channels"], sizes["spatial_factor"]
+        self.depth_factor = 1 if layout == "image" else sizes["depth_factor"]
+        self.input_range = input_range
         self._enc, self._dec = getattr(self.model, encode_fn), getattr(self.model, decode_fn)
         if isinstance(self.model, torch.nn.Module):
             self.freeze()

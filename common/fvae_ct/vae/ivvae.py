@@ -441,9 +441,11 @@ class IVVAE(FrozenVAE):
                 raise WeightsError(f"{path}: not an IV-VAE checkpoint (no {e.args[0]})") from e
             if found != (z_dim or found[0], dim or found[1]):
                 raise WeightsError(f"{path}: holds IV-VAE z{found[0]} dim{found[1]}, not z{z_dim} dim{dim}")
-            model = IVVAENet(*found)
             try:
+                model = IVVAENet(*found)
                 model.load_state_dict(state, strict=True)
+            except ValueError as e:  # odd widths: no IV-VAE
+                raise WeightsError(f"{path}: holds z{found[0]} dim{found[1]}, which is no IV-VAE ({e})") from e
             except RuntimeError as e:
                 raise WeightsError(f"{path}: does not fit IV-VAE z{found[0]} dim{found[1]}: {e}") from e
         key = (model.z_dim, model.dim)

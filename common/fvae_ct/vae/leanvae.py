@@ -323,7 +323,10 @@ def load_leanvae_checkpoint(path: str | os.PathLike) -> LeanVAENet:
     missing = [k for k in names if k not in args]
     if missing:
         raise WeightsError(f"{path}: the checkpoint's args lack {missing}")
-    net = LeanVAENet(**{k: int(args[k]) for k in names})
+    try:
+        net = LeanVAENet(**{k: int(args[k]) for k in names})
+    except (TypeError, ValueError) as e:  # args that are not whole numbers, or do not make a LeanVAE
+        raise WeightsError(f"{path}: the checkpoint's args do not describe a LeanVAE ({e})") from e
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as e:

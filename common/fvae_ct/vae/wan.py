@@ -89,9 +89,9 @@ class WanVAE(DiffusersVAE):
         self.spatial_factor = int(2 ** (len(cfg.dim_mult) - 1)) * patch
         self.depth_factor = int(2 ** sum(bool(t) for t in cfg.temperal_downsample))
         if self.depth_factor != 4:
-            raise ValueError(
-                f"{name}: diffusers' Wan encoder runs 1 + 4k frame chunks; temporal factor "
-                f"{self.depth_factor} is not supported"
+            raise WeightsError(
+                f"{weights or name}: the model's temporal downsampling factor is {self.depth_factor}; diffusers' Wan "
+                "encoder runs 1 + 4k frame chunks, so only 4 is supported"
             )
         self.dtype = dtype
         self.decode_dtype = decode_dtype

@@ -60,7 +60,7 @@ def test_analysis_resumes_with_skip_existing(tmp_path, monkeypatch):
 
 
 def test_latent_cache_resumes_with_skip_existing(tmp_path, monkeypatch):
-    import fvae_ct.ldm.workflow as lw
+    import fvae_ct.ldm.latent_cache as lw
 
     src = _inputs(tmp_path)
     dl = tmp_path / "dl.json"
@@ -78,7 +78,7 @@ def test_latent_cache_resumes_with_skip_existing(tmp_path, monkeypatch):
 
 
 def test_a_held_lock_refuses_analysis_and_latent_caching(tmp_path):
-    import fvae_ct.ldm.workflow as lw
+    import fvae_ct.ldm.latent_cache as lw
 
     src, out = _inputs(tmp_path, 1), tmp_path / "out"
     dl = tmp_path / "dl.json"
@@ -94,7 +94,7 @@ def test_a_held_lock_refuses_analysis_and_latent_caching(tmp_path):
 
 
 def test_a_lock_held_by_another_process_refuses_latent_caching(tmp_path):
-    import fvae_ct.ldm.workflow as lw
+    import fvae_ct.ldm.latent_cache as lw
 
     _inputs(tmp_path, 1)
     dl, cache = tmp_path / "dl.json", tmp_path / "cache"

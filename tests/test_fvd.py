@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from fvae_ct.errors import InputError
 from fvae_ct.ldm.fvd import ct_to_clip, frechet_distance, i3d_weights_path, load_i3d
 
 
@@ -102,7 +103,7 @@ def test_ctclip_preprocessing_and_clear_errors(tmp_path):
     x = ctclip_preprocess(np.full((40, 30, 20), 2000.0), np.diag([1.5, 1.5, 3.0, 1.0]))
     assert x.shape == (1, 1, 480, 480, 240)
     assert float(x.max()) == pytest.approx(1.0) and float(x.min()) == pytest.approx(-1.0)  # clipped /1000, pad -1
-    with pytest.raises(FileNotFoundError, match="CT-CLIP code not found"):
+    with pytest.raises(InputError, match="nope: CT-CLIP code not found"):
         CTClipScorer(str(tmp_path / "nope"), "w.pt", "ct_clip.Model")
 
 
@@ -143,12 +144,14 @@ def test_evaluate_config_on_two_tiny_folders(assets, tmp_path):
     assert "median_hu_5" in (out / "generation_metrics.csv").read_text() and (out / "generation.png").is_file()
 
 
-def test_bundle_segmenter_runs_the_seg_bundle(assets, tmp_path):
-    """Mask adherence through a real MONAI bundle (our fvae_aug_seg inference config, a small SegResNet)."""
+def test_bundle_segmenter_runs_the_seg_bundle(assets, tmp_path, monkeypatch):
+    """Mask adherence through a real MONAI bundle (our fvae_aug_seg inference config, a small SegResNet), built once
+    for every volume."""
     import shutil
 
     import nibabel as nib
     from conftest import ROOT
+    from monai.handlers import CheckpointLoader
     from monai.networks.nets import SegResNet
 
     from fvae_ct.ldm.generation_metrics import BundleSegmenter, mask_adherence
@@ -163,10 +166,26 @@ def test_bundle_segmenter_runs_the_seg_bundle(assets, tmp_path):
     seg = BundleSegmenter(str(bundle), overrides={"init_filters": 8, "blocks_down": [1, 1, 1], "blocks_up": [1, 1],
                                                   "patch_size": [48, 48, 16]})
     src = assets / "ct" / "totalseg_ct_sm_3mm.nii.gz"
-    lab = seg(str(src))
-    assert lab.shape == nib.load(str(src)).shape and set(np.unique(lab)) <= {0, 1, 2}
+    img = nib.load(str(src))
+    other = tmp_path / "other.nii.gz"  # a second volume of another size: the same workflow serves it
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[4:-4, ::-1, 2:].copy(), img.affine), str(other))
+    loads = []
+    real_load = CheckpointLoader.__call__
+    monkeypatch.setattr(CheckpointLoader, "__call__", lambda self, engine: loads.append(1) or real_load(self, engine))
+    labs = [seg(str(src)), seg(str(other)), seg(str(src))]
+    assert len(loads) == 1  # built once, weights loaded once
+    seg.close()
+    lab = labs[0]
+    assert lab.shape == img.shape and set(np.unique(lab)) <= {0, 1, 2}
+    assert labs[1].shape == nib.load(str(other)).shape
     m = mask_adherence(lab, lab, (3, 3, 3), [1, 2])
     assert m["dice_mean"] == 1.0 or np.isnan(m["dice_mean"])  # a segmentation agrees with itself
+    # the same label maps as a workflow built (and its weights loaded) for each volume on its own
+    for path, got in ((src, labs[0]), (other, labs[1]), (src, labs[2])):
+        with BundleSegmenter(str(bundle), output_dir=str(tmp_path / "fresh"), overrides=seg.overrides) as fresh:
+            want = fresh(str(path))
+        assert np.array_equal(got, want) and got.max() > 0
+    assert len(loads) == 4
 
 
 def test_fvd_sample_warning_threshold():

@@ -16,7 +16,7 @@ from fvae_ct.handlers import WarmupEMA
 from fvae_ct.ldm import (GenerateWorkflow, LDMPrepareBatch, SamplingInferer, TrainingRecord, build_denoiser,
                          check_record, guided_prediction, load_stage2d, make_scheduler, prepare_latents,
                          trained_depth, vae_mask_input)
-from fvae_ct.ldm.workflow import MINILM
+from fvae_ct.ldm.conditioning import MINILM
 from fvae_ct.vae import load
 
 TINY = dict(channels=(8, 16), attention_levels=(False, True), num_res_blocks=1, num_head_channels=8,

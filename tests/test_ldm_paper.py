@@ -170,7 +170,7 @@ def _paper(base: str):
 def test_paper_mask_mapping_is_the_official_one_in_leanvae_range():
     """The official loader writes ``(id / 400 * 2 - 1) / 2`` into LeanVAE's input; the paper overlay must give the
     same values with LeanVAE's real input range (a (-1, 1) range would hide a factor of two)."""
-    from fvae_ct.ldm.workflow import vae_mask_input
+    from fvae_ct.ldm.conditioning import vae_mask_input
     from fvae_ct.vae import LeanVAE
 
     p = _paper("prepare.yaml")

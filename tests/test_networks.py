@@ -6,6 +6,7 @@ import pytest
 import torch
 from monai.networks.nets import DiffusionModelUNet
 
+from fvae_ct.errors import OptionError, WeightsError
 from fvae_ct.ldm.networks import DepthConv, PseudoThreeDUNet, SliceConsistencyAttention
 
 
@@ -66,7 +67,7 @@ def test_mode_none_has_no_3d_parameters_and_is_the_2d_unet():
     t = torch.tensor([7])
     ref = tiny_unet()(xs, t.repeat_interleave(3))
     assert torch.allclose(net(x, t), ref.reshape(1, 3, 4, 16, 16).permute(0, 2, 1, 3, 4), atol=1e-5)
-    with pytest.raises(ValueError, match="mode must be"):
+    with pytest.raises(OptionError, match="consistency must be one of attention, conv, both, conv_every, none, got .full3d."):
         PseudoThreeDUNet(tiny_unet(), mode="full3d")
 
 
@@ -81,3 +82,15 @@ def test_copies_are_independent_models():
             p.add_(0.1)
     x, t = torch.randn(1, 4, 3, 16, 16), torch.tensor([3])
     assert not torch.allclose(net(x, t), twin(x, t))
+
+
+def test_bad_consistency_options_are_one_line_option_errors():
+    with pytest.raises(OptionError, match=r"^consistency_levels must be in 0 \.\. 2 \(the UNet's levels\), got \[1, 3\]$"):
+        PseudoThreeDUNet(tiny_unet(), levels=(1, 3))
+    with pytest.raises(OptionError, match=r"consistency 'attention' attends with 3 heads: .* multiples of 3, got \[16, 32\]"):
+        PseudoThreeDUNet(tiny_unet(), levels=(0, 1), num_heads=3)
+    assert PseudoThreeDUNet(tiny_unet(), levels=(0, 1), num_heads=3, mode="conv").blocks3d  # no heads: any channels
+    net = PseudoThreeDUNet(tiny_unet(), mode="conv_every")
+    with pytest.raises(WeightsError, match=r"stage-2d UNet weights do not fit .*unexpected \['extra.weight'\]") as e:
+        net.load_unet_2d({**tiny_unet().state_dict(), "extra.weight": torch.zeros(1)})
+    assert "\n" not in str(e.value)

@@ -136,6 +136,14 @@ def onehot_mask_latent(
 
 
 # ---- schedules ----------------------------------------------------------------------------------------------
+#: the ``scheduler`` option: DDPM (DDIM sampling) or rectified flow
+SCHEDULERS = ("ddpm", "rflow")
+#: the ``ddim_spacing`` option (DDIM sampling)
+DDIM_SPACINGS = ("ldm", "monai")
+#: the ``timesteps`` option (DDPM training)
+TIMESTEPS = ("uniform", "paper_3d")
+
+
 def make_scheduler(
     kind: str = "ddpm",
     num_train_timesteps: int = 1000,
@@ -159,7 +167,7 @@ def make_scheduler(
             spatial_dim=3,
         )
     if kind != "ddpm":
-        raise ValueError(f"scheduler must be 'ddpm' or 'rflow', got {kind!r}")
+        raise OptionError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {kind!r}")
     common = dict(
         num_train_timesteps=num_train_timesteps,
         schedule="scaled_linear_beta",
@@ -170,8 +178,8 @@ def make_scheduler(
     )
     if not sampler:
         return DDPMScheduler(**common)
-    if ddim_spacing not in ("ldm", "monai"):
-        raise ValueError(f"ddim_spacing must be 'ldm' or 'monai', got {ddim_spacing!r}")
+    if ddim_spacing not in DDIM_SPACINGS:
+        raise OptionError(f"ddim_spacing must be one of {', '.join(DDIM_SPACINGS)}, got {ddim_spacing!r}")
     if ddim_spacing == "ldm":
         return UniformDDIMScheduler(**common, steps_offset=1, set_alpha_to_one=False)
     return DDIMScheduler(**common)
@@ -186,6 +194,17 @@ class UniformDDIMScheduler(DDIMScheduler):
         stride = self.num_train_timesteps // num_inference_steps
         ts = torch.arange(0, num_inference_steps, device=device, dtype=torch.long) * stride + self.steps_offset
         self.timesteps = ts.flip(0)
+
+
+def _probability(name: str, value) -> float:
+    """``value`` as a probability in [0, 1], else an :class:`OptionError` naming the option ``name``."""
+    try:
+        p = float(value)
+    except (TypeError, ValueError):
+        p = float("nan")
+    if not 0.0 <= p <= 1.0:
+        raise OptionError(f"{name} must be a probability in [0, 1], got {value!r}")
+    return p
 
 
 class LDMPrepareBatch:
@@ -225,18 +244,15 @@ class LDMPrepareBatch:
     ):
         self.scheduler = scheduler
         self.per_slice = parse_bool(per_slice, "per_slice")
-        self.p_context = float(p_context)
-        if not 0.0 <= self.p_context <= 1.0:
-            raise ValueError(f"p_context must be a probability in [0, 1], got {p_context}")
+        self.p_context = _probability("p_context", p_context)
         if self.p_context and isinstance(scheduler, RFlowScheduler):
             raise OptionError("p_context (clean context slices) is implemented for scheduler ddpm, not rflow")
         self.scale_factor, self.mask_scale = float(scale_factor), float(mask_scale)
-        self.p_mask, self.p_text, self.p_both = float(p_uncond_mask), float(p_uncond_text), float(p_uncond_both)
-        for name, p in (("p_uncond_mask", self.p_mask), ("p_uncond_text", self.p_text), ("p_uncond_both", self.p_both)):
-            if not 0.0 <= p <= 1.0:
-                raise ValueError(f"{name} must be a probability in [0, 1], got {p}")
-        if timesteps not in ("uniform", "paper_3d"):
-            raise ValueError(f"timesteps must be 'uniform' or 'paper_3d', got {timesteps!r}")
+        self.p_mask = _probability("p_uncond_mask", p_uncond_mask)
+        self.p_text = _probability("p_uncond_text", p_uncond_text)
+        self.p_both = _probability("p_uncond_both", p_uncond_both)
+        if timesteps not in TIMESTEPS:
+            raise OptionError(f"timesteps must be one of {', '.join(TIMESTEPS)}, got {timesteps!r}")
         self.timesteps = timesteps
         self.g = torch.Generator().manual_seed(seed)
 

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from monai.metrics import compute_dice, compute_roc_auc, compute_surface_dice
 
+from ..errors import InputError
+
 __all__ = [
     "mask_adherence",
     "organ_median_hu",
@@ -67,7 +69,10 @@ class BundleSegmenter:
     """``segmenter(image_path) -> label map`` (on the image grid) through a MONAI bundle's inference config.
 
     Defaults fit the fvae_aug_seg bundle (``--input``, ``--output_dir``, output ``<name>_seg.nii.gz``);
-    ``overrides`` go to the config (network size, patch size ...).
+    ``overrides`` go to the config (network size, patch size ...). The workflow is built, and its weights loaded,
+    once: the first volume runs the config's ``run``, every later one only its ``evaluator`` with the ``dataset``'s
+    data (a MONAI ``Dataset``, the bundle's ``dataset`` property) set to ``[{"image": path}]`` and the evaluator's
+    ``CheckpointLoader`` handlers detached (the weights are in the network already). :meth:`close` finalizes it.
     """
 
     def __init__(
@@ -81,13 +86,17 @@ class BundleSegmenter:
         self.root = Path(bundle_root)
         self.config = self.root / config if not Path(config).is_absolute() else Path(config)
         if not self.config.is_file():
-            raise FileNotFoundError(f"{self.config}: no inference config in the segmentation bundle")
+            raise InputError(self.config, "segmenter: no inference config in the segmentation bundle")
         self.output_dir = Path(output_dir or self.root / "adherence")
         self.overrides = overrides or {}
         self.postfix = output_postfix
+        self._wf = None
 
-    def __call__(self, image: str) -> np.ndarray:
+    def _build(self, image: str):
+        """The bundle's inference workflow for ``image``, run once (loads the weights), then ready for other images."""
+        from ignite.engine import Events
         from monai.bundle import ConfigWorkflow
+        from monai.handlers import CheckpointLoader
 
         wf = ConfigWorkflow(
             config_file=str(self.config),
@@ -100,9 +109,38 @@ class BundleSegmenter:
         )
         wf.initialize()
         wf.run()
-        wf.finalize()
+        evaluator = wf.evaluator
+        # the bundle's handlers, and what the engine runs at its start (ignite lists no handlers publicly)
+        started = [h for h, *_ in getattr(evaluator, "_event_handlers", {}).get(Events.STARTED, [])]
+        for h in [*(wf.handlers or []), *started]:
+            if isinstance(h, CheckpointLoader) and evaluator.has_event_handler(h, Events.STARTED):
+                evaluator.remove_event_handler(h, Events.STARTED)
+        return wf
+
+    def __call__(self, image: str) -> np.ndarray:
+        if self._wf is None:
+            self._wf = self._build(image)
+        else:
+            try:
+                self._wf.dataset.data = [{"image": str(image)}]
+                self._wf.evaluator.run()
+            except Exception:
+                self._wf = None  # a failed run leaves the engine mid-epoch: the next volume builds it again
+                raise
         name = Path(image).name.split(".nii")[0]
         return np.asarray(nib.load(str(self.output_dir / f"{name}_{self.postfix}.nii.gz")).dataobj)
+
+    def close(self) -> None:
+        """Finalize the bundle's workflow (if one was built); the next call builds it again."""
+        if self._wf is not None:
+            wf, self._wf = self._wf, None
+            wf.finalize()
+
+    def __enter__(self) -> BundleSegmenter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 class ImageTextScorer:
@@ -137,11 +175,9 @@ class CTClipScorer(ImageTextScorer):
 
     def __init__(self, repo: str, weights: str, factory: str, device: str = "cpu", **kwargs):
         if not Path(repo).is_dir():
-            raise FileNotFoundError(f"{repo}: CT-CLIP code not found; clone the official repository and give its path")
+            raise InputError(repo, "CT-CLIP code not found; clone the official repository and give its path")
         if not Path(weights).is_file():
-            raise FileNotFoundError(
-                f"{weights}: CT-CLIP weights not found (CT-RATE: models/CT-CLIP-Related/CT-CLIP_v2.pt)"
-            )
+            raise InputError(weights, "CT-CLIP weights not found (CT-RATE: models/CT-CLIP-Related/CT-CLIP_v2.pt)")
         sys.path.insert(0, str(repo))
         module, _, name = factory.rpartition(".")
         self.model = getattr(importlib.import_module(module), name)(weights=weights, **kwargs).to(device).eval()

@@ -23,6 +23,8 @@ from collections.abc import Callable
 
 import torch
 
+from ..errors import OptionError
+
 __all__ = ["reinject", "pass_windows", "fusion_boundaries", "fuse", "official_long_volume", "chain_windows"]
 
 
@@ -101,7 +103,9 @@ def chain_windows(depth: int, window: int, overlap: int) -> list[tuple[int, int,
     if window >= depth:
         return [(0, depth, 0)]
     if not 0 < overlap < window:
-        raise ValueError(f"chain sampling needs 0 < depth_overlap < depth_window, got {overlap} and {window}")
+        raise OptionError(
+            f"depth_overlap must be in 1 .. depth_window - 1 ({window - 1}) for long_volume chain, got {overlap}"
+        )
     out, end = [(0, window, 0)], window
     while end < depth:
         start = min(end - overlap, depth - window)

@@ -16,6 +16,7 @@ README:
 from __future__ import annotations
 
 import logging
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -68,6 +69,16 @@ class SamplingInferer(Inferer):
                 "long_volume chain conditions each window on the previous one: depth_overlap must be >= 1"
             )
         self.scheduler = make_scheduler(scheduler, sampler=True, ddim_spacing=ddim_spacing)
+        n = self.scheduler.num_train_timesteps
+        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or not 1 <= steps <= n:
+            raise OptionError(f"steps must be an integer in 1 .. {n} (the training timesteps), got {steps!r}")
+        if float(eta) and scheduler == "rflow":
+            raise OptionError(f"eta applies to DDIM sampling (scheduler ddpm), not to rectified flow: got eta {eta!r}")
+        if long_volume == "official" and scheduler == "rflow":
+            raise OptionError(
+                "long_volume official re-injects the previous window's last latent the DDIM way: it needs scheduler "
+                "ddpm, got rflow (or use long_volume chain / blend)"
+            )
         self.steps, self.guidance, self.seed = steps, guidance, seed
         self.depth_window, self.depth_overlap, self.progress = depth_window, depth_overlap, progress
         self.depth_shift = parse_bool(depth_shift, "depth_shift")

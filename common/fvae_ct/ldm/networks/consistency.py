@@ -18,6 +18,8 @@ import torch
 from monai.networks.nets.diffusion_model_unet import get_timestep_embedding
 from torch import nn
 
+from ...errors import OptionError, WeightsError
+
 __all__ = ["SliceConsistencyAttention", "DepthConv", "SliceDepthConv", "PseudoThreeDUNet", "depth_position_encoding"]
 
 
@@ -126,7 +128,7 @@ class PseudoThreeDUNet(nn.Module):
     ):
         super().__init__()
         if mode not in self.MODES:
-            raise ValueError(f"mode must be one of {', '.join(self.MODES)}, got {mode!r}")
+            raise OptionError(f"consistency must be one of {', '.join(self.MODES)}, got {mode!r}")
         self.unet = unet
         # epsilon prediction = sqrt(1 - alpha_cumprod[t]) x_t (the optimal one for unit-Gaussian latents) + the UNet's
         # output: the zero-initialised output layer starts at that prior instead of at 0 noise. Not a weight (the
@@ -145,7 +147,16 @@ class PseudoThreeDUNet(nn.Module):
         n = len(chans)
         for lvl in self.levels:
             if not 0 <= lvl < n:
-                raise ValueError(f"level {lvl} out of range for a UNet with {n} levels")
+                raise OptionError(
+                    f"consistency_levels must be in 0 .. {n - 1} (the UNet's levels), got {list(self.levels)}"
+                )
+        if mode in ("attention", "both"):
+            odd = {chans[lvl] for lvl in {*self.levels, n - 1} if chans[lvl] % min(num_heads, chans[lvl])}
+            if odd:
+                raise OptionError(
+                    f"consistency {mode!r} attends with {num_heads} heads: unet_channels {chans} at the consistency "
+                    f"levels (and the last) must be multiples of {num_heads}, got {sorted(odd)}"
+                )
         names = {
             **{f"down{lvl}": chans[lvl] for lvl in self.levels},
             "mid": chans[-1],
@@ -198,7 +209,10 @@ class PseudoThreeDUNet(nn.Module):
         missing, unexpected = self.unet.load_state_dict(state_dict, strict=False)
         missing = [k for k in missing if ".depth." not in k]
         if missing or unexpected:
-            raise RuntimeError(f"2D UNet weights do not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
+            raise WeightsError(
+                f"the stage-2d UNet weights do not fit this network (give stage 3d the stage-2d architecture): "
+                f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
 
     def forward(
         self,

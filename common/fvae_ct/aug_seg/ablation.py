@@ -214,7 +214,7 @@ def _parse_list(value, what: str, kind=str) -> list:
         raise OptionError(f"{what} {value!r}: give a comma-separated list, e.g. 0,1,2") from None
     if not out:
         raise OptionError(f"{what} {value!r}: give at least one")
-    return out
+    return list(dict.fromkeys(out))  # a repeated one runs once
 
 
 def ablate_seg(

@@ -105,7 +105,7 @@ def test_bad_options_are_one_line_option_errors(children, tmp_path):
     ct = _ct(tmp_path / "ct.nii.gz")
     with pytest.raises(OptionError, match=r"^skip_existing: expected true or false \(1/0, yes/no\), got 'perhaps'$"):
         cmp.compare_vaes(ct, "identity", str(tmp_path / "a"), skip_existing="perhaps")
-    with pytest.raises(OptionError, match=r"^hu_window \[500, -500\]: give \[low, high\] with low < high"):
+    with pytest.raises(OptionError, match=r"^hu_window \[500, -500\]: give \[low, high\] in HU with low < high"):
         cmp.compare_vaes(ct, "identity", str(tmp_path / "a"), hu_window=[500, -500])
     with pytest.raises(OptionError, match=r"^vaes \['taef2', 'wan9'\]: unknown \['wan9'\]; give VAE names of `fvae "
                                           r"list-vaes`: .*taef2"):

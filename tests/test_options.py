@@ -101,7 +101,7 @@ def test_skip_existing_false_recomputes_and_junk_is_ignored(tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--hu_window", "[1000,-1000]"], "hu_window [1000, -1000]: give [low, high] with low < high"),
+        (["--hu_window", "[1000,-1000]"], "hu_window [1000, -1000]: give [low, high] in HU with low < high"),
         (["--slice_batch", "0"], "slice_batch must be >= 1, got 0"),
         (["--working_spacing", "-1"], "working_spacing -1: give a positive in-plane spacing"),
         (["--device", "cuda"], "device cuda: no CUDA GPU is available here"),

@@ -1,6 +1,6 @@
 """The fvae_recon configs build their workflow from the properties MONAI checks: the evaluator is the workflow, which
 runs the ``dataset`` (data ``datalist``, transform ``preprocessing``) through ``inferer`` and ``network_def``; the
-options of the preprocessing are validated once, in :func:`fvae_ct.recon.recon_chain`, with one-line OptionErrors."""
+options of the preprocessing are one-line OptionErrors (checked by the transform that takes each)."""
 
 from __future__ import annotations
 
@@ -85,10 +85,10 @@ def test_the_run_lists_call_the_evaluator_without_arguments():
 @pytest.mark.parametrize(
     "options, message",
     [
-        ({"hu_window": [1000, -1000]}, r"^hu_window \[1000, -1000\]: give \[low, high\] with low < high"),
-        ({"hu_window": "wide"}, r"^hu_window wide: give \[low, high\] with low < high"),
+        ({"hu_window": [1000, -1000]}, r"^hu_window \[1000, -1000\]: give \[low, high\] in HU with low < high"),
+        ({"hu_window": "wide"}, r"^hu_window 'wide': give \[low, high\] in HU with low < high"),
         ({"hu_window": [0, 1, 2]}, r"^hu_window \[0, 1, 2\]: give \[low, high\]"),
-        ({"working_spacing": "abc"}, r"^working_spacing abc: give a positive in-plane spacing in mm, or none$"),
+        ({"working_spacing": "abc"}, r"^working_spacing 'abc': give a positive in-plane spacing in mm, or none$"),
         ({"working_spacing": 0}, r"^working_spacing 0: give a positive in-plane spacing"),
         ({"slice_orientation": "sagittal"}, r"^slice_orientation 'sagittal': give one of display, file$"),
         ({"hu_rounding": "floor"}, r"^hu_rounding 'floor': give one of round, truncate$"),

@@ -33,9 +33,8 @@ from ..errors import BatchFailure, FvaeError, InputError, OptionError
 from ..io import discover_cases, load_ct, load_labels, write_text_atomic
 from ..options import parse_bool
 from ..reconstruct import RECON_SUFFIX
-from ..transforms import to_slices
+from ..transforms import hu_window_of, to_slices
 from .boundary import analyze
-from .preprocessing import check_hu_window
 
 __all__ = ["MEASURES", "COLUMNS", "compare_vaes", "markdown_table", "run_measured"]
 
@@ -133,7 +132,7 @@ def compare_vaes(
         raise InputError(labels, "does not exist (give the label map of the input)")
     weights, out = weights or {}, Path(output_dir)
     skip_existing = parse_bool(skip_existing, "skip_existing")
-    hu_window = list(check_hu_window(hu_window))
+    hu_window = list(hu_window_of(hu_window))
     runner = BatchRunner(out, "fvae compare-vaes", {"compare.csv": COLUMNS}, progress=progress)
     with runner:
         runner.plan(lambda: [_VAERun(v, str(input_path)) for v in vaes])

@@ -1,5 +1,6 @@
-"""The recon bundle's preprocessing chain (its ``preprocessing`` property), built from the bundle's options, each
-validated here with a one-line :class:`~fvae_ct.errors.OptionError`; and the settings a chain was built with.
+"""The recon bundle's preprocessing chain (its ``preprocessing`` property), built from the bundle's options (a bad
+one is a one-line :class:`~fvae_ct.errors.OptionError` of the transform that takes it); and the settings a chain was
+built with.
 
 ``arithmetic: ours``: :func:`fvae_ct.transforms.recon_preprocessing` (``LoadCTd -> HUWindowd -> InPlaneResampled
 -> AxialSlicesd``). ``arithmetic: script``: the same with :class:`~fvae_ct.recon.script.ScriptHUScaled` for the HU
@@ -16,49 +17,17 @@ from monai.transforms import Compose
 from ..errors import OptionError
 from ..transforms import (
     DEFAULT_HU_WINDOW,
-    HU_ROUNDING,
-    SLICE_ORIENTATIONS,
     AxialSlicesd,
     HUWindowd,
     InPlaneResampled,
     LoadCTd,
+    hu_window_of,
     recon_preprocessing,
+    working_spacing_of,
 )
 from .script import SCRIPT_RANGE, SCRIPT_WINDOW, ScriptHUScaled, check_arithmetic
 
-__all__ = ["recon_chain", "chain_settings", "check_hu_window", "check_working_spacing"]
-
-
-def check_hu_window(hu_window) -> tuple[float, float]:
-    """``(low, high)`` floats of the ``hu_window`` option, or an :class:`OptionError`."""
-    try:
-        lo, hi = (float(v) for v in hu_window)
-        ok = lo < hi
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        shown = list(hu_window) if isinstance(hu_window, (list, tuple)) else hu_window
-        raise OptionError(f"hu_window {shown}: give [low, high] with low < high, e.g. [-1000, 1000]")
-    return lo, hi
-
-
-def check_working_spacing(working_spacing) -> float | None:
-    """The ``working_spacing`` option in mm (``None``: the native grid), or an :class:`OptionError`."""
-    if working_spacing in (None, "", "None", "none", "null"):
-        return None
-    try:
-        mm = float(working_spacing)
-    except (TypeError, ValueError):
-        mm = float("nan")
-    if not mm > 0:
-        raise OptionError(f"working_spacing {working_spacing}: give a positive in-plane spacing in mm, or none")
-    return mm
-
-
-def _check_choice(name: str, value, allowed: Sequence[str]) -> str:
-    if value not in allowed:
-        raise OptionError(f"{name} {value!r}: give one of {', '.join(allowed)}")
-    return value
+__all__ = ["recon_chain", "chain_settings"]
 
 
 def recon_chain(
@@ -72,10 +41,7 @@ def recon_chain(
     keys="image",
 ) -> Compose:
     """The invertible chain of the module docstring for a VAE taking ``input_range``."""
-    window = check_hu_window(hu_window)
-    spacing = check_working_spacing(working_spacing)
-    _check_choice("slice_orientation", slice_orientation, SLICE_ORIENTATIONS)
-    _check_choice("hu_rounding", hu_rounding, HU_ROUNDING)
+    window, spacing = hu_window_of(hu_window), working_spacing_of(working_spacing)  # the transforms check the rest
     if check_arithmetic(arithmetic) == "ours":
         return recon_preprocessing(keys, window, input_range, spacing, check_hu, slice_orientation, hu_rounding)
     if window != SCRIPT_WINDOW:

@@ -40,11 +40,13 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -ra --fast $(PYTEST_ARGS)
 
 # the model-zoo's format checks (its runtests.sh --codeformat flags) on the code every bundle vendors; the same
-# hooks run from .pre-commit-config.yaml (`pre-commit install`, with this venv's tools on PATH)
+# hooks run from .pre-commit-config.yaml (`pre-commit install`, with this venv's tools on PATH); then the type checker
+# on the core (files and settings: [tool.mypy] of pyproject.toml)
 lint: $(STAMP)
 	$(VENV)/bin/isort --check common/fvae_ct
 	$(VENV)/bin/black --skip-magic-trailing-comma --check common/fvae_ct
 	$(VENV)/bin/flake8 --count --statistics common/fvae_ct
+	$(VENV)/bin/mypy
 
 # self-contained bundle archives: dist/<bundle>_v<version>.zip with the fvae_ct code each bundle needs vendored
 bundles: $(STAMP)

@@ -294,8 +294,8 @@ def bundle_weights(bundle_root: str | os.PathLike | None, vae: str, weights: str
     ``large_files.yml`` puts them; else ``None`` (the VAE then looks in ``$FVAE_ASSETS``, the cache, upstream)."""
     if weights is not None:
         return weights
-    names = {"taef2": ["taef2_encoder", "taef2_decoder"], "leanvae": ["leanvae_dim16"], "ivvae": ["ivvae_z16_dim64"]}
-    names = names.get(vae, [vae] if vae in ASSETS and ASSETS[vae].relpath.startswith("weights/") else [])
+    groups = {"taef2": ["taef2_encoder", "taef2_decoder"], "leanvae": ["leanvae_dim16"], "ivvae": ["ivvae_z16_dim64"]}
+    names = groups.get(vae, [vae] if vae in ASSETS and ASSETS[vae].relpath.startswith("weights/") else [])
     if bundle_root is None or not names:
         return None
     models = Path(bundle_root) / "models"

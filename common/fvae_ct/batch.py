@@ -29,6 +29,7 @@ import os
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from tqdm.auto import tqdm
 
@@ -95,7 +96,8 @@ class CaseRecord:
     """What one case adds (kept only when the case ends without an exception)."""
 
     def __init__(self, runner: BatchRunner, case):
-        self.case, self.rows = case, {}
+        self.case = case
+        self.rows: dict[str, list[dict]] = {}
         self._default = runner.default_table
 
     def add(self, *rows: dict, table: str | None = None) -> None:
@@ -124,7 +126,10 @@ class BatchRunner:
         self.default_table = next(iter(self.csv), "rows")
         self.rank, self.world = distributed.rank(), distributed.world_size()
         self.tag = f"[rank {self.rank}/{self.world}] " if self.world > 1 else ""
-        self.cases, self.shares, self.sizes, self.previous = [], [[]], [], {}
+        self.cases: list = []
+        self.shares: list[list[int]] = [[]]
+        self.sizes: list[int] = []
+        self.previous: dict[str, dict[str, dict]] = {}
         self.rows: dict[str, list[dict]] = {}
         self.failures: list[dict] = []
         self._stack = contextlib.ExitStack()
@@ -156,7 +161,8 @@ class BatchRunner:
         """Rank 0 takes the lock, removes temporaries, calls ``list_cases()`` (objects with ``name`` and ``path``) and
         splits them; every rank gets the whole list (returned) and its share (:meth:`mine`). An error of rank 0 is
         raised on every rank."""
-        plan, error = None, None
+        plan: dict[str, Any] | None = None
+        error: Exception | None = None
         if self.rank == 0:
             try:
                 self._stack.enter_context(folder_lock(self.folder, self.what))  # creates the folder
@@ -164,7 +170,7 @@ class BatchRunner:
                     log.info("removed %s, left by an interrupted earlier run", f)
                 cases = list(list_cases())
                 sizes = [case_voxels(c.path) for c in cases] if self.world > 1 else [1] * len(cases)
-                previous = {}
+                previous: dict[str, dict[str, dict]] = {}
                 for table, columns in self.csv.items():
                     if self.resume and columns is not None:
                         stem, suf = Path(table).stem, Path(table).suffix

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from nibabel.dataobj_images import DataobjImage
 
 from . import dicom_index
 from .datalist import CASE_SECTIONS, read_datalist
@@ -147,7 +148,9 @@ def case_voxels(path: str | os.PathLike) -> int:
                     continue
                 return int(h.Rows) * int(h.Columns) * len(files)
             return 0
-        return int(np.prod(nib.load(str(p)).shape))
+        img = nib.load(str(p))
+        assert isinstance(img, DataobjImage)  # an image with a shape (NIfTI, ...)
+        return int(np.prod(img.shape))
     except Exception:  # noqa: BLE001 - unreadable: size unknown
         return 0
 

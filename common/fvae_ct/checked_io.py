@@ -150,7 +150,7 @@ class CheckedLoadImaged(LoadImaged):
         return d
 
 
-def _failure(errors: list[str], n: int, what: str) -> Exception:
+def _failure(errors: list[InputError], n: int, what: str) -> Exception:
     if len(errors) == 1:
         return errors[0]
     lines = "\n".join(f"  {e}" for e in errors)
@@ -235,5 +235,5 @@ def install_one_line_errors(prog: str = "fvae-ct") -> None:
         sys.stderr.flush()
         print(f"{prog}: {type(cause).__name__}: {cause}", file=sys.stderr, flush=True)
 
-    hook._fvae_one_line = True
+    hook.__dict__["_fvae_one_line"] = True
     sys.excepthook = hook

@@ -247,8 +247,9 @@ class CLI:
             try:
                 rows = compare_vaes(_path(input), vaes, _path(output_dir), weights, _path(labels), **overrides)
             except BatchFailure as e:
-                if getattr(e, "rows", None):
-                    print(markdown_table(e.rows))  # the VAEs that ran
+                done = getattr(e, "rows", None)  # the VAEs that ran (compare_vaes sets it)
+                if done:
+                    print(markdown_table(done))
                 raise
         print(markdown_table(rows))
 

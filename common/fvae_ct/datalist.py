@@ -68,7 +68,8 @@ def read_datalist(
         it = {k: (_absolute(v, base) if k in PATH_KEYS and v else v) for k, v in it.items()}
         if check_files:
             for k in PATH_KEYS:
-                for f in it.get(k) if isinstance(it.get(k), list) else [it.get(k)] if it.get(k) else []:
+                v = it.get(k)
+                for f in v if isinstance(v, list) else [v] if v else []:
                     if not os.path.exists(f):
                         raise InputError(f, f"does not exist (item {i} '{k}' of {p})")
         items.append(it)

@@ -141,7 +141,7 @@ def classic_copy(src: Path, dest: Path) -> Path:
     (``frame_0001.dcm``, ...), geometry and rescale from the functional groups (per frame over shared)."""
     import pydicom
     from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
     hdr = pydicom.dcmread(str(src), stop_before_pixels=True)
     check_decoder(src, hdr)
@@ -202,7 +202,10 @@ def classic_copy(src: Path, dest: Path) -> Path:
         out.BitsAllocated, out.PixelData = 16, arr.tobytes()
         out.file_meta = FileMetaDataset()
         out.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        out.file_meta.MediaStorageSOPClassUID, out.file_meta.MediaStorageSOPInstanceUID = _CT_IMAGE, out.SOPInstanceUID
+        out.file_meta.MediaStorageSOPClassUID, out.file_meta.MediaStorageSOPInstanceUID = (
+            UID(_CT_IMAGE),
+            out.SOPInstanceUID,
+        )
         out.save_as(str(dest / f"frame_{i + 1:04d}.dcm"), enforce_file_format=True)
     return dest
 

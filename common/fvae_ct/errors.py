@@ -42,6 +42,7 @@ class UnknownVAEError(FvaeError, KeyError):
 def user_error(e: BaseException) -> BaseException | None:
     """The fvae-ct error (or missing file) behind ``e``, following the causes MONAI wraps config errors in;
     ``None`` for anything else (a bug, which should surface with its traceback)."""
-    while e is not None and not isinstance(e, (FvaeError, FileNotFoundError)):
-        e = e.__cause__
-    return e
+    cause: BaseException | None = e
+    while cause is not None and not isinstance(cause, (FvaeError, FileNotFoundError)):
+        cause = cause.__cause__
+    return cause

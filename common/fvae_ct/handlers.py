@@ -74,8 +74,8 @@ class WarmupEMA:
         d = self.current_decay()
         for e, p in zip(self.ema_model.parameters(), self.model.parameters()):
             e.lerp_(p.detach().to(e.dtype), 1.0 - d)
-        for e, b in zip(self.ema_model.buffers(), self.model.buffers()):
-            e.copy_(b)
+        for eb, b in zip(self.ema_model.buffers(), self.model.buffers()):
+            eb.copy_(b)
 
     def attach(self, engine) -> None:
         from ignite.engine import Events
@@ -153,6 +153,7 @@ class SaveFinalModel:
         epochs = int(engine.state.epoch)
         if best_epoch > 0 and after is not None and after != self._before:
             self.selected_by = "validation"
+            assert best is not None  # best_metric_epoch > 0: the evaluator recorded its best metric
             record = {"selected_by": "validation", "best_metric": float(best), "best_epoch": best_epoch}
             log.info(
                 "%s: the validation-selected model (best %s %.4f at epoch %d of %d); the last epoch is not saved",

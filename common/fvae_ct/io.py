@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.transforms import LoadImage
+from nibabel.spatialimages import SpatialImage
 
 from . import dicom_index
 from .cases import Case, broken_link, case_name, case_voxels, discover_cases, is_nifti, unique_names
@@ -168,7 +169,7 @@ def load_ct(path: str | os.PathLike, check_hu: bool = True, info: dict | None = 
         raise InputError(p, "unsupported format: give a NIfTI file (.nii/.nii.gz) or a DICOM series folder")
     shape = tuple(img.shape)
     if len(shape) == 4 and shape[-1] == 1:
-        img = img[..., 0]
+        img = img[..., 0]  # type: ignore[assignment]  # indexing a MetaTensor gives a MetaTensor (its __torch_function__)
         shape = tuple(img.shape)
     if len(shape) < 3:
         raise InputError(p, f"a 2D image of shape {shape}: a 3D CT volume is needed")
@@ -189,7 +190,7 @@ def load_ct(path: str | os.PathLike, check_hu: bool = True, info: dict | None = 
                 "results will not mean much."
             )
             _note(info, p, msg)
-    out = img[None]
+    out: MetaTensor = img[None]  # type: ignore[assignment]  # a MetaTensor, as above
     out.meta["filename_or_obj"] = str(p)
     return out
 
@@ -214,6 +215,7 @@ def read_labels(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
         raise InputError(p, "label map does not exist")
     try:
         img = nib.load(str(p))
+        assert isinstance(img, SpatialImage)  # an image with data and an affine (NIfTI, ...)
         lab = np.asanyarray(img.dataobj)
     except Exception as e:  # nibabel / gzip errors on truncated or corrupt files
         msg = " ".join(f"{type(e).__name__}: {e}".split())[:300]

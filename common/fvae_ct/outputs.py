@@ -12,6 +12,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from nibabel.wrapstruct import WrapStruct
 
 from .cases import is_nifti
 from .errors import InputError
@@ -80,9 +81,11 @@ def save_nifti_atomic(
     path = Path(path)
     if any(os.path.realpath(path) == os.path.realpath(f) for f in forbid):  # realpath: a link loop is no error
         raise InputError(path, "refusing to overwrite an input file; choose another output folder")
-    header, same_grid = None, False
+    header: nib.Nifti1Header | None = None
+    same_grid = False
     if like is not None and is_nifti(Path(like)):
         ref = nib.load(str(like))
+        assert isinstance(ref, nib.Nifti1Image) and isinstance(ref.header, nib.Nifti1Header)  # a .nii / .nii.gz
         header = ref.header.copy()
         header.set_data_dtype(data.dtype)
         header.set_slope_inter(1.0, 0.0)
@@ -119,7 +122,9 @@ OUTPUT_MARK = "fvae-ct reconstruction"  # NIfTI descrip of the reconstructions w
 def is_own_output(path: str | os.PathLike) -> bool:
     """Whether the NIfTI at ``path`` is a reconstruction fvae-ct wrote (its header's ``descrip``)."""
     try:
-        descrip = bytes(nib.load(str(path)).header["descrip"].item())
+        header = nib.load(str(path)).header
+        assert isinstance(header, WrapStruct)  # a header of named fields (NIfTI, Analyze, ...)
+        descrip = bytes(header["descrip"].item())
     except Exception:  # noqa: BLE001 - unreadable: not something we can call ours
         return False
     return descrip.decode("utf-8", "replace").startswith(OUTPUT_MARK)

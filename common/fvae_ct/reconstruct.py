@@ -53,10 +53,12 @@ class VAEReconInferer(Inferer):
         self.tiling = TilingConfig(tile_size, tile_overlap, depth_window, depth_overlap, slice_batch, blend, depth_last)
         self.progress = progress
 
-    def __call__(self, inputs: torch.Tensor, network: FrozenVAE, *args, **kwargs) -> torch.Tensor:
+    # MONAI's Inferer takes any network callable; this one needs a FrozenVAE
+    def __call__(self, inputs: torch.Tensor, network: FrozenVAE, *args, **kwargs) -> torch.Tensor:  # type: ignore[override]
         if self.auto and network.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(network.device)
-            tile = auto_tile_size(network, *inputs.shape[-2:], free / 2**30)
+            h, w = inputs.shape[-2:]
+            tile = auto_tile_size(network, h, w, free / 2**30)
             overlap = min(self.tiling.tile_overlap, tile // 2) if tile else self.tiling.tile_overlap
             self.tiling = replace(self.tiling, tile_size=tile, tile_overlap=overlap)
             log.info(

@@ -167,7 +167,7 @@ def windowed_apply(
     if blend == "cosine":
         weights = ramp_weights((rd, rh, rw), tuple(int(round(o * r)) for o, r in zip((od, oh, ow), (rd, rh, rw))))
         weights = weights.to(x.device)
-    return sliding_window_inference(
+    out = sliding_window_inference(
         x,
         roi_size=(rd, rh, rw),
         sw_batch_size=1,
@@ -179,6 +179,8 @@ def windowed_apply(
         progress=progress,
         roi_weight_map=weights,
     )
+    assert isinstance(out, torch.Tensor)  # a tensor-valued fn gives a tensor (not a tuple or dict)
+    return out
 
 
 def padded_depth_apply(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, window: int) -> torch.Tensor:
@@ -222,7 +224,8 @@ def shifted_depth_apply(
     d = x.shape[2]
     if window is None or window >= d:
         return fn(x)
-    acc = wsum = None
+    acc: torch.Tensor | None = None
+    wsum: torch.Tensor | None = None
     for a, b in depth_window_starts(d, int(window), int(overlap), int(offset)):
         y = fn(x[:, :, a:b])
         n = b - a
@@ -234,9 +237,10 @@ def shifted_depth_apply(
             if b < d:
                 w = w * torch.sin(torch.clamp((n - i - 0.5) / overlap, max=1.0) * math.pi / 2) ** 2
         w = w.view(1, 1, n, 1, 1).to(y.dtype)
-        if acc is None:
+        if acc is None or wsum is None:
             acc = y.new_zeros((*y.shape[:2], d, *y.shape[3:]))
             wsum = y.new_zeros((1, 1, d, 1, 1))
         acc[:, :, a:b] += y * w
         wsum[:, :, a:b] += w
+    assert acc is not None and wsum is not None  # window < d: at least one window
     return acc / wsum

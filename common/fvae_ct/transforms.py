@@ -13,6 +13,7 @@ and affine.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Hashable, Mapping, Sequence
 
 import nibabel as nib
@@ -67,11 +68,13 @@ def _one_of(option: str, value, allowed) -> str:
 
 def hu_window_of(window) -> tuple[float, float]:
     """``(low, high)`` HU of a ``hu_window`` option ``[low, high]``, ``low < high``; else an :class:`OptionError`."""
+    lo: float | None
+    hi: float | None
     try:
         lo, hi = (float(v) for v in window)
     except (TypeError, ValueError):
         lo = hi = None
-    if lo is None or not lo < hi:
+    if lo is None or hi is None or not lo < hi:
         shown = list(window) if isinstance(window, (list, tuple)) else window
         raise OptionError(f"hu_window {shown!r}: give [low, high] in HU with low < high, e.g. [-1000, 1000]")
     return lo, hi
@@ -118,8 +121,9 @@ class LoadCTd(MapTransform):
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
         for key in self.key_iterator(d):
-            if isinstance(d[key], (str, bytes)) or hasattr(d[key], "__fspath__"):
-                d[key] = load_ct(d[key], check_hu=self.check_hu)
+            path = d[key]
+            if isinstance(path, (str, bytes, os.PathLike)):  # PathLike: anything with __fspath__
+                d[key] = load_ct(os.fsdecode(path) if isinstance(path, bytes) else path, check_hu=self.check_hu)
         return d
 
 

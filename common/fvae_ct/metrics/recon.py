@@ -54,7 +54,9 @@ def ssim(x: torch.Tensor, y: torch.Tensor, spatial_dims: int) -> float:
     if min(win) < 3:
         return float("nan")
     m = SSIMMetric(spatial_dims=spatial_dims, data_range=1.0, win_size=win, kernel_sigma=1.5)
-    return float(m(y[:, None], x[:, None]).mean())
+    out = m(y[:, None], x[:, None])
+    assert isinstance(out, torch.Tensor)  # a tensor batch in: one tensor of scores out
+    return float(out.mean())
 
 
 def ssim_unavailable(shape, spatial_dims: int) -> str | None:

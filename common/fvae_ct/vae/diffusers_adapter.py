@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -23,7 +24,7 @@ def from_pretrained(cls, weights: str | os.PathLike, dtype: torch.dtype):
     """``cls.from_pretrained`` (a diffusers autoencoder class) on a local folder (with or without ``vae/``)
     or a hub id (``subfolder="vae"``)."""
     p = Path(weights)
-    kwargs = {"torch_dtype": dtype}
+    kwargs: dict[str, Any] = {"torch_dtype": dtype}
     if p.exists():
         if (p / "vae" / "config.json").is_file():
             kwargs["subfolder"] = "vae"
@@ -49,6 +50,10 @@ class DiffusersVAE(FrozenVAE):
 
     input_range = (-1.0, 1.0)
     decode_dtype: torch.dtype | None = None
+    model: Any  # the diffusers autoencoder (set by the subclass), in ``dtype``
+    dtype: torch.dtype
+    z_shift: torch.Tensor  # buffers of set_latent_stats
+    z_std: torch.Tensor
 
     def set_latent_stats(self, shift, std) -> None:
         """Per-channel (or scalar) ``shift`` and ``std`` of the latent: ``normalize(z) = (z - shift) / std``."""
@@ -75,7 +80,7 @@ class DiffusersVAE(FrozenVAE):
 
     def _decode_aligned(self, z: torch.Tensor) -> torch.Tensor:
         z = self.denormalize(z)
-        ctx = contextlib.nullcontext()
+        ctx: contextlib.AbstractContextManager = contextlib.nullcontext()
         if self.decode_dtype is not None and self.decode_dtype != self.dtype:
             ctx = torch.autocast(device_type=z.device.type, dtype=self.decode_dtype)
         with ctx:

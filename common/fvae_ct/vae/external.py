@@ -73,11 +73,13 @@ def _positive_int(option: str, value) -> int:
 
 def _value_range(value) -> tuple[float, float]:
     """The ``input_range`` option ``[low, high]``, ``low < high``, else an :class:`OptionError`."""
+    lo: float | None
+    hi: float | None
     try:
         lo, hi = (float(v) for v in value)
     except (TypeError, ValueError):
         lo = hi = None
-    if lo is None or not lo < hi:
+    if lo is None or hi is None or not lo < hi:
         raise OptionError(f"input_range {value!r}: give [low, high] with low < high, e.g. [-1, 1]")
     return lo, hi
 

@@ -93,7 +93,7 @@ class TAESDVAE(FrozenVAE):
         if decoder_weights is not None:
             load_state_dict_checked(self.decoder, decoder_weights, f"{name} decoder")
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.to(memory_format=self.memory_format)
+        self.to(memory_format=self.memory_format)  # type: ignore[call-overload]  # torch's stubs omit memory_format
         self.freeze()
 
     def _slices(self, fn, v: torch.Tensor) -> torch.Tensor:
@@ -101,7 +101,7 @@ class TAESDVAE(FrozenVAE):
         b, c, d, h, w = v.shape
         flat = v.permute(0, 2, 1, 3, 4).reshape(b * d, c, h, w)
         n = self.tiling.slice_batch
-        ctx = contextlib.nullcontext()
+        ctx: contextlib.AbstractContextManager = contextlib.nullcontext()
         if self.autocast_dtype is not None:
             ctx = torch.autocast(device_type=v.device.type, dtype=self.autocast_dtype)
         with ctx:

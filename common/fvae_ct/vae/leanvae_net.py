@@ -136,6 +136,11 @@ class _Bands(nn.Module):
     """Patch embeddings (encoder) or un-embeddings (decoder) of the low and high wavelet bands, image and video,
     and the token mixers of each band and of both together."""
 
+    image_low_proj: nn.Module  # registered by name below
+    image_high_proj: nn.Module
+    video_low_proj: nn.Module
+    video_high_proj: nn.Module
+
     def __init__(self, l_dim: int, h_dim: int, sep_num_layer: int, fusion_num_layer: int, decode: bool):
         super().__init__()
         self.l_dim = l_dim

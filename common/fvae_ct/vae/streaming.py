@@ -20,7 +20,7 @@ class CausalStream:
     those it stored in the previous chunk (``None`` in the first chunk).
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._frames: list[torch.Tensor] = []
         self._slot = 0
         self.chunk = -1

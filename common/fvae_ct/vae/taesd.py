@@ -42,7 +42,7 @@ class TAESDBlock(nn.Module):
     def __init__(self, n_in: int, n_out: int, pool_width: int = 0, pool_groups: int = 4):
         super().__init__()
         if pool_width:
-            self.pool = nn.Sequential(
+            self.pool: nn.Module | None = nn.Sequential(
                 nn.Conv2d(n_in, pool_width, 1, bias=False),
                 nn.GroupNorm(pool_groups, pool_width),
                 nn.ReLU(inplace=True),

@@ -207,6 +207,7 @@ def diffusers_to_original(state: dict, config: dict) -> dict:
 def read_state_dict(path: str | os.PathLike) -> dict:
     """Tensors of a ``.safetensors`` or torch pickle (``weights_only``) checkpoint; an error naming the file."""
     p = Path(path)
+    state: object
     try:
         if p.name.lower().endswith(".safetensors"):
             from safetensors.torch import load_file
@@ -230,7 +231,7 @@ def _listed(keys, n: int = 5) -> str:
 
 def _layout(cfg: dict) -> dict:
     """Original-layout names and shapes of the model ``cfg`` builds (on the meta device: no memory)."""
-    from diffusers import AutoencoderKLWan
+    from diffusers.models import AutoencoderKLWan  # diffusers' top level types it as its no-torch placeholder
 
     with torch.device("meta"):
         empty = AutoencoderKLWan(**cfg)
@@ -246,7 +247,7 @@ def load_single_file(
     keys and shapes are checked against that config first: a file that does not fit is refused naming the
     expected file, the missing / unexpected keys and the first shape mismatches.
     """
-    from diffusers import AutoencoderKLWan
+    from diffusers.models import AutoencoderKLWan  # diffusers' top level types it as its no-torch placeholder
 
     if name not in WAN_CONFIGS:
         raise WeightsError(f"{name}: no Wan single-file config (known: {', '.join(WAN_CONFIGS)})")

@@ -204,7 +204,7 @@ def sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 def _check(path: Path, asset: Asset, name: str) -> Path:
     if not asset.sha256:
-        logging.getLogger(__name__).info("asset '%s' (%s) has no pinned SHA-256; validated by its loader", name, path)
+        logging.getLogger("fvae_ct").info("asset '%s' (%s) has no pinned SHA-256; validated by its loader", name, path)
     else:
         got = sha256(path)
         if got != asset.sha256:

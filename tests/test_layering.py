@@ -113,3 +113,18 @@ def test_each_bundle_carries_its_own_subpackage_only():
     assert {"fvae_ct.ldm.fvd", "fvae_ct.ldm.generation_metrics", "fvae_ct.ldm.networks.consistency"} <= ldm
     assert not any(layer(m) in ("recon", "aug_seg") for m in ldm)
     assert not any(m in TOOLS for m in recon | aug | ldm)
+
+
+def test_one_logger_name():
+    """Every module logs to the one logger ``fvae_ct`` (what the bundles' logging.conf and a user's filter see), never
+    ``__name__`` or another name."""
+    import ast
+
+    bad = []
+    for f in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) == "getLogger":
+                arg = node.args[0] if node.args else None
+                if not (isinstance(arg, ast.Constant) and arg.value == "fvae_ct"):
+                    bad.append(f"{f.relative_to(ROOT)}:{node.lineno}")
+    assert bad == [], bad

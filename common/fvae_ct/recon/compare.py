@@ -38,7 +38,7 @@ from .boundary import analyze
 
 __all__ = ["MEASURES", "COLUMNS", "compare_vaes", "markdown_table", "run_measured"]
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger("fvae_ct")
 
 #: the boundary / noise measures of the table (:func:`fvae_ct.recon.boundary.analyze` keys)
 MEASURES = (
@@ -172,7 +172,7 @@ def _previous(record: Path, settings: dict) -> dict | None:
         return None
     if not isinstance(old, dict) or old.get("settings") != settings or not isinstance(old.get("row"), dict):
         return None
-    logger.info("compare-vaes: %s done earlier with the same settings; its row is reused", record.parent.name)
+    log.info("compare-vaes: %s done earlier with the same settings; its row is reused", record.parent.name)
     return old["row"]
 
 

@@ -132,6 +132,7 @@ def test_evaluate_config_on_two_tiny_folders(assets, tmp_path):
              "--output_dir", str(out), "--classes", "[5, 1]", "--hu_window", "[-1024, 1500]"])
     assert r.returncode == 0, r.stderr[-3000:]
     s = json.loads((out / "generation_summary.json").read_text())
+    assert r.stdout.count('"n_generated": 2') == 1  # evaluate_generated returns the summary, evaluate.yaml prints it
     assert s["n_generated"] == 2 and s["n_real"] == 2 and s["fvd"] > 0
     assert s["clip_protocol"].startswith("HU window [-1024, 1500] -> [-1, 1]")  # the window that was used
     # 2 volumes per side, 1024-d features: reported with the counts and flagged

@@ -100,7 +100,8 @@ def prepare_latents(
     skip_existing: bool = False,
     text_padding: str = "mask",
 ) -> dict:
-    """Encode every case of ``datalist`` (JSON list of ``{"image", "label", "report"}``) into the cache.
+    """Encode every case of ``datalist`` (JSON list of ``{"image", "label", "report"}``, or an MSD-style dict's
+    ``training``: :func:`fvae_ct.datalist.read_datalist`) into the cache.
 
     ``mask_encoding``: ``onehot`` (``classes`` area-downsampled to the latent grid) or ``vae`` (the label map
     divided by the fixed ``mask_label_scale`` and shrunk by ``mask_gain``, see :func:`vae_mask_input`, and encoded

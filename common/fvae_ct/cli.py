@@ -24,27 +24,6 @@ def _path(p):
     return str(p)
 
 
-def _run_cli(command: str, config, bundle: str = "fvae_recon", **overrides) -> None:
-    """``run_bundle(bundle, ...)`` with fvae-ct errors (and missing files) turned into a one-line message and
-    exit code 1."""
-    from .bundle import run_bundle
-    from .errors import user_error
-
-    try:
-        run_bundle(bundle, config, **overrides)
-    except KeyboardInterrupt:
-        print(
-            f"fvae {command}: interrupted (finished cases are kept; rerun with --skip_existing true to resume)",
-            file=sys.stderr,
-        )
-        sys.exit(130)
-    except Exception as e:  # noqa: BLE001 - user errors become one line, bugs keep their traceback
-        cause = user_error(e)
-        if cause is None:
-            raise
-        sys.exit(f"fvae {command}: {cause}")
-
-
 @contextlib.contextmanager
 def _user_errors(command: str, on_interrupt: str | None = None):
     """fvae-ct errors (and missing files) raised in the block: one line ``fvae <command>: <error>``, exit code 1;
@@ -61,6 +40,15 @@ def _user_errors(command: str, on_interrupt: str | None = None):
         if cause is None:
             raise
         sys.exit(f"fvae {command}: {cause}")
+
+
+def _run_cli(command: str, config, bundle: str = "fvae_recon", **overrides) -> None:
+    """``run_bundle(bundle, ...)`` with fvae-ct errors (and missing files) turned into a one-line message and
+    exit code 1 (:func:`_user_errors`)."""
+    from .bundle import run_bundle
+
+    with _user_errors(command, "finished cases are kept; rerun with --skip_existing true to resume"):
+        run_bundle(bundle, config, **overrides)
 
 
 def _check_options(command: str, bundle: str, configs: list[str], options: dict) -> None:

@@ -22,9 +22,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv --clear $(VENV)
 	$(PIP_INSTALL) --upgrade pip setuptools
 	# the project with its extras (pyproject.toml): test tools (pytest, black / isort / flake8 + plugins, mypy,
-	# nnU-Net v2), ldm (the offline text-encoder weights), reference (JAX/Flax + I3D weights, what the official
-	# repositories import); built with the pinned setuptools
-	$(PIP_INSTALL) --no-build-isolation -e ".[test,ldm,reference]"
+	# nnU-Net v2), dicom (highdicom: DICOM SEG), ldm (the offline text-encoder weights), reference (JAX/Flax + I3D
+	# weights, what the official repositories import); built with the pinned setuptools
+	$(PIP_INSTALL) --no-build-isolation -e ".[test,ldm,reference,dicom]"
 	$(PY) tools/pins.py check --env test
 	touch $(STAMP)
 

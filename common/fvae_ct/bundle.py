@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-__all__ = ["bundle_dir", "run_bundle", "check_command_line"]
+__all__ = ["bundle_dir", "bundle_version", "run_bundle", "check_command_line"]
 
 _PACKAGE_PARENT = Path(__file__).resolve().parents[1]
 
@@ -26,6 +26,26 @@ def bundle_dir(name: str) -> Path:
         f"bundle '{name}' not found in {[str(r) for r in roots]}; set FVAE_BUNDLES to the folder holding the "
         "fvae-ct bundles"
     )
+
+
+def bundle_version(name: str, bundle_root: str | os.PathLike | None = None) -> str:
+    """``"<name> <version>"`` of a bundle, the version read from ``<bundle_root>/configs/metadata.json`` (the bundle
+    being run), else from :func:`bundle_dir`'s; ``"<name>"`` alone when neither can be read. Names the software in
+    the outputs it derives (e.g. the DerivationDescription of a derived DICOM series)."""
+    import json
+
+    roots = [Path(bundle_root)] if bundle_root is not None else []
+    try:
+        roots.append(bundle_dir(name))
+    except FileNotFoundError:
+        pass
+    for r in roots:
+        try:
+            version = json.loads((r / "configs" / "metadata.json").read_text())["version"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        return f"{name} {version}"
+    return name
 
 
 def run_bundle(name: str, config: str | list[str] = "inference.yaml", run_id: str | None = None, **overrides) -> None:

@@ -28,6 +28,7 @@ from .dicom_folder import SLICE_GAP_TOLERANCE, _reading_order, _renumbered_copy,
 from .errors import InputError
 from .outputs import (
     OUTPUT_MARK,
+    atomic_folder,
     atomic_write,
     clean_temporaries,
     folder_lock,
@@ -55,6 +56,7 @@ __all__ = [
     "SLICE_GAP_TOLERANCE",
     # writing outputs (fvae_ct.outputs)
     "atomic_write",
+    "atomic_folder",
     "write_text_atomic",
     "save_nifti_atomic",
     "clean_temporaries",

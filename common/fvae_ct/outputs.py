@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from .errors import InputError
 
 __all__ = [
     "atomic_write",
+    "atomic_folder",
     "write_text_atomic",
     "save_nifti_atomic",
     "clean_temporaries",
@@ -33,13 +35,18 @@ _TEMPORARY = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp(\.[A-Za-z0-9]+)*$")
 
 
 def clean_temporaries(folder: str | os.PathLike) -> list[Path]:
-    """Delete the temporaries an interrupted :func:`atomic_write` left in ``folder``
-    (``.<name>.<8 random>.tmp<suffixes>``); returns what was removed."""
+    """Delete the temporaries an interrupted :func:`atomic_write` or :func:`atomic_folder` left in ``folder``
+    (files, and folders holding only files, named ``.<name>.<8 random>.tmp<suffixes>``); returns what was removed."""
     removed = []
     if Path(folder).is_dir():
         for f in Path(folder).iterdir():
-            if f.is_file() and _TEMPORARY.match(f.name):
+            if not _TEMPORARY.match(f.name) or f.is_symlink():
+                continue
+            if f.is_file():
                 f.unlink()
+                removed.append(f)
+            elif f.is_dir() and all(e.is_file() and not e.is_symlink() for e in f.iterdir()):
+                shutil.rmtree(f)
                 removed.append(f)
     return removed
 
@@ -61,6 +68,46 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    return path
+
+
+def atomic_folder(path: str | os.PathLike, write, replace=lambda old: False) -> Path:
+    """Write the folder ``path`` all or nothing: ``write(tmp)`` fills a temporary sibling folder
+    ``.<name>.<8 random>.tmp``, which is then renamed to ``path``; returns ``path``. A failing ``write`` removes the
+    temporary and leaves ``path`` as it was (one left by a kill is what :func:`clean_temporaries` removes), so a partial
+    folder is never visible under ``path``.
+
+    An existing ``path`` is replaced only if ``replace(path)`` says so (e.g. it is an earlier output of ours), else
+    :class:`InputError`; the old folder is first renamed to a temporary name and removed after the new one is in place.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() or path.is_symlink():
+        if path.is_symlink() or not path.is_dir() or not replace(path):
+            raise InputError(
+                path,
+                "exists and is not an earlier output of fvae-ct: not replaced; move it away or use "
+                "another output folder",
+            )
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    old = None
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700 folders; outputs get the usual permissions
+        if path.exists():
+            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+            os.replace(path, old)  # onto the empty folder just made: the old output, out of the way
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        if old is not None and old.exists():
+            if not path.exists():  # the new folder did not get in: the old one goes back
+                os.replace(old, path)
+            else:
+                shutil.rmtree(old)
     return path
 
 

@@ -1,7 +1,8 @@
 """What the recon bundle runs on: the cases of its ``input`` (the bundle's ``datalist`` property).
 
-Our own reconstructions (``<case>_recon.nii.gz`` marked in their header) are left out when the output folder is the
-input folder; any other file there is a case, and is never written over.
+Our own reconstructions (``<case>_recon.nii.gz`` marked in their header, ``<case>_recon_dicom/`` series marked in
+their DerivationDescription) are left out when the output folder is the input folder; any other file there is a case,
+and is never written over.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from pathlib import Path
 
 from ..io import Case, discover_cases, is_own_output, unique_names
 from ..reconstruct import RECON_SUFFIX
+from .dicom_output import DICOM_SUFFIX, is_own_series
 
 __all__ = ["list_cases", "datalist", "cases_of"]
 
@@ -23,13 +25,15 @@ def list_cases(input_path, output_dir) -> list[Case]:
     else:
         cases = discover_cases(input_path)
     out = Path(output_dir).resolve()
-    return [
-        c
-        for c in cases
-        if not (
-            Path(os.path.realpath(c.path)).parent == out and c.path.endswith(RECON_SUFFIX) and is_own_output(c.path)
-        )
-    ]
+
+    def ours(c) -> bool:
+        if Path(os.path.realpath(c.path)).parent != out:
+            return False
+        if c.path.endswith(RECON_SUFFIX):
+            return is_own_output(c.path)
+        return Path(c.path).name.endswith(DICOM_SUFFIX) and is_own_series(c.path)
+
+    return [c for c in cases if not ours(c)]
 
 
 def datalist(input_path, output_dir) -> list[dict]:

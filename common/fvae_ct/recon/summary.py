@@ -13,7 +13,7 @@ from ..metrics import PROTOCOL
 __all__ = ["METRIC_KEYS", "CASE_KEYS", "CSV_COLUMNS", "as_float", "json_value", "summarize", "metrics_table"]
 
 METRIC_KEYS = ("psnr", "ssim3d", "ssim2d", "mse", "mse_hu", "mae_hu", "seconds")
-CASE_KEYS = ("shape", "spacing_mm", "modality", "warnings", "input", "output")
+CASE_KEYS = ("shape", "spacing_mm", "modality", "warnings", "input", "output", "output_dicom")
 CSV_COLUMNS = ("case", "status", *METRIC_KEYS, *CASE_KEYS)
 
 

@@ -2,7 +2,8 @@
 
 For each case: load + validate -> the preprocessing chain (HU window -> (working spacing) -> axial slices) -> frozen
 VAE ``reconstruct`` (tiled, memory-bounded) -> the chain's inverse (integer HU) -> int16 NIfTI with the input's affine,
-written atomically -> metrics on the original grid -> three-view PNG. A failing case is reported and skipped; the run
+and/or (``output_format``) a derived DICOM series of a DICOM input (:mod:`fvae_ct.recon.dicom_output`), written
+atomically -> metrics on the original grid -> three-view PNG. A failing case is reported and skipped; the run
 ends with an error listing the failures.
 """
 
@@ -22,7 +23,8 @@ from monai.data import MetaTensor
 
 from .. import distributed
 from ..batch import BatchRunner, csv_cell
-from ..errors import BatchFailure, OptionError
+from ..bundle import bundle_version
+from ..errors import BatchFailure, InputError, OptionError
 from ..figures import three_view
 from ..io import OUTPUT_MARK, Case, axial_axis, load_ct, save_nifti_atomic, spacing_of, write_text_atomic
 from ..metrics import recon_metrics, ssim_unavailable
@@ -30,6 +32,7 @@ from ..options import parse_bool
 from ..reconstruct import RECON_SUFFIX, VAEReconInferer, reconstruct_hu
 from ..transforms import DEFAULT_HU_WINDOW
 from ..vae.base import FrozenVAE
+from .dicom_output import DICOM_SUFFIX, check_output_format, existing_series, write_derived_series
 from .inputs import cases_of, list_cases
 from .preprocessing import chain_settings, recon_chain
 from .summary import CSV_COLUMNS, as_float, metrics_table, summarize
@@ -48,7 +51,12 @@ class ReconWorkflow:
         inferer: a :class:`~fvae_ct.reconstruct.VAEReconInferer` (tiling knobs); default untiled, 4 slices per batch.
         hu_window: HU window ``[low, high]``; voxels outside it are clipped (also in the output).
         working_spacing: in-plane spacing (mm) to resample to before the VAE (``None``: native grid).
-        skip_existing: reuse an existing ``<case>_recon.nii.gz`` (metrics are still computed).
+        skip_existing: reuse an existing ``<case>_recon.nii.gz`` / ``<case>_recon_dicom/`` (checked: complete, on the
+            input's grid; metrics are still computed).
+        output_format: ``nifti`` (``<case>_recon.nii.gz``), ``dicom`` (only the derived series ``<case>_recon_dicom/``;
+            a case that is not a DICOM series folder fails) or ``both`` (the series where the input is a DICOM series,
+            with a warning where it is not).
+        derived_by: the software named in the derived series (default: ``fvae_recon <version>``).
         slice_orientation: ``display`` (upright axial slices, ours) or ``file`` (the file's voxel order, the paper's).
         hu_rounding: ``round`` (ours) or ``truncate`` (toward zero, the paper's ``astype(int16)``).
         figures: write the three-view PNG per case.
@@ -76,7 +84,11 @@ class ReconWorkflow:
         hu_rounding: str | None = None,
         dataset=None,
         preprocessing=None,
+        output_format: str = "nifti",
+        derived_by: str | None = None,
     ):
+        self.output_format = check_output_format(output_format)
+        self.derived_by = derived_by or bundle_version("fvae_recon")
         self.network = network if device is None else network.to(device)
         self.output_dir = Path(output_dir)
         self.inferer = inferer or VAEReconInferer()
@@ -138,6 +150,7 @@ class ReconWorkflow:
     def run_case(self, case: Case, forbid=()) -> dict:
         """Reconstruct, write and score one case; ``forbid``: paths never written over (the batch's inputs)."""
         out_path = self.output_dir / f"{case.name}{RECON_SUFFIX}"
+        dicom_path = self.output_dir / f"{case.name}{DICOM_SUFFIX}"
         t0 = time.perf_counter()
         info: dict = {}
         image = load_ct(case.path, check_hu=True, info=info)
@@ -145,18 +158,20 @@ class ReconWorkflow:
         is_nifti = Path(case.path).is_file()
         affine = nib.load(case.path).affine if is_nifti else np.asarray(image.affine, dtype=np.float64)
         hu_in = image[0].numpy()
-        hu_out, status, seconds = None, "ok", math.nan
-        if self.skip_existing and out_path.is_file():
-            hu_out, why = self._existing_output(out_path, hu_in.shape, affine)
-            if hu_out is None:
-                log.warning("%s: the existing %s %s; reconstructing it again", case.name, out_path.name, why)
-                notes.append(f"existing output {why}: reconstructed again")
-            else:
-                status = "skipped"
+        want = {"nifti": self.output_format != "dicom", "dicom": self.output_format != "nifti"}
+        if want["dicom"] and not Path(case.path).is_dir():
+            if self.output_format == "dicom":
+                raise InputError(case.path, "output_format dicom needs a DICOM series input")
+            want["dicom"] = False
+            notes.append("no DICOM series written: the input is not a DICOM series folder")
+        found = self._reuse(out_path, dicom_path, want, hu_in.shape, affine, notes) if self.skip_existing else {}
+        hu_out = found.get("nifti", found.get("dicom"))
+        status, seconds = ("skipped" if hu_out is not None else "ok"), math.nan
         if hu_out is None:
             rec = self.reconstruct_volume(image)[0].numpy()
             hu_out = np.clip(np.round(rec), -32768, 32767).astype(np.int16)
             del rec
+        if want["nifti"] and "nifti" not in found:
             save_nifti_atomic(
                 hu_out,
                 affine,
@@ -165,6 +180,18 @@ class ReconWorkflow:
                 forbid=(case.path, *forbid),
                 description=f"{OUTPUT_MARK} {self.network.name}",
             )
+        if want["dicom"] and not ("dicom" in found and np.array_equal(found["dicom"], hu_out)):
+            notes += write_derived_series(
+                case.path,
+                hu_out,
+                affine,
+                dicom_path,
+                self.network.name,
+                self.derived_by,
+                self._derivation_details(),
+                forbid=(case.path, *forbid),
+            )
+        if status == "ok":
             seconds = time.perf_counter() - t0
         ax = axial_axis(affine)
         x, y = np.moveaxis(hu_in, ax, 0), np.moveaxis(hu_out, ax, 0)  # views, [D, H, W]
@@ -195,8 +222,29 @@ class ReconWorkflow:
             "modality": info.get("modality") or ("n/a (NIfTI)" if is_nifti else ""),
             "warnings": notes,
             "input": case.path,
-            "output": str(out_path),
+            "output": str(out_path) if want["nifti"] else "",
+            "output_dicom": str(dicom_path) if want["dicom"] else "",
         }
+
+    def _reuse(self, nifti: Path, dicom: Path, want: dict, shape, affine, notes: list) -> dict:
+        """The outputs of ``want`` already there that are complete and fit the input: ``{"nifti" | "dicom": array}``;
+        one that does not is named in the log and ``notes`` (it is written again)."""
+        found = {}
+        for kind, path, check in (("nifti", nifti, self._existing_output), ("dicom", dicom, existing_series)):
+            if want[kind] and path.exists():
+                data, why = check(path, shape, affine)
+                if data is None:
+                    log.warning("the existing %s %s; writing it again", path, why)
+                    notes.append(f"existing output {why} ({path.name}): written again")
+                else:
+                    found[kind] = data
+        return found
+
+    def _derivation_details(self) -> str:
+        """The settings a derived DICOM series records in its DerivationDescription."""
+        lo, hi = self.hu_window
+        ws = f"; in-plane working spacing {self.working_spacing:g} mm and back" if self.working_spacing else ""
+        return f"HU window [{lo:g}, {hi:g}], values outside it clipped{ws}; HU rounding {self.hu_rounding}"
 
     # ---- a batch --------------------------------------------------------------------------------------
     def cases(self, input_path) -> list[Case]:

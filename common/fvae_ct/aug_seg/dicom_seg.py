@@ -74,7 +74,7 @@ def seg_path(source, output_dir) -> Path:
     no separate folder), with ``.dcm``."""
     from monai.data.utils import create_file_basename
 
-    return Path(create_file_basename("seg", str(source), str(output_dir), "", False) + ".dcm")
+    return Path(create_file_basename("seg", str(source), str(output_dir), "", False, makedirs=False) + ".dcm")
 
 
 def source_datasets(folder) -> list:

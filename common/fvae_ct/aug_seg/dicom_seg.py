@@ -47,9 +47,6 @@ OUTPUT_FORMATS = {"nifti": ("nifti",), "dicom_seg": ("dicom_seg",), "both": ("ni
 def _highdicom():
     try:
         import highdicom
-
-        if logging.getLogger("highdicom").level == logging.NOTSET:  # its INFO lines on every attribute copied
-            logging.getLogger("highdicom").setLevel(logging.WARNING)
     except ImportError as e:
         missing = e.name or "highdicom"
         raise OptionError(

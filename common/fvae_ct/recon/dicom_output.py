@@ -239,7 +239,8 @@ def write_derived_series(
             ds.InstanceCreationTime = ds.ContentTime = ds.SeriesTime = time
             ds.SeriesInstanceUID, ds.SeriesNumber, ds.SeriesDescription = series_uid, series_number, description
             ds.InstanceNumber = k + 1  # the output's slice order, which the reader then keeps
-            third = list(s.get("ImageType", []))[2:3]
+            source_type = s.get("ImageType") or []
+            third = [source_type][2:3] if isinstance(source_type, str) else list(source_type)[2:3]
             ds.ImageType = ["DERIVED", "SECONDARY", *third]
             ds.DerivationDescription = derivation
             ref = Dataset()
@@ -253,8 +254,8 @@ def write_derived_series(
             ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
             ds.Rows, ds.Columns = pixels.shape
             ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-            ds.RescaleIntercept = s["RescaleIntercept"].value if "RescaleIntercept" in s else 0
-            ds.RescaleSlope = s["RescaleSlope"].value if "RescaleSlope" in s else 1
+            ds.RescaleIntercept = s.get("RescaleIntercept") or 0  # the values _stored used
+            ds.RescaleSlope = s.get("RescaleSlope") or 1
             ds.PixelData = np.ascontiguousarray(pixels, dtype="<i2").tobytes()
             meta = FileMetaDataset()
             meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID

@@ -87,7 +87,12 @@ def _dicom_cases(p: Path) -> list[Case]:
 
 
 def discover_cases(input_path: str | os.PathLike) -> list[Case]:
-    """Cases from a NIfTI file, a DICOM series folder, a folder of NIfTI files / DICOM folders, or a datalist JSON."""
+    """Cases from a NIfTI file, a DICOM series folder, a folder of NIfTI files / DICOM folders, a datalist JSON, or a
+    DICOMweb study / series address (each CT series fetched into a temporary folder, :mod:`fvae_ct.dicomweb`)."""
+    from . import dicomweb
+
+    if dicomweb.is_address(input_path):
+        return dicomweb.fetch_cases(input_path)
     p = Path(input_path)
     datalist = p.suffix.lower() == ".json" and not p.is_dir()
     if not p.exists() and not (datalist and not p.is_symlink()):  # a missing JSON: read_datalist's message

@@ -22,6 +22,7 @@ import numpy as np
 from monai.transforms import MapTransform
 
 from ..dicom_folder import dicom_series, is_dicom_dir
+from ..dicomweb import store_files, store_target
 from ..errors import BatchFailure, InputError, OptionError
 from ..outputs import atomic_write
 
@@ -35,6 +36,7 @@ __all__ = [
     "frames_on_source",
     "write_dicom_seg",
     "SaveDicomSegd",
+    "store_root",
 ]
 
 log = logging.getLogger("fvae_ct")
@@ -64,6 +66,14 @@ def output_formats(value) -> tuple[str, ...]:
     if "dicom_seg" in OUTPUT_FORMATS[key]:
         _highdicom()
     return OUTPUT_FORMATS[key]
+
+
+def store_root(store, outputs: Sequence[str]) -> str | None:
+    """``--store``: the DICOMweb root each SEG is sent to (STOW-RS), checked before the run; needs dicom_seg."""
+    root = store_target(store)
+    if root and "dicom_seg" not in outputs:
+        raise OptionError("store: sends the DICOM SEG; set output_format to dicom_seg or both")
+    return root
 
 
 def seg_path(source, output_dir) -> Path:
@@ -293,7 +303,8 @@ class SaveDicomSegd(MapTransform):
     """Postprocessing step of ``inference.yaml``: the label map under ``keys`` (``[1, X, Y, Z]`` on the input's grid,
     its ``filename_or_obj`` a DICOM series folder) written by :func:`write_dicom_seg` to
     ``<output_dir>/<case>_seg.dcm``. The Algorithm Identification names the bundle (``fvae_aug_seg``) with
-    ``bundle_version``, the ``network`` type and the SHA-256 of ``model_file``; the data pass through unchanged."""
+    ``bundle_version``, the ``network`` type and the SHA-256 of ``model_file``; the data pass through unchanged.
+    ``store``: a DICOMweb root each SEG is then sent to (STOW-RS, :mod:`fvae_ct.dicomweb`)."""
 
     def __init__(
         self,
@@ -304,8 +315,10 @@ class SaveDicomSegd(MapTransform):
         bundle_version: str = "",
         model_file=None,
         allow_missing_keys: bool = False,
+        store: str | None = None,
     ):
         super().__init__(keys, allow_missing_keys)
+        self.store = store_target(store)
         self.output_dir = str(output_dir)
         self.class_names = [str(c) for c in class_names]
         self.network, self.bundle_version, self.model_file = str(network), str(bundle_version or ""), model_file
@@ -335,7 +348,8 @@ class SaveDicomSegd(MapTransform):
             if arr.ndim == 4:
                 arr = arr[0]
             affine = np.asarray(getattr(img, "affine", meta.get("affine")), dtype=np.float64)
-            write_dicom_seg(
-                arr, affine, str(source), seg_path(source, self.output_dir), self.class_names, self.algorithm()
-            )
+            path = seg_path(source, self.output_dir)
+            write_dicom_seg(arr, affine, str(source), path, self.class_names, self.algorithm())
+            if self.store:
+                store_files(self.store, [path], path.name)
         return d

@@ -24,6 +24,7 @@ from monai.data import MetaTensor
 from .. import distributed
 from ..batch import BatchRunner, csv_cell
 from ..bundle import bundle_version
+from ..dicomweb import store_files, store_target
 from ..errors import BatchFailure, InputError, OptionError
 from ..figures import three_view
 from ..io import OUTPUT_MARK, Case, axial_axis, load_ct, save_nifti_atomic, spacing_of, write_text_atomic
@@ -57,6 +58,8 @@ class ReconWorkflow:
             a case that is not a DICOM series folder fails) or ``both`` (the series where the input is a DICOM series,
             with a warning where it is not).
         derived_by: the software named in the derived series (default: ``fvae_recon <version>``).
+        store: a DICOMweb root (``http(s)://host[:port]/dicom-web``): each case's derived series is sent there with
+            STOW-RS once written (:mod:`fvae_ct.dicomweb`; needs ``output_format`` dicom or both).
         slice_orientation: ``display`` (upright axial slices, ours) or ``file`` (the file's voxel order, the paper's).
         hu_rounding: ``round`` (ours) or ``truncate`` (toward zero, the paper's ``astype(int16)``).
         figures: write the three-view PNG per case.
@@ -86,8 +89,12 @@ class ReconWorkflow:
         preprocessing=None,
         output_format: str = "nifti",
         derived_by: str | None = None,
+        store: str | None = None,
     ):
         self.output_format = check_output_format(output_format)
+        self.store = store_target(store)
+        if self.store and self.output_format == "nifti":
+            raise OptionError("store: sends the derived DICOM series; set output_format to dicom or both")
         self.derived_by = derived_by or bundle_version("fvae_recon")
         self.network = network if device is None else network.to(device)
         self.output_dir = Path(output_dir)
@@ -191,6 +198,8 @@ class ReconWorkflow:
                 self._derivation_details(),
                 forbid=(case.path, *forbid),
             )
+        if want["dicom"] and self.store:
+            store_files(self.store, sorted(dicom_path.glob("*.dcm")), f"{case.name}{DICOM_SUFFIX}")
         if status == "ok":
             seconds = time.perf_counter() - t0
         ax = axial_axis(affine)

@@ -181,6 +181,14 @@ def main(argv=None) -> int:
                 "derived series read back over WADO-RS = NIfTI output",
                 lambda: _compare(dicomweb, new, out, work, len(files)),
             )
+            seg_out, bundle = work / "seg", _tiny_segmenter(work / "seg_bundle")
+            cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file",
+                   str(ROOT / "bundles/fvae_aug_seg/configs/inference.yaml"), "--bundle_root", str(bundle),
+                   "--input", address, "--output_dir", str(seg_out), "--output_format", "both", "--store", dicomweb]  # fmt: skip
+            step("aug_seg bundle DICOMweb -> DICOM SEG (seeded tiny SegResNet)", lambda: _run(cmd, work / "seg.log"))
+            step(
+                "DICOM SEG found over QIDO-RS, read back = NIfTI label map", lambda: _check_seg(dicomweb, new, seg_out)
+            )
     except Exception:  # noqa: BLE001 - the failed step is in the list
         ok = False
     finally:
@@ -209,6 +217,46 @@ def _run(cmd, logfile: Path) -> str:
         tail = logfile.read_text().strip().splitlines()[-5:]
         raise RuntimeError(f"exit status {rc}: " + " | ".join(tail))
     return ""
+
+
+def _tiny_segmenter(root: Path) -> Path:
+    """A bundle_root with a seeded (untrained) small SegResNet and its models/model.json: the SEG writing and storing
+    is under test, not the model."""
+    import torch
+    from fvae_ct.aug_seg import DEFAULT_NETWORK
+    from monai.networks.nets import SegResNet
+
+    (root / "models").mkdir(parents=True)
+    sizes = dict(init_filters=8, blocks_down=[1, 1, 1], blocks_up=[1, 1])
+    torch.manual_seed(0)
+    net = SegResNet(spatial_dims=3, in_channels=1, out_channels=3, **sizes)
+    torch.save(net.state_dict(), root / "models" / "model.pt")
+    names = ["background", "organ", "lesion"]
+    meta = {**DEFAULT_NETWORK, **sizes, "patch_size": [256, 256, 32], "class_names": names}
+    (root / "models" / "model.json").write_text(json.dumps(meta))
+    return root
+
+
+def _check_seg(base: str, derived: str, out: Path) -> str:
+    import nibabel as nib
+    import numpy as np
+    from dicomweb_client.api import DICOMwebClient
+    from fvae_ct.dicomweb import ANY_SYNTAX
+
+    uids = [u for u in derived_series(base, STUDY_UID, SERIES_UID) if u != derived]
+    (seg,) = DICOMwebClient(url=base).retrieve_series(STUDY_UID, _one(uids), media_types=ANY_SYNTAX)
+    labels = np.asarray(nib.load(str(next(out.glob("*_seg.nii.gz")))).dataobj)
+    if seg.Modality != "SEG" or seg.ReferencedSeriesSequence[0].SeriesInstanceUID != SERIES_UID:
+        raise RuntimeError(f"not a SEG of the source series: {seg.Modality}")
+    frames = np.asarray(seg.pixel_array).reshape(-1, *labels.shape[:2])
+    by_segment: dict = {}
+    for f, item in zip(frames, seg.PerFrameFunctionalGroupsSequence):
+        k = int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+        by_segment[k] = by_segment.get(k, 0) + int(f.sum())
+    want = {k: int((labels == k).sum()) for k in range(1, int(labels.max()) + 1) if (labels == k).any()}
+    if by_segment != want:
+        raise RuntimeError(f"voxels per segment: SEG {by_segment}, NIfTI {want}")
+    return f"{len(seg.SegmentSequence)} segments, {len(frames)} frames, voxels per segment {want} (= NIfTI)"
 
 
 def _one(uids: list[str]) -> str:

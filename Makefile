@@ -12,7 +12,7 @@ export FVAE_ASSETS ?= $(abspath ../shared/assets)
 endif
 export MPLBACKEND := Agg
 
-.PHONY: install demo test test-fast lint bundles bundle-check zoo-check bench bench-video bench-dist bench-gpu clean ablation-demo monailabel-check ldm-demo
+.PHONY: install demo test test-fast lint bundles bundle-check zoo-check bench bench-video bench-dist bench-gpu clean ablation-demo monailabel-check ldm-demo pacs-check
 
 install: $(STAMP)
 
@@ -140,6 +140,18 @@ monailabel-check: $(STAMP) $(MLVENV)/.installed
 	$(MLVENV)/bin/python tools/check_monailabel.py --bundle $(MLCHECK)/bundle_nnunet/fvae_aug_seg \
 	    --images $(MLCHECK)/lesions/imagesTr --labels $(MLCHECK)/lesions/labelsTr --work $(MLCHECK)/server_nnunet \
 	    --port 8124 --no-train
+
+# DICOM in, DICOM out against a real PACS: Orthanc + its DICOMweb plugin (Debian's orthanc, orthanc-dicomweb; installed
+# with apt-get when missing, as root) started on a free 127.0.0.1 port with a temporary config and storage; the sample
+# series uploaded; the recon bundle run DICOMweb -> DICOMweb (derived series read back over WADO = the NIfTI output,
+# voxel for voxel) and the aug_seg bundle DICOMweb -> DICOM SEG (read back = its label map); Orthanc stopped by PID.
+# Not part of `make test` (tests/test_dicomweb.py runs a shorter round trip when Orthanc is installed). PACS_VAE=taef2
+PACS_VAE ?= taef2
+pacs-check: $(STAMP)
+	test -x /usr/sbin/Orthanc -a -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so || \
+	    (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q orthanc orthanc-dicomweb) || \
+	    (echo "pacs-check needs Orthanc and its DICOMweb plugin: apt-get install orthanc orthanc-dicomweb"; exit 2)
+	$(PY) tools/check_pacs.py --vae $(PACS_VAE)
 
 clean:
 	rm -rf outputs .pytest_cache dist .venv-bundles

@@ -163,8 +163,10 @@ def main(argv=None) -> int:
         from fvae_ct.assets import sample_ct
 
         source = Path(args.series or sample_ct("dicom_series_512"))
+        t0 = time.perf_counter()
         with orthanc(work / "orthanc") as http:
-            steps.append((f"orthanc started ({http}, pid-managed, storage in {work / 'orthanc'})", True, 0.0, ""))
+            started = time.perf_counter() - t0
+            steps.append((f"orthanc started, /system answers ({http}, temporary storage)", True, started, ""))
             dicomweb = http + "/dicom-web"
             files = step("upload the sample series (STOW-RS)", lambda: upload_copy(source, work / "upload", dicomweb))
             address = f"{dicomweb}/studies/{STUDY_UID}/series/{SERIES_UID}"

@@ -76,8 +76,9 @@ class CLI:
     def recon(self, input: str | None = None, output_dir: str | None = None, vae: str = "taef2", **options) -> None:
         """Reconstruct CT through a frozen VAE and score it (the fvae_recon bundle's inference.yaml).
 
-        INPUT: a NIfTI file, a DICOM series folder, a folder of those, or a datalist JSON (default: the
-        sample DICOM series from FVAE_ASSETS). Writes <case>_recon.nii.gz, <case>_views.png, metrics.csv
+        INPUT: a NIfTI file, a DICOM series folder, a folder of those, a datalist JSON, or a DICOMweb study /
+        series address (default: the sample DICOM series from FVAE_ASSETS); --store <DICOMweb root> with
+        --output_format dicom|both sends each derived series there. Writes <case>_recon.nii.gz, <case>_views.png, metrics.csv
         and summary.json into OUTPUT_DIR (-o). Exits non-zero when any case failed. Every option of the
         config passes through as --<id> <value> (e.g. --vae_weights, --device, --hu_window, --working_spacing,
         --skip_existing, --figures, --tile_size, --depth_window, --slice_orientation, --hu_rounding, --depth_last);

@@ -147,10 +147,12 @@ monailabel-check: $(STAMP) $(MLVENV)/.installed
 # voxel for voxel) and the aug_seg bundle DICOMweb -> DICOM SEG (read back = its label map); Orthanc stopped by PID.
 # Not part of `make test` (tests/test_dicomweb.py runs a shorter round trip when Orthanc is installed). PACS_VAE=taef2
 PACS_VAE ?= taef2
+# the Debian (bookworm) versions the check was run with: pinned like the pip tools, so a new release cannot change it
+ORTHANC_PKGS := orthanc=1.10.1+dfsg-2+deb12u1 orthanc-dicomweb=1.7+dfsg-6+b2
 pacs-check: $(STAMP)
 	test -x /usr/sbin/Orthanc -a -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so || \
-	    (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q orthanc orthanc-dicomweb) || \
-	    (echo "pacs-check needs Orthanc and its DICOMweb plugin: apt-get install orthanc orthanc-dicomweb"; exit 2)
+	    (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(ORTHANC_PKGS)) || \
+	    (echo "pacs-check needs Orthanc and its DICOMweb plugin: apt-get install $(ORTHANC_PKGS)"; exit 2)
 	$(PY) tools/check_pacs.py --vae $(PACS_VAE)
 
 clean:

@@ -109,7 +109,7 @@ $(MLVENV)/.installed: constraints.txt $(STAMP)
 	$(PY) tools/pins.py export --env monailabel > $(MLVENV)/constraints.txt
 	$(MLVENV)/bin/pip install -q -c $(MLVENV)/constraints.txt --upgrade pip setuptools
 	$(MLVENV)/bin/pip install -q -c $(MLVENV)/constraints.txt torch torchvision monailabel pydicom dicomweb-client \
-	    pynetdicom nibabel nnunetv2
+	    pynetdicom nibabel nnunetv2 dcmqi
 	$(PY) tools/pins.py check --env monailabel --python $(MLVENV)/bin/python
 	touch $@
 

@@ -141,19 +141,22 @@ monailabel-check: $(STAMP) $(MLVENV)/.installed
 	    --images $(MLCHECK)/lesions/imagesTr --labels $(MLCHECK)/lesions/labelsTr --work $(MLCHECK)/server_nnunet \
 	    --port 8124 --no-train
 
-# DICOM in, DICOM out against a real PACS: Orthanc + its DICOMweb plugin (Debian's orthanc, orthanc-dicomweb; installed
-# with apt-get when missing, as root) started on a free 127.0.0.1 port with a temporary config and storage; the sample
-# series uploaded; the recon bundle run DICOMweb -> DICOMweb (derived series read back over WADO = the NIfTI output,
-# voxel for voxel) and the aug_seg bundle DICOMweb -> DICOM SEG (read back = its label map); Orthanc stopped by PID.
-# Not part of `make test` (tests/test_dicomweb.py runs a shorter round trip when Orthanc is installed). PACS_VAE=taef2
+# DICOM in, DICOM out against a real PACS: Orthanc + its DICOMweb and GDCM plugins (Debian's orthanc, orthanc-dicomweb,
+# orthanc-gdcm; installed with apt-get when missing, as root) started on a free 127.0.0.1 port with a temporary config
+# and storage; the sample series uploaded; the recon bundle run DICOMweb -> DICOMweb (derived series read back over WADO
+# = the NIfTI output, voxel for voxel); the aug_seg bundle DICOMweb -> DICOM SEG (read back = its label map); a real
+# MONAI Label server (the MONAI Label venv above) on the packaged aug_seg archive with the PACS as its datastore: list,
+# infer on the uploaded series, save a corrected label, the SEG it stores decoded onto the series = that label; Orthanc
+# stopped by PID. Not part of `make test` (tests/test_dicomweb.py runs a shorter round trip when Orthanc is installed).
 PACS_VAE ?= taef2
 # the Debian (bookworm) versions the check was run with: pinned like the pip tools, so a new release cannot change it
-ORTHANC_PKGS := orthanc=1.10.1+dfsg-2+deb12u1 orthanc-dicomweb=1.7+dfsg-6+b2
-pacs-check: $(STAMP)
-	test -x /usr/sbin/Orthanc -a -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so || \
+ORTHANC_PKGS := orthanc=1.10.1+dfsg-2+deb12u1 orthanc-dicomweb=1.7+dfsg-6+b2 orthanc-gdcm=1.5-1+b6
+ORTHANC_PLUGINS := /usr/share/orthanc/plugins/libOrthancDicomWeb.so /usr/share/orthanc/plugins/libOrthancGdcm.so
+pacs-check: $(STAMP) $(MLVENV)/.installed
+	test -x /usr/sbin/Orthanc $(foreach p,$(ORTHANC_PLUGINS),-a -f $(p)) || \
 	    (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(ORTHANC_PKGS)) || \
-	    (echo "pacs-check needs Orthanc and its DICOMweb plugin: apt-get install $(ORTHANC_PKGS)"; exit 2)
-	$(PY) tools/check_pacs.py --vae $(PACS_VAE)
+	    (echo "pacs-check needs Orthanc and its DICOMweb and GDCM plugins: apt-get install $(ORTHANC_PKGS)"; exit 2)
+	$(PY) tools/check_pacs.py --vae $(PACS_VAE) --monailabel-venv $(MLVENV)
 
 clean:
 	rm -rf outputs .pytest_cache dist .venv-bundles

@@ -162,6 +162,28 @@ def server_env(venv: Path) -> dict:
     return env
 
 
+def install_app(exe: Path, env: dict, work: Path, bundle: Path, skip: list[str]) -> tuple[Path, Path]:
+    """The `monaibundle` sample app copied out of the installed wheel into ``work``, and ``bundle`` (less ``skip``)
+    into its model folder; returns (app folder, bundle copy)."""
+    r = subprocess.run(
+        [str(exe), "apps", "--download", "--name", "monaibundle", "--output", str(work)],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=work,
+    )
+    app = work / "monaibundle"
+    out = (r.stdout + r.stderr).strip()
+    require(
+        "monailabel apps --download --name monaibundle",
+        r.returncode == 0 and (app / "main.py").is_file(),
+        out.splitlines()[-1] if out else "",
+    )
+    dst = app / "model" / bundle.name
+    shutil.copytree(bundle, dst, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", *skip))
+    return app, dst
+
+
 def make_lps_copy(src: Path, dst: Path) -> None:
     """The same image in the world, stored with the first two voxel axes reversed (RAS -> LPS storage)."""
     img = nib.load(str(src))
@@ -558,22 +580,8 @@ def main() -> int:
                 raise CheckError(f"--work {work} is a non-empty folder this check did not make; not deleting it")
             shutil.rmtree(work)
         work.mkdir(parents=True)
-        r = subprocess.run(
-            [str(exe), "apps", "--download", "--name", "monaibundle", "--output", str(work)],
-            env=env,
-            capture_output=True,
-            text=True,
-            cwd=work,
-        )
-        app = work / "monaibundle"
-        require(
-            "monailabel apps --download --name monaibundle",
-            r.returncode == 0 and (app / "main.py").is_file(),
-            (r.stdout + r.stderr).strip().splitlines()[-1] if (r.stdout + r.stderr).strip() else "",
-        )
-        dst = app / "model" / model
-        skip = ["__pycache__", "*.pyc"] + (["model.pt", "model.json"] if a.from_scratch else [])
-        shutil.copytree(bundle, dst, ignore=shutil.ignore_patterns(*skip))
+        skip = ["model.pt", "model.json"] if a.from_scratch else []
+        app, dst = install_app(exe, env, work, bundle, skip)
         step(
             "bundle copied into the app's model folder"
             + (" (as downloaded: no models/model.pt)" if a.from_scratch else ""),

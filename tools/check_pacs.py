@@ -5,8 +5,13 @@ missing) -> a temporary config (HTTP on a free 127.0.0.1 port, DICOM server off,
 remote access, no authentication, the DICOMweb plugin) -> Orthanc started, /system answers -> the sample 512x512 series
 uploaded (a copy with the Study / Series / SOP UIDs the anonymised sample lacks) -> the recon bundle run with
 ``--input <series address> --output_format both --store <dicomweb root>`` -> the derived series found over QIDO-RS,
-read back over WADO-RS, equal voxel for voxel (and affine) to the NIfTI output -> Orthanc stopped by its PID.
-Prints one line per step with pass/fail and seconds; exit status 1 when a step fails.
+read back over WADO-RS, equal voxel for voxel (and affine) to the NIfTI output -> the aug_seg bundle (a seeded tiny
+SegResNet) from DICOMweb to a DICOM SEG, read back = its label map -> a real MONAI Label server on the PACKAGED aug_seg
+archive with ``--studies <dicomweb root>`` (tools/check_monailabel_dicomweb.py, run with the MONAI Label venv's python:
+datastore listed, inference on the uploaded series, a corrected label saved, the SEG MONAI Label stores decoded onto
+the series) -> Orthanc stopped by its PID. Orthanc runs with its GDCM plugin, which transcodes the JPEG 2000 sample
+for MONAI Label (it asks for uncompressed instances). Prints one line per step with pass/fail and seconds; exit status
+1 when a step fails.
 """
 
 from __future__ import annotations
@@ -26,13 +31,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 ORTHANC = "/usr/sbin/Orthanc"
-PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+PLUGINS = ["/usr/share/orthanc/plugins/libOrthancDicomWeb.so", "/usr/share/orthanc/plugins/libOrthancGdcm.so"]
 STUDY_UID, SERIES_UID = "1.2.826.0.1.3680043.8.498.4242", "1.2.826.0.1.3680043.8.498.4243"
 
 
 def missing() -> list[str]:
     """What of Orthanc and its DICOMweb plugin is not installed."""
-    return [p for p in (ORTHANC, PLUGIN) if not os.path.exists(p)]
+    return [p for p in (ORTHANC, *PLUGINS) if not os.path.exists(p)]
 
 
 def free_port() -> int:
@@ -56,7 +61,7 @@ def orthanc(work: Path, timeout: float = 60.0):
         "IndexDirectory": str(work / "index"),
         "RemoteAccessAllowed": False,
         "AuthenticationEnabled": False,
-        "Plugins": [PLUGIN],
+        "Plugins": PLUGINS,
         "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
     }
     cfg = work / "orthanc.json"
@@ -139,6 +144,11 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default=None, help="working folder (default: a temporary one, removed)")
     ap.add_argument("--vae", default="taef2", help="VAE of the recon run (identity: fastest)")
     ap.add_argument("--series", default=None, help="DICOM series folder to upload (default: the sample 512x512)")
+    ap.add_argument(
+        "--monailabel-venv",
+        default=str(ROOT / ".venv-monailabel"),
+        help="MONAI Label virtualenv for the MONAI Label step (make's .venv-monailabel); 'none' skips the step",
+    )
     args = ap.parse_args(argv)
 
     steps: list[tuple[str, bool, float, str]] = []
@@ -191,6 +201,11 @@ def main(argv=None) -> int:
             step(
                 "DICOM SEG found over QIDO-RS, read back = NIfTI label map", lambda: _check_seg(dicomweb, new, seg_out)
             )
+            if args.monailabel_venv != "none":
+                step(
+                    "MONAI Label --studies <dicomweb>, packaged aug_seg: list, infer, save label -> SEG in Orthanc",
+                    lambda: _monailabel(Path(args.monailabel_venv), dicomweb, bundle, work),
+                )
     except Exception:  # noqa: BLE001 - the failed step is in the list
         ok = False
     finally:
@@ -219,6 +234,34 @@ def _run(cmd, logfile: Path) -> str:
         tail = logfile.read_text().strip().splitlines()[-5:]
         raise RuntimeError(f"exit status {rc}: " + " | ".join(tail))
     return ""
+
+
+def _monailabel(venv: Path, dicomweb: str, trained: Path, work: Path) -> str:
+    """The packaged aug_seg archive (unpacked, with the seeded model of ``trained``) served by MONAI Label with the
+    PACS as its datastore: tools/check_monailabel_dicomweb.py in the MONAI Label venv; its step lines are printed."""
+    python = venv / "bin" / "python"
+    if not python.is_file():
+        raise RuntimeError(
+            f"no MONAI Label venv at {venv}: make .venv-monailabel/.installed (or --monailabel-venv none)"
+        )
+    dist, unpacked = work / "dist", work / "archive"
+    _run([sys.executable, str(ROOT / "tools/build_bundles.py"), "--out", str(dist), "--bundles", "fvae_aug_seg",
+          "--unpack", str(unpacked)], work / "build.log")  # fmt: skip
+    bundle = unpacked / "fvae_aug_seg"
+    for name in ("model.pt", "model.json"):
+        shutil.copy(trained / "models" / name, bundle / "models" / name)
+    log = work / "monailabel.log"
+    cmd = [str(python), str(ROOT / "tools/check_monailabel_dicomweb.py"), "--bundle", str(bundle), "--dicomweb",
+           dicomweb, "--study", STUDY_UID, "--series", SERIES_UID, "--work", str(work / "monailabel"), "--port",
+           str(free_port())]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "FVAE_ASSETS")}
+    with open(log, "w") as fp:
+        rc = subprocess.run(cmd, stdout=fp, stderr=subprocess.STDOUT, env=env).returncode
+    lines = [ln for ln in log.read_text().splitlines() if ln.startswith(("PASSED", "FAILED", "MONAI Label"))]
+    print("\n".join("    " + ln for ln in lines), flush=True)
+    if rc:
+        raise RuntimeError(f"exit status {rc} (log: {log})")
+    return lines[-1] if lines else ""
 
 
 def _tiny_segmenter(root: Path) -> Path:

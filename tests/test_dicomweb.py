@@ -1,6 +1,6 @@
 """DICOMweb in and out (fvae_ct.dicomweb): address parsing, credential redaction and refusal, one-line HTTP errors
 naming the server and the status (a tiny server on 127.0.0.1), credentials from the environment only; and, when
-Orthanc with its DICOMweb plugin is installed, a real round trip: the sample series uploaded, fetched by its study and
+Orthanc with its DICOMweb and GDCM plugins is installed, a real round trip: the sample series uploaded, fetched by its study and
 series address, reconstructed (identity VAE) with the derived series stored back and read back voxel for voxel, and a
 DICOM SEG stored and found in the study (`make pacs-check` runs the bundle itself end to end)."""
 
@@ -139,7 +139,7 @@ def pacs(tmp_path_factory, dicom_dir):
     import check_pacs
 
     if check_pacs.missing():
-        pytest.skip(f"Orthanc / its DICOMweb plugin not installed ({check_pacs.missing()})")
+        pytest.skip(f"Orthanc / its DICOMweb and GDCM plugins not installed ({check_pacs.missing()})")
     work = tmp_path_factory.mktemp("pacs")
     with check_pacs.orthanc(work / "orthanc") as http:
         root = http + "/dicom-web"

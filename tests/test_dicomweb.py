@@ -1,7 +1,7 @@
 """DICOMweb in and out (fvae_ct.dicomweb): address parsing, credential redaction and refusal, one-line HTTP errors
 naming the server and the status (a tiny server on 127.0.0.1), credentials from the environment only; and, when
-Orthanc with its DICOMweb and GDCM plugins is installed, a real round trip: the sample series uploaded, fetched by its study and
-series address, reconstructed (identity VAE) with the derived series stored back and read back voxel for voxel, and a
+Orthanc with its DICOMweb and GDCM plugins is installed, a real round trip: the sample series uploaded, fetched by its
+study and series address, reconstructed (identity VAE) with the derived series stored back and read back voxel for voxel, and a
 DICOM SEG stored and found in the study (`make pacs-check` runs the bundle itself end to end)."""
 
 from __future__ import annotations

@@ -115,20 +115,27 @@ def test_a_lock_held_by_another_process_refuses_latent_caching(tmp_path):
 
 def test_runner_records_failures_and_writes_rows(tmp_path):
     cases = [Case(f"c{i}", f"/in/c{i}") for i in range(3)]
+    cases.append(Case("web", "/tmp/fetched/web", source="http://pacs/dicom-web/studies/1/series/2"))
     with BatchRunner(tmp_path, "test", {"t.csv": ["case", "v"]}, progress=False) as run:
         assert run.plan(lambda: cases) == cases
         for case in run.mine():
             with run.case(case) as c:
                 c.add({"case": case.name, "v": 1.5})
-                if case.name == "c1":
+                if case.name in ("c1", "web"):
                     raise RuntimeError("boom")
         rows, failures = run.gather()
     assert [r["case"] for r in rows["t.csv"]] == ["c0", "c2"]
     assert (tmp_path / "t.csv").read_text().splitlines() == ["case,v", "c0,1.5", "c2,1.5"]
-    assert failures == [{"case": "c1", "input": "/in/c1", "error": "RuntimeError: boom"}]
+    web = "http://pacs/dicom-web/studies/1/series/2"  # a fetched case is named by its address, not the temporary copy
+    assert failures == [
+        {"case": "c1", "input": "/in/c1", "error": "RuntimeError: boom"},
+        {"case": "web", "input": web, "error": "RuntimeError: boom"},
+    ]
     with pytest.raises(BatchFailure) as e:
         run.raise_failures()
-    assert str(e.value) == failure_message(failures, 3) == "1 of 3 case(s) failed:\n  c1 (/in/c1): RuntimeError: boom"
+    assert str(e.value) == failure_message(failures, 4) == (
+        f"2 of 4 case(s) failed:\n  c1 (/in/c1): RuntimeError: boom\n  web ({web}): RuntimeError: boom"
+    )
     assert not (tmp_path / ".fvae.lock").exists()
 
 

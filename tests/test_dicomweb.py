@@ -163,12 +163,15 @@ def test_a_real_orthanc_round_trip(pacs, tmp_path):
     by_study = discover_cases(f"{root}/studies/{study}")
     by_series = discover_cases(f"{root}/studies/{study}/series/{series}")
     assert [c.name for c in by_study] == [c.name for c in by_series] == ["3_sample_CT"]
+    address = f"{root}/studies/{study}/series/{series}"
+    assert by_study[0].source == by_series[0].source == by_series[0].shown == address  # tables name the address
     with pytest.raises(InputError, match="no such series"):
         discover_cases(f"{root}/studies/{study}/series/{series}.9")
 
     out = tmp_path / "recon"
     wf = ReconWorkflow(load("identity"), str(out), output_format="both", store=root, figures=False, progress=False)
     row = wf.run_case(by_series[0])
+    assert row["input"] == address
     derived = check_pacs.derived_series(root, study, series)
     assert len(derived) == 1
     hu, affine, datasets = check_pacs.read_back(root, study, derived[0], tmp_path / "back")

@@ -36,11 +36,18 @@ NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 @dataclass
 class Case:
-    """One input volume: ``name`` (used for output files) and ``path`` (NIfTI file or DICOM folder)."""
+    """One input volume: ``name`` (used for output files), ``path`` (NIfTI file or DICOM folder) and, when the files
+    were fetched from elsewhere, ``source`` (a DICOMweb series address, credentials redacted)."""
 
     name: str
     path: str
     label: str | None = None
+    source: str | None = None
+
+    @property
+    def shown(self) -> str:
+        """What tables and failure lists name as the case's input: ``source``, else ``path``."""
+        return self.source or self.path
 
 
 def is_nifti(p: Path) -> bool:

@@ -209,6 +209,7 @@ def fetch_cases(value, workdir=None) -> list:
     cases = unique_names([Case(_case_name(s), str(_value(s, _TAG["series"]))) for s in series])
     for case in cases:
         uid, case.path = case.path, str(folder / case.name)
+        case.source = f"{redact(base)}/studies/{address.study}/series/{uid}"
         datasets = _call(
             base,
             f"WADO-RS retrieval of series {uid}",

@@ -278,7 +278,7 @@ class AnalysisWorkflow:
             "cutoff": self.cutoff,
             "insert_noise": self.insert_noise,
             "labels": _label_for(case, self.labels) or "",
-            "input": case.path,
+            "input": case.shown,
         }
 
     def _case_result(self, case: Case) -> tuple[list[dict], list[dict]]:

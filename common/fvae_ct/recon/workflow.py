@@ -230,7 +230,7 @@ class ReconWorkflow:
             "spacing_mm": "x".join(f"{s:.4g}" for s in sp),
             "modality": info.get("modality") or ("n/a (NIfTI)" if is_nifti else ""),
             "warnings": notes,
-            "input": case.path,
+            "input": case.shown,
             "output": str(out_path) if want["nifti"] else "",
             "output_dicom": str(dicom_path) if want["dicom"] else "",
         }

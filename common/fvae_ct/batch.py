@@ -217,7 +217,9 @@ class BatchRunner:
         except Exception as e:  # go on with the other cases, report at the end
             log.error("%s%s failed: %s", self.tag, case.name, e)
             log.debug(traceback.format_exc())
-            self.failures.append({"case": case.name, "input": case.shown, "error": f"{type(e).__name__}: {e}"})
+            self.failures.append(
+                {"case": case.name, "input": getattr(case, "shown", case.path), "error": f"{type(e).__name__}: {e}"}
+            )
             return
         for table, rows in rec.rows.items():
             self.rows.setdefault(table, []).extend(rows)

@@ -106,8 +106,15 @@ def _check_series(out, source, hu, affine, derived_by=f"fvae_recon {VERSION}"):
         assert ref.ReferencedSOPClassUID == CTImageStorage and ref.PurposeOfReferenceCodeSequence[0].CodeValue == "121322"
         for kw in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "SliceThickness", "SliceLocation"):
             assert d[kw].value == s[kw].value, kw
-        for kw in ("RescaleSlope", "RescaleIntercept", "FrameOfReferenceUID", "Modality", "Manufacturer", "KVP"):
+        for kw in ("RescaleSlope", "RescaleIntercept", "FrameOfReferenceUID", "Modality", "KVP"):
             assert d[kw].value == s[kw].value, kw
+        # General Equipment: the software that made the series, not the scanner
+        assert (d.Manufacturer, d.ManufacturerModelName, d.SoftwareVersions) == (
+            "fvae-ct",
+            derived_by.split(" ")[0],
+            derived_by,
+        )
+        assert s.Manufacturer != "fvae-ct" and not {"StationName", "DeviceSerialNumber"} & set(d.dir())
         for kw in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyID", "AccessionNumber"):
             assert str(d[kw].value) == str(s[kw].value), kw
         assert (d.Rows, d.Columns) == (s.Rows, s.Columns)

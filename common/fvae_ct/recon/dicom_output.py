@@ -7,8 +7,9 @@ source's third value, e.g. AXIAL), SeriesNumber = the source's + :data:`SERIES_N
 DerivationDescription naming the VAE and the bundle, the source slice referenced in Source Image Sequence (purpose
 ``121322`` "Source image for image processing operation"), the source slice's geometry tags copied unchanged
 (ImagePositionPatient, ImageOrientationPatient, PixelSpacing, SliceThickness, SliceLocation), the patient / study /
-equipment / acquisition attributes of :data:`COPIED` that the source has (nothing invented; a Type 2 one it lacks is
-written empty), int16 pixels stored with the source slice's RescaleSlope / RescaleIntercept, creation dates = now,
+acquisition attributes of :data:`COPIED` that the source has (nothing invented; a Type 2 one it lacks is written
+empty), General Equipment naming the software that made the series, as the SEG of fvae_aug_seg does (Manufacturer
+``fvae-ct``, ManufacturerModelName and SoftwareVersions from ``derived_by``; the scanner's are not copied), int16 pixels stored with the source slice's RescaleSlope / RescaleIntercept, creation dates = now,
 uncompressed explicit VR little endian with a file meta header. A source without StudyInstanceUID or
 FrameOfReferenceUID (an anonymised export) gets new ones for the derived series, with a warning: it is then not part
 of the source's study.
@@ -33,6 +34,7 @@ __all__ = [
     "DICOM_SUFFIX",
     "OUTPUT_FORMATS",
     "COPIED",
+    "MANUFACTURER",
     "SERIES_NUMBER_OFFSET",
     "check_output_format",
     "write_derived_series",
@@ -49,9 +51,12 @@ SERIES_NUMBER_OFFSET = 1000
 #: voxels: how far a corner of a source slice's pixel grid may lie from the output's voxel grid
 GEOMETRY_TOLERANCE = 0.1
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+#: the derived series' Manufacturer (General Equipment: the maker of the software that produced it)
+MANUFACTURER = "fvae-ct"
 
 #: copied from each source slice when it has them: SOP common, patient, study, series (acquisition side), frame of
-#: reference, equipment, acquisition and contrast, image plane (the geometry), display (rescale type, window presets)
+#: reference, acquisition and contrast, image plane (the geometry), display (rescale type, window presets); not the
+#: General Equipment module, which describes what made the derived series (:data:`MANUFACTURER`)
 COPIED = (
     "SpecificCharacterSet",
     *("PatientName", "PatientID", "IssuerOfPatientID", "IssuerOfPatientIDQualifiersSequence", "TypeOfPatientID"),
@@ -63,8 +68,6 @@ COPIED = (
     *("PatientAge", "PatientSize", "PatientWeight", "PregnancyStatus", "AdditionalPatientHistory"),
     *("Modality", "Laterality", "PatientPosition", "BodyPartExamined", "ProtocolName", "RequestAttributesSequence"),
     *("FrameOfReferenceUID", "PositionReferenceIndicator"),
-    *("Manufacturer", "InstitutionName", "InstitutionAddress", "StationName", "InstitutionalDepartmentName"),
-    *("ManufacturerModelName", "DeviceSerialNumber", "SoftwareVersions"),
     *("AcquisitionNumber", "AcquisitionDate", "AcquisitionTime", "AcquisitionDateTime", "KVP"),
     *("DataCollectionDiameter", "ReconstructionDiameter", "DistanceSourceToDetector", "DistanceSourceToPatient"),
     *("GantryDetectorTilt", "TableHeight", "RotationDirection", "ExposureTime", "XRayTubeCurrent", "Exposure"),
@@ -79,7 +82,7 @@ COPIED = (
 )
 # Type 2 attributes of the CT Image IOD's modules above: written empty (unknown) when the source lacks them
 _TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime")
-_TYPE2 += ("ReferringPhysicianName", "StudyID", "AccessionNumber", "PositionReferenceIndicator", "Manufacturer")
+_TYPE2 += ("ReferringPhysicianName", "StudyID", "AccessionNumber", "PositionReferenceIndicator")
 _TYPE2 += ("KVP", "AcquisitionNumber", "Laterality")  # Laterality: 2C, needed unless the body part is unpaired
 # Type 1 UIDs a derived series cannot go without: new ones (with a warning) when an anonymised source lacks them
 _NEEDED_UIDS = {
@@ -218,6 +221,7 @@ def write_derived_series(
     series_uid = generate_uid()
     day, time = _now()
     description = f"{vae} VAE reconstruction, {derived_by}"[:64]
+    model_name = derived_by.split(" ")[0][:64]  # "fvae_recon 0.5.1" -> fvae_recon
     derivation = (
         f"{OUTPUT_MARK} of the source series through the frozen VAE {vae} (encoded and decoded, not fine-tuned) by "
         f"{derived_by}" + (f"; {details}" if details else "")
@@ -243,6 +247,8 @@ def write_derived_series(
             third = [source_type][2:3] if isinstance(source_type, str) else list(source_type)[2:3]
             ds.ImageType = ["DERIVED", "SECONDARY", *third]
             ds.DerivationDescription = derivation
+            ds.Manufacturer, ds.ManufacturerModelName = MANUFACTURER, model_name
+            ds.SoftwareVersions = derived_by[:64]
             ref = Dataset()
             ref.ReferencedSOPClassUID = CT_IMAGE_STORAGE
             ref.ReferencedSOPInstanceUID = _uid(s, "SOPInstanceUID", "MediaStorageSOPInstanceUID")

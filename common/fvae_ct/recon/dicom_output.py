@@ -9,8 +9,9 @@ DerivationDescription naming the VAE and the bundle, the source slice referenced
 (ImagePositionPatient, ImageOrientationPatient, PixelSpacing, SliceThickness, SliceLocation), the patient / study /
 acquisition attributes of :data:`COPIED` that the source has (nothing invented; a Type 2 one it lacks is written
 empty), General Equipment naming the software that made the series, as the SEG of fvae_aug_seg does (Manufacturer
-``fvae-ct``, ManufacturerModelName and SoftwareVersions from ``derived_by``; the scanner's are not copied), int16 pixels stored with the source slice's RescaleSlope / RescaleIntercept, creation dates = now,
-uncompressed explicit VR little endian with a file meta header. A source without StudyInstanceUID or
+``fvae-ct``, ManufacturerModelName and SoftwareVersions from ``derived_by``; the scanner's are not copied), int16
+pixels stored with the source slice's RescaleSlope / RescaleIntercept, creation dates = now, uncompressed explicit VR
+little endian with a file meta header. A source without StudyInstanceUID or
 FrameOfReferenceUID (an anonymised export) gets new ones for the derived series, with a warning: it is then not part
 of the source's study.
 

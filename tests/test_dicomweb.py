@@ -192,3 +192,39 @@ def test_a_real_orthanc_round_trip(pacs, tmp_path):
     assert seg.Modality == "SEG" and seg.ReferencedSeriesSequence[0].SeriesInstanceUID == series
     assert int(np.asarray(seg.pixel_array).sum()) == int(labels.sum())
     assert isinstance(seg, pydicom.Dataset)
+
+
+@pytest.mark.slow
+def test_a_pacs_series_is_fetched_when_its_case_runs(pacs, tmp_path):
+    """The recon batch lists a PACS series without fetching it; the case's run fetches it (a failed fetch fails that
+    case only, in one line naming the server); metrics.csv names the series address."""
+    import csv
+
+    from fvae_ct.cases import Case, fetch_case
+    from fvae_ct.recon import ReconWorkflow
+    from fvae_ct.vae import load
+
+    check_pacs, root, _ = pacs
+    address = f"{root}/studies/{check_pacs.STUDY_UID}/series/{check_pacs.SERIES_UID}"
+    (case,) = discover_cases(address, fetch=False)
+    assert case.source == address and case.size == 20 * 512 * 512 and not Path(case.path).exists()
+
+    out = tmp_path / "recon"
+    ReconWorkflow(load("identity"), str(out), figures=False, progress=False).run(address)
+    (row,) = csv.DictReader(open(out / "metrics.csv"))
+    assert (row["case"], row["input"], row["status"]) == ("3_sample_CT", address, "ok")
+
+    gone = Case("gone", str(tmp_path / "fetched" / "gone"), source=address + ".9")  # listed, then not there
+    with pytest.raises(InputError, match=r"^http://127\.0\.0\.1:\d+/dicom-web: WADO-RS retrieval of .*\.9: HTTP 404"):
+        fetch_case(gone)
+    assert not (tmp_path / "fetched" / "gone").exists()
+
+    # listed by another process (rank 0 under torchrun): its folder's parent is not here; fetched whole, once
+    elsewhere = Case(case.name, str(tmp_path / "rank0_tmp" / case.name), source=address)
+    fetch_case(elsewhere)
+    files = sorted(p.name for p in Path(elsewhere.path).iterdir())
+    assert files == [f"{i:05d}.dcm" for i in range(20)]
+    assert [p.name for p in (tmp_path / "rank0_tmp").iterdir()] == [case.name]  # no partial folder beside it
+    stamp = Path(elsewhere.path, files[0]).stat().st_mtime_ns
+    fetch_case(elsewhere)  # already there: not fetched again
+    assert Path(elsewhere.path, files[0]).stat().st_mtime_ns == stamp

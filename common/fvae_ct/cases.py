@@ -24,6 +24,7 @@ __all__ = [
     "case_name",
     "unique_names",
     "case_voxels",
+    "fetch_case",
     "is_nifti",
     "broken_link",
     "NIFTI_SUFFIXES",
@@ -36,13 +37,15 @@ NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 @dataclass
 class Case:
-    """One input volume: ``name`` (used for output files), ``path`` (NIfTI file or DICOM folder) and, when the files
-    were fetched from elsewhere, ``source`` (a DICOMweb series address, credentials redacted)."""
+    """One input volume: ``name`` (used for output files), ``path`` (NIfTI file or DICOM folder) and, for a series
+    fetched from a PACS, ``source`` (its DICOMweb address, credentials redacted; ``path`` is filled when the case is
+    run: :func:`fetch_case`) and ``size`` (its voxel count as estimated before the fetch, for sharding)."""
 
     name: str
     path: str
     label: str | None = None
     source: str | None = None
+    size: int = 0
 
     @property
     def shown(self) -> str:
@@ -93,13 +96,14 @@ def _dicom_cases(p: Path) -> list[Case]:
     return [Case(n, str(f)) for n, f in series] if series else [Case(p.name, str(p))]
 
 
-def discover_cases(input_path: str | os.PathLike) -> list[Case]:
+def discover_cases(input_path: str | os.PathLike, fetch: bool = True) -> list[Case]:
     """Cases from a NIfTI file, a DICOM series folder, a folder of NIfTI files / DICOM folders, a datalist JSON, or a
-    DICOMweb study / series address (each CT series fetched into a temporary folder, :mod:`fvae_ct.dicomweb`)."""
+    DICOMweb study / series address (each CT series a case, fetched into a temporary folder now, or with ``fetch``
+    false when it is run: :func:`fetch_case`; :mod:`fvae_ct.dicomweb`)."""
     from . import dicomweb
 
     if dicomweb.is_address(input_path):
-        return dicomweb.fetch_cases(input_path)
+        return dicomweb.fetch_cases(input_path) if fetch else dicomweb.find_series(input_path)
     p = Path(input_path)
     datalist = p.suffix.lower() == ".json" and not p.is_dir()
     if not p.exists() and not (datalist and not p.is_symlink()):  # a missing JSON: read_datalist's message
@@ -142,6 +146,15 @@ def discover_cases(input_path: str | os.PathLike) -> list[Case]:
                 p, "folder holds no NIfTI files (.nii/.nii.gz), no DICOM files and no DICOM series folders"
             )
     return unique_names(cases)
+
+
+def fetch_case(case: Case) -> None:
+    """Bring a case fetched from a PACS (``source``) into its folder ``path`` if it is not there yet (WADO-RS,
+    :func:`fvae_ct.dicomweb.fetch_series`); a local case is left alone."""
+    if getattr(case, "source", None):
+        from .dicomweb import fetch_series
+
+        fetch_series(case)
 
 
 def case_voxels(path: str | os.PathLike) -> int:

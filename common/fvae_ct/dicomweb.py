@@ -1,9 +1,12 @@
 """DICOMweb in and out (a PACS or Orthanc with its DICOMweb plugin), with ``dicomweb-client``.
 
 * Input: a study or series address, ``<base>/studies/<StudyUID>`` or ``<base>/studies/<StudyUID>/series/<SeriesUID>``
-  (:func:`parse_address`). QIDO-RS finds its CT series, WADO-RS fetches each into a folder of a temporary directory
-  (removed when the process ends), and each folder is then one case, read and checked as any local DICOM series
-  (:func:`fetch_cases`). Case names: ``<SeriesNumber>_<SeriesDescription>`` (else the series UID).
+  (:func:`parse_address`). QIDO-RS finds its CT series (:func:`find_series`): one case each, named
+  ``<SeriesNumber>_<SeriesDescription>`` (else by the series UID), whose ``source`` is the series address and whose
+  ``path`` is a folder of a temporary directory (removed when the process ends). WADO-RS fetches a series into that
+  folder when the case is run (:func:`fetch_series`; under torchrun by the rank that runs it; a failed fetch fails
+  that case only), and it is then read and checked as any local DICOM series. :func:`fetch_cases` finds and fetches
+  at once.
 * Output: :func:`store_files` sends DICOM files (a derived series, a DICOM SEG) to ``<base>`` with STOW-RS.
 
 Credentials never come from an address or a config: an address with ``user:password@`` is refused. A server that
@@ -28,7 +31,17 @@ from urllib.parse import urlsplit, urlunsplit
 
 from .errors import InputError, OptionError
 
-__all__ = ["Address", "is_address", "parse_address", "redact", "store_target", "fetch_cases", "store_files"]
+__all__ = [
+    "Address",
+    "is_address",
+    "parse_address",
+    "redact",
+    "store_target",
+    "find_series",
+    "fetch_series",
+    "fetch_cases",
+    "store_files",
+]
 
 log = logging.getLogger("fvae_ct")
 
@@ -36,6 +49,9 @@ log = logging.getLogger("fvae_ct")
 ANY_SYNTAX = (("application/dicom", "*"),)
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _TAG = {"modality": "00080060", "series": "0020000E", "number": "00200011", "description": "0008103E"}
+_TAG["instances"] = "00201209"  # NumberOfSeriesRelatedInstances
+#: the in-plane size assumed for a series' voxel count before it is fetched (sharding across ranks only)
+_PLANE = 512 * 512
 
 
 def is_address(value) -> bool:
@@ -174,7 +190,7 @@ def _case_name(attrs: dict) -> str:
     return text[:80] or f"series_{str(_value(attrs, _TAG['series']))[-12:]}"
 
 
-_TEMP: list[str] = []
+_TEMP: list[Path] = []
 
 
 def _remove_temp() -> None:
@@ -182,48 +198,81 @@ def _remove_temp() -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
-def _workdir() -> Path:
-    """A private temporary folder, removed when the process ends."""
-    path = tempfile.mkdtemp(prefix="fvae_dicomweb_")
+def _register(path: Path) -> None:
+    """Remove ``path`` when the process ends."""
     if not _TEMP:
         atexit.register(_remove_temp)
     _TEMP.append(path)
-    return Path(path)
 
 
-def fetch_cases(value, workdir=None) -> list:
-    """The CT series of a DICOMweb study / series address, each fetched (WADO-RS) into a folder of ``workdir``
-    (default: a temporary folder removed at exit): ``[Case(name, folder)]`` in the server's order."""
+def _workdir() -> Path:
+    """A private temporary folder, removed when the process ends."""
+    path = Path(tempfile.mkdtemp(prefix="fvae_dicomweb_"))
+    _register(path)
+    return path
+
+
+def find_series(value, workdir=None) -> list:
+    """The CT series of a DICOMweb study / series address (QIDO-RS), nothing fetched yet: ``[Case(name, folder,
+    source=<series address>, size=<instances x 512 x 512>)]`` in the server's order, each folder in ``workdir``
+    (default: a temporary folder removed at exit) for :func:`fetch_series`."""
     from .cases import Case, unique_names
 
     address = parse_address(value)
     base, shown = address.base, redact(value)
-    client = _client(base)
     filters = {"SeriesInstanceUID": address.series} if address.series else {}
-    found = _call(base, f"QIDO-RS search of {shown}", client.search_for_series, address.study, search_filters=filters)
+    search = _client(base).search_for_series
+    found = _call(base, f"QIDO-RS search of {shown}", search, address.study, search_filters=filters)
     series = [s for s in found if address.series or str(_value(s, _TAG["modality"]) or "").upper() == "CT"]
     if not series:
         other = sorted({str(_value(s, _TAG["modality"])) for s in found})
         raise InputError(shown, "no such series" if address.series or not found else f"no CT series (only {other})")
     folder = Path(workdir) if workdir is not None else _workdir()
-    cases = unique_names([Case(_case_name(s), str(_value(s, _TAG["series"]))) for s in series])
-    for case in cases:
-        uid, case.path = case.path, str(folder / case.name)
-        case.source = f"{redact(base)}/studies/{address.study}/series/{uid}"
-        datasets = _call(
-            base,
-            f"WADO-RS retrieval of series {uid}",
-            client.retrieve_series,
-            address.study,
-            uid,
-            media_types=ANY_SYNTAX,
-        )
-        if not datasets:
-            raise InputError(shown, f"series {uid} has no instances")
-        Path(case.path).mkdir(parents=True)
+    cases = []
+    for s in series:
+        uid = str(_value(s, _TAG["series"]))
+        size = int(_value(s, _TAG["instances"]) or 1) * _PLANE
+        cases.append(Case(_case_name(s), uid, source=f"{redact(base)}/studies/{address.study}/series/{uid}", size=size))
+    for case in unique_names(cases):
+        case.path = str(folder / case.name)
+    return cases
+
+
+def fetch_series(case) -> None:
+    """Fetch the series of ``case.source`` (WADO-RS, the instances as stored) into the folder ``case.path``, unless
+    it is there already; the folder appears whole (written beside it, then renamed) and is removed at exit. A case
+    without a ``source`` is left alone. A failed or empty retrieval is an :class:`InputError` naming the server."""
+    source = getattr(case, "source", None)
+    target = Path(case.path)
+    if not source or (target.is_dir() and any(target.iterdir())):
+        return
+    address = parse_address(source)
+    base, shown = address.base, redact(source)
+    if not target.parent.is_dir():  # another process's temporary folder (torchrun on another node)
+        target.parent.mkdir(parents=True)
+        _register(target.parent)
+    retrieve = _client(base).retrieve_series
+    datasets = _call(
+        base, f"WADO-RS retrieval of {shown}", retrieve, address.study, address.series, media_types=ANY_SYNTAX
+    )
+    if not datasets:
+        raise InputError(shown, "the series has no instances")
+    part = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
         for i, ds in enumerate(datasets):
-            ds.save_as(Path(case.path) / f"{i:05d}.dcm", enforce_file_format=True)
-        log.info("%s: series %s fetched (%d instances) -> case %s", shown, uid, len(datasets), case.name)
+            ds.save_as(part / f"{i:05d}.dcm", enforce_file_format=True)
+        part.rename(target)
+    finally:
+        shutil.rmtree(part, ignore_errors=True)
+    _register(target)
+    log.info("%s: %d instances fetched -> %s", shown, len(datasets), target)
+
+
+def fetch_cases(value, workdir=None) -> list:
+    """:func:`find_series` with every series fetched (:func:`fetch_series`): cases read like local series folders."""
+    cases = find_series(value, workdir)
+    for case in cases:
+        fetch_series(case)
     return cases
 
 

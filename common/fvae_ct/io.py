@@ -23,7 +23,7 @@ from monai.transforms import LoadImage
 from nibabel.spatialimages import SpatialImage
 
 from . import dicom_index
-from .cases import Case, broken_link, case_name, case_voxels, discover_cases, is_nifti, unique_names
+from .cases import Case, broken_link, case_name, case_voxels, discover_cases, fetch_case, is_nifti, unique_names
 from .dicom_folder import SLICE_GAP_TOLERANCE, _reading_order, _renumbered_copy, dicom_series, is_dicom_dir
 from .errors import InputError
 from .outputs import (
@@ -47,6 +47,7 @@ __all__ = [
     # finding cases (fvae_ct.cases)
     "Case",
     "discover_cases",
+    "fetch_case",
     "case_name",
     "unique_names",
     "case_voxels",

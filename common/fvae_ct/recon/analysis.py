@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from ..batch import BatchRunner
 from ..errors import InputError, OptionError
-from ..io import Case, load_ct, load_labels, write_text_atomic
+from ..io import Case, fetch_case, load_ct, load_labels, write_text_atomic
 from ..metrics.recon import recon_metrics
 from ..options import parse_bool
 from ..transforms import from_slices, to_slices
@@ -132,6 +132,7 @@ class AnalysisWorkflow:
 
     def run_case(self, case: Case) -> list[dict]:
         window = self.recon.hu_window
+        fetch_case(case)  # a series on a PACS: fetched now, by the process that runs it
         image = load_ct(case.path)
         affine = nib.load(case.path).affine if Path(case.path).is_file() else np.asarray(image.affine, np.float64)
         hu = image[0].numpy()

@@ -19,11 +19,11 @@ __all__ = ["list_cases", "datalist", "cases_of"]
 
 def list_cases(input_path, output_dir) -> list[Case]:
     """Cases of a path (see :func:`fvae_ct.io.discover_cases`) or of a list of paths, for a run writing into
-    ``output_dir``."""
+    ``output_dir``; a series on a PACS is fetched when its case is run (:func:`fvae_ct.io.fetch_case`)."""
     if isinstance(input_path, (list, tuple)):
-        cases = unique_names([c for p in input_path for c in discover_cases(p)])
+        cases = unique_names([c for p in input_path for c in discover_cases(p, fetch=False)])
     else:
-        cases = discover_cases(input_path)
+        cases = discover_cases(input_path, fetch=False)
     out = Path(output_dir).resolve()
 
     def ours(c) -> bool:
@@ -37,13 +37,19 @@ def list_cases(input_path, output_dir) -> list[Case]:
 
 
 def datalist(input_path, output_dir) -> list[dict]:
-    """The cases as MONAI data items ``{"image": path, "case": name[, "label": path]}``."""
+    """The cases as MONAI data items ``{"image": path, "case": name[, "label": path][, "source": address, "size":
+    voxels]}`` (``source``: a series on a PACS, fetched into ``image`` when it is run)."""
     return [
-        {"image": c.path, "case": c.name, **({"label": c.label} if c.label else {})}
+        {
+            "image": c.path,
+            "case": c.name,
+            **({"label": c.label} if c.label else {}),
+            **({"source": c.source, "size": c.size} if c.source else {}),
+        }
         for c in list_cases(input_path, output_dir)
     ]
 
 
 def cases_of(items) -> list[Case]:
     """The :class:`~fvae_ct.io.Case` of each item of :func:`datalist`."""
-    return [Case(d["case"], d["image"], d.get("label")) for d in items]
+    return [Case(d["case"], d["image"], d.get("label"), d.get("source"), d.get("size", 0)) for d in items]

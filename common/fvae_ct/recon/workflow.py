@@ -27,7 +27,7 @@ from ..bundle import bundle_version
 from ..dicomweb import store_files, store_target
 from ..errors import BatchFailure, InputError, OptionError
 from ..figures import three_view
-from ..io import OUTPUT_MARK, Case, axial_axis, load_ct, save_nifti_atomic, spacing_of, write_text_atomic
+from ..io import OUTPUT_MARK, Case, axial_axis, fetch_case, load_ct, save_nifti_atomic, spacing_of, write_text_atomic
 from ..metrics import recon_metrics, ssim_unavailable
 from ..options import parse_bool
 from ..reconstruct import RECON_SUFFIX, VAEReconInferer, reconstruct_hu
@@ -160,6 +160,7 @@ class ReconWorkflow:
         dicom_path = self.output_dir / f"{case.name}{DICOM_SUFFIX}"
         t0 = time.perf_counter()
         info: dict = {}
+        fetch_case(case)  # a series on a PACS: fetched now, by the process that runs it
         image = load_ct(case.path, check_hu=True, info=info)
         notes = list(info["warnings"])
         is_nifti = Path(case.path).is_file()

@@ -274,6 +274,16 @@ def stop_server(proc: subprocess.Popen, grace: float = 30) -> str:
     return how
 
 
+def stop_and_report(proc, log: Path, lines: int) -> None:
+    """The last step of a check: the server (if started) stopped by its process group, and the tail of its log
+    printed when any step failed."""
+    if proc is not None:
+        how = stop_server(proc)
+        step(f"server stopped (PID {proc.pid}, process group)", proc.poll() is not None, how)
+    if any(not ok for _, ok, _ in RESULTS) and log.is_file():
+        print("---- server.log (tail) ----\n" + log_tail(log, lines), file=sys.stderr)
+
+
 # ---------------------------------------------------------------------------------------------------- checks
 def check_label_map(name: str, label_bytes: bytes, filename: str, image: Path, out: Path, ids: set) -> None:
     suffix = ".nii.gz" if (filename or "").endswith(".gz") or label_bytes[:2] == b"\x1f\x8b" else ".nii"
@@ -652,11 +662,7 @@ def main() -> int:
 
         traceback.print_exc()
     finally:
-        if proc is not None:
-            how = stop_server(proc)
-            step(f"server stopped (PID {proc.pid}, process group)", proc.poll() is not None, how)
-        if any(not ok for _, ok, _ in RESULTS) and (work / "server.log").is_file():
-            print("---- server.log (tail) ----\n" + log_tail(work / "server.log", 80), file=sys.stderr)
+        stop_and_report(proc, work / "server.log", 80)
 
     timings["total_s"] = time.time() - t_all
     work.mkdir(parents=True, exist_ok=True)

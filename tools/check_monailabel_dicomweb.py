@@ -40,13 +40,12 @@ from check_monailabel import (
     CheckError,
     find_monailabel,
     install_app,
-    log_tail,
     require,
     server_env,
     split_multipart,
     start_server,
     step,
-    stop_server,
+    stop_and_report,
 )
 from dicomweb_client.api import DICOMwebClient
 from pydicom import Dataset
@@ -176,7 +175,8 @@ def run(a, client, proc, model: str, pacs: DICOMwebClient, work: Path, info: dic
     q = urllib.parse.urlencode({"image": a.series, "output": "all"})
     status, headers, body = client.post_form(f"/infer/{model}?{q}", {"params": json.dumps({"device": "cpu"})})
     ok = status == 200 and headers.get("Content-Type", "").startswith("multipart/")
-    require(f"POST /infer/{model}?image=<series uid>", ok, f"HTTP {status} in {time.time() - t0:.1f} s")
+    said = "" if ok else ": " + body[:300].decode("utf-8", "replace").replace("\n", " ")  # MONAI Label's error
+    require(f"POST /infer/{model}?image=<series uid>", ok, f"HTTP {status} in {time.time() - t0:.1f} s{said}")
     fname, data = split_multipart(headers["Content-Type"], body).get("image", (None, b""))
     cached = sorted((work / "cache").rglob(f"{a.series}/*"))
     syntax = {str(pydicom.dcmread(f, stop_before_pixels=True).file_meta.TransferSyntaxUID.name) for f in cached}
@@ -260,11 +260,7 @@ def main() -> int:
     except Exception as e:  # noqa: BLE001 - an unexpected error of the check itself, reported as a failed step
         step(f"unexpected {type(e).__name__}", False, str(e))
     finally:
-        if proc is not None:
-            how = stop_server(proc)
-            step(f"server stopped (PID {proc.pid}, process group)", proc.poll() is not None, how)
-        if any(not ok for _, ok, _ in RESULTS) and (work / "server.log").is_file():
-            print("---- server.log (tail) ----\n" + log_tail(work / "server.log", 60), file=sys.stderr)
+        stop_and_report(proc, work / "server.log", 60)
     failed = [n for n, ok, _ in RESULTS if not ok]
     print(
         f"MONAI Label DICOMweb check: {'PASSED' if not failed else 'FAILED'} ({len(RESULTS) - len(failed)}/{len(RESULTS)})"

@@ -209,12 +209,12 @@ def main(argv=None) -> int:
     except Exception:  # noqa: BLE001 - the failed step is in the list
         ok = False
     finally:
-        if not args.work:
+        if not args.work and ok:
             shutil.rmtree(work, ignore_errors=True)
     steps.append(("orthanc stopped (terminate / wait by PID)", True, 0.0, ""))
     for name, passed, secs, note in steps:
         print(f"{'PASS' if passed else 'FAIL'}  {secs:7.1f} s  {name}" + (f": {note}" if note else ""))
-    print("pacs-check:", "passed" if ok else "FAILED")
+    print("pacs-check:", "passed" if ok else f"FAILED (its logs and the Orthanc storage are kept in {work})")
     return 0 if ok else 1
 
 
@@ -260,6 +260,7 @@ def _monailabel(venv: Path, dicomweb: str, trained: Path, work: Path) -> str:
     lines = [ln for ln in log.read_text().splitlines() if ln.startswith(("PASSED", "FAILED", "MONAI Label"))]
     print("\n".join("    " + ln for ln in lines), flush=True)
     if rc:
+        print("\n".join("    | " + ln for ln in log.read_text().splitlines()[-40:]), file=sys.stderr, flush=True)
         raise RuntimeError(f"exit status {rc} (log: {log})")
     return lines[-1] if lines else ""
 

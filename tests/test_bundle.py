@@ -50,10 +50,10 @@ def test_bundle_run_on_real_dicom_meets_reference_numbers(dicom_dir, tmp_path):
 def test_cli_is_the_same_workflow_with_overrides(assets, tmp_path):
     src = assets / "ct" / "totalseg_ct_sm_3mm.nii.gz"
     r = run([PY, "-m", "fvae_ct.cli", "recon", str(src), "-o", str(tmp_path), "--vae", "taef2",
-             "--working_spacing", "1.5", "--hu_window", "[-1000,1000]", "--tile_size", "128", "--slice_batch", "8"])
+             "--working_spacing", "2.0", "--hu_window", "[-1000,1000]", "--tile_size", "128", "--slice_batch", "8"])
     assert r.returncode == 0, r.stderr[-3000:]
     s = json.loads((tmp_path / "summary.json").read_text())
-    assert s["working_spacing_mm"] == 1.5 and s["tiling"]["tile_size"] == 128 and s["tiling"]["slice_batch"] == 8
+    assert s["working_spacing_mm"] == 2.0 and s["tiling"]["tile_size"] == 128 and s["tiling"]["slice_batch"] == 8
     assert 25.0 < s["metrics"]["psnr"]["mean"] < 40.0
     img, ref = nib.load(str(tmp_path / "totalseg_ct_sm_3mm_recon.nii.gz")), nib.load(str(src))
     assert img.shape == ref.shape and np.array_equal(img.affine, ref.affine)

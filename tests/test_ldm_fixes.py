@@ -256,12 +256,13 @@ def test_paper_overlay_sets_the_official_recipe_and_runs_end_to_end(assets, tmp_
     assert c3["record"]["train_depth"] == 5 and any(k.endswith(".depth.depth.conv.weight") for k in c3["model"])
     for k in c3["model"]:  # stage 3d without EMA: the saved EMA copy is the weights
         assert torch.equal(c3["model"][k], c3["ema"][k]), k
-    out = tmp_path / "gen"
+    out, mask = tmp_path / "gen", tmp_path / "mask_12.nii.gz"  # 12 of the 30 slices: 3 depth chunks (5, 5, 2)
+    nib.save(nib.load(str(seg)).slicer[:, :, 9:21], str(mask))
     r = run([PY, "-m", "monai.bundle", "run", "--config_file", f"['{conf / 'inference.yaml'}','{conf / 'paper.yaml'}']",
-             *tiny, "--mask", str(seg), "--report", "Liver normal.", "--output_dir", str(out), "--steps", "3"])
+             *tiny, "--mask", str(mask), "--report", "Liver normal.", "--output_dir", str(out), "--steps", "3"])
     assert r.returncode == 0, r.stderr[-3000:]
-    img = nib.load(str(out / "totalseg_ct_sm_3mm_generated.nii.gz"))
-    assert img.shape == nib.load(str(seg)).shape and img.get_data_dtype() == np.int16
+    img, cropped = nib.load(str(out / "mask_12_generated.nii.gz")), nib.load(str(mask))
+    assert img.shape == cropped.shape and img.get_data_dtype() == np.int16 and np.allclose(img.affine, cropped.affine)
 
 
 def test_cases_of_different_sizes_train_together(tmp_path):

@@ -142,14 +142,14 @@ def test_registry_unknown_name_lists_valid_ones():
 
 
 def test_bf16_autocast_keeps_fp32_weights_and_is_within_a_tenth_of_a_db(taef2, dicom_unit):
-    """vae_dtype bfloat16 for TAEF2 = autocast with fp32 weights; on 4 real 512x512 slices it stays within 0.1 dB of
+    """vae_dtype bfloat16 for TAEF2 = autocast with fp32 weights; on 2 real 512x512 slices it stays within 0.1 dB of
     fp32 (the rule for using bf16) and is not fp32 in disguise."""
     from fvae_ct.metrics import psnr
     from fvae_ct.vae import load
 
     bf = load("taef2", dtype="bfloat16")
     assert all(p.dtype == torch.float32 for p in bf.parameters()) and bf.autocast_dtype == torch.bfloat16
-    x = dicom_unit[:, :, 8:12]
+    x = dicom_unit[:, :, 9:11]
     a, b = taef2.reconstruct(x), bf.reconstruct(x)
     assert b.dtype == torch.float32 and not torch.equal(a, b)
     assert psnr(x, a) - psnr(x, b) < 0.1

@@ -257,10 +257,11 @@ def _monailabel(venv: Path, dicomweb: str, trained: Path, work: Path) -> str:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "FVAE_ASSETS")}
     with open(log, "w") as fp:
         rc = subprocess.run(cmd, stdout=fp, stderr=subprocess.STDOUT, env=env).returncode
-    lines = [ln for ln in log.read_text().splitlines() if ln.startswith(("PASSED", "FAILED", "MONAI Label"))]
+    text = log.read_text().splitlines()
+    lines = [ln for ln in text if ln.startswith(("PASSED", "FAILED", "MONAI Label"))]
     print("\n".join("    " + ln for ln in lines), flush=True)
     if rc:
-        print("\n".join("    | " + ln for ln in log.read_text().splitlines()[-40:]), file=sys.stderr, flush=True)
+        print("\n".join("    | " + ln for ln in text[-40:]), file=sys.stderr, flush=True)
         raise RuntimeError(f"exit status {rc} (log: {log})")
     return lines[-1] if lines else ""
 

@@ -169,8 +169,11 @@ class BatchRunner:
                 for f in clean_temporaries(self.folder):
                     log.info("removed %s, left by an interrupted earlier run", f)
                 cases = list(list_cases())
-                sizes = [getattr(c, "size", 0) or case_voxels(c.path) for c in cases] if self.world > 1 else []
-                sizes = sizes or [1] * len(cases)
+                sizes = (
+                    [getattr(c, "size", 0) or case_voxels(c.path) for c in cases]
+                    if self.world > 1
+                    else [1] * len(cases)
+                )
                 previous: dict[str, dict[str, dict]] = {}
                 for table, columns in self.csv.items():
                     if self.resume and columns is not None:

@@ -151,7 +151,7 @@ def discover_cases(input_path: str | os.PathLike, fetch: bool = True) -> list[Ca
 def fetch_case(case: Case) -> None:
     """Bring a case fetched from a PACS (``source``) into its folder ``path`` if it is not there yet (WADO-RS,
     :func:`fvae_ct.dicomweb.fetch_series`); a local case is left alone."""
-    if getattr(case, "source", None):
+    if case.source:
         from .dicomweb import fetch_series
 
         fetch_series(case)

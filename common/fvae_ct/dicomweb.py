@@ -48,8 +48,14 @@ log = logging.getLogger("fvae_ct")
 # WADO-RS: the instances as stored (a server without a codec, e.g. Debian's Orthanc for JPEG 2000, cannot transcode)
 ANY_SYNTAX = (("application/dicom", "*"),)
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
-_TAG = {"modality": "00080060", "series": "0020000E", "number": "00200011", "description": "0008103E"}
-_TAG["instances"] = "00201209"  # NumberOfSeriesRelatedInstances
+# QIDO-RS attributes; instances: NumberOfSeriesRelatedInstances
+_TAG = {
+    "modality": "00080060",
+    "series": "0020000E",
+    "number": "00200011",
+    "description": "0008103E",
+    "instances": "00201209",
+}
 #: the in-plane size assumed for a series' voxel count before it is fetched (sharding across ranks only)
 _PLANE = 512 * 512
 
@@ -212,10 +218,10 @@ def _workdir() -> Path:
     return path
 
 
-def find_series(value, workdir=None) -> list:
+def find_series(value) -> list:
     """The CT series of a DICOMweb study / series address (QIDO-RS), nothing fetched yet: ``[Case(name, folder,
-    source=<series address>, size=<instances x 512 x 512>)]`` in the server's order, each folder in ``workdir``
-    (default: a temporary folder removed at exit) for :func:`fetch_series`."""
+    source=<series address>, size=<instances x 512 x 512>)]`` in the server's order, each folder in a temporary
+    folder removed at exit, for :func:`fetch_series`."""
     from .cases import Case, unique_names
 
     address = parse_address(value)
@@ -227,7 +233,7 @@ def find_series(value, workdir=None) -> list:
     if not series:
         other = sorted({str(_value(s, _TAG["modality"])) for s in found})
         raise InputError(shown, "no such series" if address.series or not found else f"no CT series (only {other})")
-    folder = Path(workdir) if workdir is not None else _workdir()
+    folder = _workdir()
     cases = []
     for s in series:
         uid = str(_value(s, _TAG["series"]))
@@ -240,14 +246,13 @@ def find_series(value, workdir=None) -> list:
 
 def fetch_series(case) -> None:
     """Fetch the series of ``case.source`` (WADO-RS, the instances as stored) into the folder ``case.path``, unless
-    it is there already; the folder appears whole (written beside it, then renamed) and is removed at exit. A case
-    without a ``source`` is left alone. A failed or empty retrieval is an :class:`InputError` naming the server."""
-    source = getattr(case, "source", None)
+    it is there already; the folder appears whole (written beside it, then renamed) and is removed at exit. A failed
+    or empty retrieval is an :class:`InputError` naming the server."""
     target = Path(case.path)
-    if not source or (target.is_dir() and any(target.iterdir())):
+    if target.is_dir() and any(target.iterdir()):
         return
-    address = parse_address(source)
-    base, shown = address.base, redact(source)
+    address = parse_address(case.source)
+    base, shown = address.base, redact(case.source)
     if not target.parent.is_dir():  # another process's temporary folder (torchrun on another node)
         target.parent.mkdir(parents=True)
         _register(target.parent)
@@ -268,9 +273,9 @@ def fetch_series(case) -> None:
     log.info("%s: %d instances fetched -> %s", shown, len(datasets), target)
 
 
-def fetch_cases(value, workdir=None) -> list:
+def fetch_cases(value) -> list:
     """:func:`find_series` with every series fetched (:func:`fetch_series`): cases read like local series folders."""
-    cases = find_series(value, workdir)
+    cases = find_series(value)
     for case in cases:
         fetch_series(case)
     return cases
